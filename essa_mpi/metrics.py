@@ -1,0 +1,41 @@
+"""Run logging on rank 0: ``metrics.jsonl`` (one JSON object per generation) and a tqdm progress bar.
+
+Each line: generation, wall_s (since start of this process), reward_mean/std/max over the population,
+sigma, allgather_bytes (this generation's record payload, all ranks), and val_accuracy when measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str, enabled: bool, progress: bool, total: int, start: int) -> None:
+        self.enabled, self.t0 = enabled, time.time()
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.bar = None
+        if enabled and progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="ESSA", unit="gen", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"wall_s": round(time.time() - self.t0, 3), **record}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.bar is not None and "reward_mean" in record:
+            self.bar.update(1)
+            shown = {k: record[k] for k in ("reward_mean", "reward_max", "sigma", "val_accuracy") if k in record}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.bar.write(text) if self.bar is not None else print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,85 @@
+"""Evaluate many candidates on one mini-batch in one batched greedy generation.
+
+    ev = PopulationEvaluator(model, tok, adapter, task, max_new_tokens=8, max_rows=256)
+    rewards = ev.evaluate(offsets, examples)        # offsets [C, n] → rewards [C] (mean over prompts)
+
+Rows are candidate-major: row c*P + p is prompt p under candidate c, so every candidate sees the same
+prompts with the same padding, and greedy outputs equal one-candidate-at-a-time outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from essa_mpi.svd_lora import SVDLoRA
+from essa_mpi.tasks import Task
+
+
+class PopulationEvaluator:
+    """Turns candidate offset vectors into generations and rewards (the "problem" beside the search)."""
+
+    def __init__(self, model, tokenizer, adapter: SVDLoRA, task: Task, max_new_tokens: int, max_rows: int) -> None:
+        from transformers import GenerationConfig
+
+        self.model, self.tok, self.adapter, self.task = model, tokenizer, adapter, task
+        self.max_rows = max_rows
+        self.gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
+                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        self.tokens_generated = 0  # new tokens produced (rows x steps), for throughput reports
+
+    def encode(self, examples: list) -> dict:
+        texts = [self.tok.apply_chat_template(self.task.messages(e["prompt"]), tokenize=False,
+                                              add_generation_prompt=True) for e in examples]
+        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.model.device) for k, v in enc.items()}  # input_ids [P, T]
+
+    @torch.no_grad()
+    def generate(self, offsets: np.ndarray | None, enc: dict) -> list:
+        """Completions for C candidates x P prompts, candidate-major ([C*P] strings).
+
+        offsets None = the plain base model (no adapter branch), one "candidate".
+        """
+        C = 1 if offsets is None else len(offsets)
+        if offsets is None:
+            self.adapter.clear()
+        else:
+            self.adapter.set_candidates(offsets)
+        ids = enc["input_ids"].repeat(C, 1)  # [C*P, T]
+        mask = enc["attention_mask"].repeat(C, 1)  # [C*P, T]
+        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
+        new = out[:, ids.shape[1]:]  # [C*P, new]
+        self.tokens_generated += int(new.numel())
+        self.adapter.clear()
+        return self.tok.batch_decode(new, skip_special_tokens=True)
+
+    def completions(self, offsets: np.ndarray, examples: list) -> list:
+        """[C*P] completions, generated in groups of whole candidates of at most max_rows rows."""
+        enc = self.encode(examples)
+        per_call = max(1, self.max_rows // len(examples))
+        out = []
+        for start in range(0, len(offsets), per_call):
+            out += self.generate(offsets[start: start + per_call], enc)
+        return out
+
+    def rewards(self, completions: list, examples: list, num_candidates: int) -> np.ndarray:
+        """Task reward per row → mean per candidate [C]. A non-finite reward counts as the worst (0)."""
+        answers = [e["answer"] for e in examples] * num_candidates
+        r = np.asarray(self.task.reward(completions, answer=answers), dtype=np.float64)  # [C*P]
+        if r.shape != (len(completions),):
+            raise ValueError(f"reward returned {r.shape} values for {len(completions)} completions")
+        r[~np.isfinite(r)] = 0.0
+        return r.reshape(num_candidates, len(examples)).mean(axis=1)  # [C]
+
+    def evaluate(self, offsets: np.ndarray, examples: list) -> np.ndarray:
+        """Alg. 1, line 11: reward of each candidate on the shared mini-batch → [C]."""
+        return self.rewards(self.completions(offsets, examples), examples, len(offsets))
+
+    def score_mean(self, mean: np.ndarray, examples: list) -> float:
+        """Sum of rewards of one candidate (the search mean) over examples, in chunks of max_rows."""
+        total = 0.0
+        for start in range(0, len(examples), self.max_rows):
+            chunk = examples[start: start + self.max_rows]
+            total += float(self.rewards(self.generate(mean[None], self.encode(chunk)), chunk, 1)[0]) * len(chunk)
+        return total
+

@@ -1,0 +1,51 @@
+"""Built-in arithmetic task: two-digit +, -, and x by one digit, procedurally generated and seeded.
+
+The embedded default. The prompt asks for just the number; reward 1 when the last integer of the
+response equals the answer (``answers.last_integer``), else 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from essa_mpi.config import TaskConfig
+from essa_mpi.tasks import Task
+from essa_mpi.tasks.answers import last_integer
+
+TRAIN_POOL = 5000
+SYSTEM_PROMPT = "You are a calculator."
+
+
+def problem(rng: np.random.Generator) -> tuple:
+    """One (question, answer) pair: a+b, a-b with a, b two-digit, or a*d with d one-digit."""
+    op = int(rng.integers(3))
+    a = int(rng.integers(10, 100))
+    b = int(rng.integers(10, 100)) if op < 2 else int(rng.integers(2, 10))
+    sym, ans = [("+", a + b), ("-", a - b), ("*", a * b)][op]
+    return f"What is {a} {sym} {b}? Answer with just the number.", str(ans)
+
+
+def arithmetic_reward(completions: list, answer: list, **_) -> list:
+    """1.0 when the last integer of the completion equals the answer, else 0.0.
+
+    >>> arithmetic_reward(["85", "The answer is 84.", "none"], answer=["85", "85", "85"])
+    [1.0, 0.0, 0.0]
+    """
+    return [float(last_integer(c) == a) for c, a in zip(completions, answer)]
+
+
+def build(cfg: TaskConfig, seed: int) -> Task:
+    rng = np.random.default_rng([seed, 11])
+    val, seen = [], set()
+    while len(val) < cfg.val_size:
+        q, a = problem(rng)
+        if q not in seen:
+            seen.add(q)
+            val.append({"prompt": q, "answer": a})
+    train = []
+    while len(train) < TRAIN_POOL:  # held out: no validation question appears in training
+        q, a = problem(rng)
+        if q not in seen:
+            seen.add(q)
+            train.append({"prompt": q, "answer": a})
+    return Task(train=train, val=val, system_prompt=SYSTEM_PROMPT, reward=arithmetic_reward)

@@ -1,0 +1,37 @@
+"""essa_mpi: ESSA (Evolutionary Strategies for Scalable Alignment) as an MPI application."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="essa_mpi",
+    version="0.1.0",
+    description="Gradient-free LLM alignment: CMA-ES over SVD-LoRA singular values, distributed with MPI",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["essa_mpi", "essa_mpi.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "peft>=0.17",
+        "cma>=4.0",
+        "mpi4py>=4.0",
+        # An MPI runtime from PyPI for machines without one; on clusters mpi4py uses the system MPI
+        # (build mpi4py against it: see README, "Clusters").
+        "mpich>=4.2; platform_system == 'Linux'",
+        "h5py>=3.10",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "numpy>=1.26",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+        "accelerate>=1.0",
+    ],
+    extras_require={
+        "hub": ["datasets>=2.19"],
+        "test": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},
+    classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],
+)
