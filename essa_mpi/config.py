@@ -58,7 +58,7 @@ class SearchConfig:
 
 @dataclass
 class TaskConfig:
-    name: Literal["arithmetic", "gsm8k", "toy_digits"] = _f("arithmetic", "Task registry key (essa_mpi.tasks).")
+    name: Literal["arithmetic", "gsm8k", "toy"] = _f("arithmetic", "Task registry key (essa_mpi.tasks).")
     dataset: Optional[str] = _f(None, "Hugging Face dataset id or local JSONL; None = the task's default.")
     batch_size: int = _f(32, "Prompts per generation (one mini-batch shared by all candidates).")
     val_size: int = _f(256, "Held-out validation prompts (0 = no validation).")

@@ -49,9 +49,9 @@ def batch_indices(n: int, batch_size: int, seed: int, generation: int) -> np.nda
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:
-    from essa_mpi.tasks import arithmetic, gsm8k, toy_digits
+    from essa_mpi.tasks import arithmetic, gsm8k, toy
 
-    registry = {"arithmetic": arithmetic.build, "gsm8k": gsm8k.build, "toy_digits": toy_digits.build}
+    registry = {"arithmetic": arithmetic.build, "gsm8k": gsm8k.build, "toy": toy.build}
     task = registry[cfg.name](cfg, seed)
     if cfg.system_prompt is not None:
         task.system_prompt = cfg.system_prompt or None

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+
+from essa_mpi.config import Config, help_text, load_config, validate
+
+
+def test_defaults_are_valid_embedded_run():
+    cfg = load_config()
+    validate(cfg, world_size=2)
+    assert cfg.model.name_or_path == "smollm2-135m-instruct" and cfg.task.name == "arithmetic"
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("search:\n  popsize: 8\ntask:\n  batch_size: 4\n")
+    cfg = load_config(str(path), ["search.popsize=12", "adapter.target_modules=q_proj,v_proj", "search.sigma0=1"])
+    assert cfg.search.popsize == 12 and cfg.task.batch_size == 4
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.search.sigma0 == 1.0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["search.popsze=8"], "unknown config key 'search.popsze'; did you mean 'search.popsize'"),
+    (["serch.popsize=8"], "unknown config key 'serch'"),
+    (["search.popsize=many"], "search.popsize='many' has type str, expected int"),
+    (["search.popsize=true"], "expected int"),
+    (["model.dtype=float16"], "model.dtype='float16' is not one of"),
+    (["task.name=chess"], "task.name='chess' is not one of"),
+    (["popsize"], "not of the form section.key=value"),
+])
+def test_structural_errors(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(None, overrides)
+
+
+@pytest.mark.parametrize("overrides,world,message", [
+    (["adapter.fraction=0.1", "adapter.rank=8"], 1, r"leaves floor\(0.1\*8\) = 0 singular values"),
+    (["adapter.fraction=1.5"], 1, "must be in"),
+    (["search.popsize=1"], 1, "search.popsize=1 must be >= 2"),
+    (["search.popsize=4"], 5, "5 ranks but search.popsize=4"),
+    (["search.sigma0=0"], 1, "sigma0=0.0 must be > 0"),
+    (["model.name_or_path=/no/such/model"], 1, "neither an existing path nor a Hugging Face id"),
+    (["model.name_or_path=/no/such/model.gguf"], 1, "GGUF file not found"),
+    (["adapter.path=/no/such/adapter"], 1, "has no adapter_config.json"),
+    (["task.dataset=/no/such/data.jsonl"], 1, "task.dataset='/no/such/data.jsonl' does not exist"),
+    (["task.batch_size=0"], 1, "task.batch_size=0 must be >= 1"),
+])
+def test_invariants(overrides, world, message):
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(None, overrides), world_size=world)
+
+
+@pytest.mark.parametrize("conf,message", [
+    ({"r": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}, "has rank r=8 but adapter.rank=4"),
+    ({"r": 4, "target_modules": ["q_proj", "v_proj"]}, "targets \\['q_proj', 'v_proj'\\] but"),
+])
+def test_adapter_mismatch(tmp_path, conf, message):
+    (tmp_path / "adapter_config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match=message):
+        validate(load_config(None, [f"adapter.path={tmp_path}"]))
+
+
+def test_help_lists_every_field():
+    text = help_text()
+    for section, value in Config().to_dict().items():
+        for key in value:
+            assert f"{section}.{key} " in text

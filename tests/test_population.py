@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from essa_mpi.config import TaskConfig
+from essa_mpi.population import PopulationEvaluator
+from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
+from essa_mpi.tasks import build_task
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@pytest.fixture()
+def evaluator(tiny_dir):
+    from essa_mpi.config import ModelConfig
+    from essa_mpi.model import load_model
+
+    model, tok = load_model(ModelConfig(name_or_path=tiny_dir, device="cpu"))
+    task = build_task(TaskConfig(name="toy", val_size=4), seed=0)
+    adapter = SVDLoRA.attach(model, fresh_lora_factors(model, TARGETS, 4, 8.0, seed=0), fraction=1.0)
+    return PopulationEvaluator(model, tok, adapter, task, max_new_tokens=8, max_rows=1000)
+
+
+@pytest.mark.parametrize("max_rows", [1000, 10])  # one generate call, or groups of whole candidates
+def test_batched_equals_one_candidate_at_a_time(evaluator, max_rows):
+    evaluator.max_rows = max_rows
+    examples = evaluator.task.train[:5]
+    X = np.random.default_rng(0).standard_normal((6, evaluator.adapter.solution_length))  # [C, n]
+    batched = evaluator.completions(X, examples)
+    sequential = sum((evaluator.completions(X[c:c + 1], examples) for c in range(len(X))), [])
+    assert batched == sequential
+    assert len(set(batched)) > len(examples), "candidates should produce different generations"
+    rewards = evaluator.rewards(batched, examples, len(X))
+    assert rewards.shape == (6,) and rewards.std() > 0
+
+
+def test_zero_offsets_on_fresh_adapter_equal_base_model(evaluator):
+    examples = evaluator.task.train[:3]
+    zero = np.zeros((2, evaluator.adapter.solution_length))
+    base = evaluator.generate(None, evaluator.encode(examples))
+    assert evaluator.completions(zero, examples) == base * 2  # B = 0: delta W = 0
+
+
+def test_non_finite_reward_counts_as_worst(evaluator):
+    evaluator.task.reward = lambda completions, **_: [float("nan")] * len(completions)
+    assert evaluator.rewards(["a", "b"], [{"answer": ""}] * 2, 1).tolist() == [0.0]
+
+
+def test_wrong_length_reward_is_an_error(evaluator):
+    evaluator.task.reward = lambda completions, **_: [1.0]
+    with pytest.raises(ValueError, match="reward returned"):
+        evaluator.rewards(["a", "b"], [{"answer": ""}] * 2, 1)
