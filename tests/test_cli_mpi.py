@@ -1,0 +1,159 @@
+"""End-to-end runs of ``python -m essa_mpi`` under a real ``mpiexec`` with a tiny random model."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from essa_mpi import checkpoint
+
+MPIEXEC = shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found (pip install mpich)")
+HERE = os.path.dirname(__file__)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONWARNINGS": "ignore::FutureWarning"}
+
+
+def tiny_args(tiny_dir, out, generations=3):
+    return [f"model.name_or_path={tiny_dir}", "model.device=cpu", "model.threads=1", "adapter.rank=2",
+            "task.name=toy", "task.batch_size=3", "task.val_size=4", "task.val_every=2", "task.max_new_tokens=6",
+            "search.popsize=7", "search.sigma0=1.0", f"run.generations={generations}", "run.progress=false",
+            f"run.output_dir={out}"]
+
+
+def launch(n, args, **kw):
+    return [MPIEXEC, "-n", str(n), sys.executable, "-m", "essa_mpi", *args]
+
+
+def mpirun(n, args, timeout=300):
+    return subprocess.run(launch(n, args), capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+def history(out):
+    return checkpoint.load(os.path.join(out, checkpoint.FILENAME))
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def runs_by_ranks(tiny_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("ranks")
+    out = {}
+    for n in (1, 2, 3):
+        res = mpirun(n, tiny_args(tiny_dir, base / f"n{n}"))
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[n] = str(base / f"n{n}")
+    return out
+
+
+def test_identical_trajectories_for_1_2_3_ranks(runs_by_ranks):
+    ref = history(runs_by_ranks[1])
+    assert ref.generation == 3 and ref.seeds.shape == (3, 7)
+    assert ref.rewards.std() > 0, "rewards must vary, or equal trajectories prove nothing"
+    for n in (2, 3):
+        other = history(runs_by_ranks[n])
+        assert np.array_equal(other.seeds, ref.seeds)
+        assert np.array_equal(other.rewards, ref.rewards), f"-n {n} rewards differ from -n 1"
+        for key in ref.cma:
+            assert np.array_equal(other.cma[key], ref.cma[key]), f"-n {n}: CMA-ES {key} differs"
+        assert other.fingerprint == ref.fingerprint
+
+
+def test_allgather_payload_is_8_bytes_per_candidate(runs_by_ranks):
+    for n, out in runs_by_ranks.items():
+        gens = [m for m in metrics(out) if "reward_mean" in m]
+        assert len(gens) == 3 and all(m["allgather_bytes"] == 8 * 7 for m in gens), n
+        vals = [m for m in metrics(out) if "val_accuracy" in m]
+        assert [m["generation"] for m in vals] == [0, 2, 3]
+
+
+def test_outputs_exist_and_summary_printed(runs_by_ranks):
+    out = runs_by_ranks[2]
+    for name in ("config.yaml", "summary.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert os.path.isfile(os.path.join(out, name)), name
+
+
+def test_killed_run_resumes_bit_identically(tiny_dir, tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert mpirun(2, tiny_args(tiny_dir, full, generations=6)).returncode == 0
+    proc = subprocess.Popen(launch(2, tiny_args(tiny_dir, killed, generations=6)), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = killed / checkpoint.FILENAME
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and history(str(killed)).generation >= 2:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stopped_at = history(str(killed)).generation
+    assert 2 <= stopped_at
+    res = mpirun(2, ["--resume", str(killed)])
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = history(str(full)), history(str(killed))
+    assert b.generation == 6
+    assert np.array_equal(a.seeds, b.seeds) and np.array_equal(a.rewards, b.rewards)
+    for key in a.cma:
+        assert np.array_equal(a.cma[key], b.cma[key]), key
+    with open(full / "adapter/adapter_model.safetensors", "rb") as x, \
+            open(killed / "adapter/adapter_model.safetensors", "rb") as y:
+        assert x.read() == y.read()
+
+
+def test_existing_checkpoint_needs_resume(runs_by_ranks, tiny_dir):
+    res = mpirun(2, tiny_args(tiny_dir, runs_by_ranks[1]), timeout=120)
+    assert res.returncode != 0 and "--resume" in res.stderr
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["search.popsze=8"], "did you mean 'search.popsize'"),
+    (["search.popsize=one"], "expected int"),
+    (["adapter.fraction=0.2"], "0 singular values to search"),
+    (["search.popsize=1"], "must be >= 2"),
+    (["model.name_or_path=/missing/model"], "neither an existing path"),
+    (["adapter.path=/missing/adapter"], "has no adapter_config.json"),
+    (["task.name=gsm8k", "task.dataset=/missing/gsm8k.jsonl"], "does not exist"),
+])
+def test_bad_input_stops_every_rank_before_model_load(tiny_dir, tmp_path, extra, message):
+    res = mpirun(2, tiny_args(tiny_dir, tmp_path / "bad") + extra, timeout=120)
+    assert res.returncode != 0
+    assert res.stderr.count("essa_mpi: error:") == 1 and message in res.stderr, res.stderr[-2000:]
+    assert "solution_length" not in res.stdout, "a model was loaded"
+
+
+def test_more_ranks_than_candidates(tiny_dir, tmp_path):
+    res = mpirun(3, tiny_args(tiny_dir, tmp_path / "bad") + ["search.popsize=2"], timeout=120)
+    assert res.returncode != 0 and "3 ranks but search.popsize=2" in res.stderr
+
+
+def test_adapter_rank_mismatch(tiny_dir, tmp_path, runs_by_ranks):
+    exported = os.path.join(runs_by_ranks[1], "adapter")  # rank 2
+    res = mpirun(2, tiny_args(tiny_dir, tmp_path / "bad") + [f"adapter.path={exported}", "adapter.rank=4"], 120)
+    assert res.returncode != 0 and "has rank r=2 but adapter.rank=4" in res.stderr
+
+
+def test_warm_start_from_exported_adapter(tiny_dir, tmp_path, runs_by_ranks):
+    exported = os.path.join(runs_by_ranks[1], "adapter")
+    res = mpirun(2, tiny_args(tiny_dir, tmp_path / "warm", generations=1) + [f"adapter.path={exported}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_state_repair_under_mpiexec():
+    res = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "mpi_repair.py")],
+                         capture_output=True, text=True, timeout=120, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("REPAIRED_OK") == 2 and "diverged" in res.stderr
+
+
+def test_help_explains_options():
+    res = subprocess.run([sys.executable, "-m", "essa_mpi", "--help"], capture_output=True, text=True, env=ENV)
+    assert res.returncode == 0 and "search.popsize" in res.stdout and "--resume" in res.stdout
