@@ -51,7 +51,7 @@ class AdapterConfig:
 @dataclass
 class SearchConfig:
     popsize: int = _f(16, "CMA-ES population size lambda (>= 2, >= number of ranks).")
-    sigma0: float = _f(0.3, "Initial CMA-ES step size, in units of singular-value offsets.")
+    sigma0: float = _f(1.0, "Initial CMA-ES step size, in units of singular-value offsets.")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
     seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
 
@@ -60,17 +60,17 @@ class SearchConfig:
 class TaskConfig:
     name: Literal["arithmetic", "gsm8k", "toy"] = _f("arithmetic", "Task registry key (essa_mpi.tasks).")
     dataset: Optional[str] = _f(None, "Hugging Face dataset id or local JSONL; None = the task's default.")
-    batch_size: int = _f(32, "Prompts per generation (one mini-batch shared by all candidates).")
-    val_size: int = _f(256, "Held-out validation prompts (0 = no validation).")
-    val_every: int = _f(5, "Validate the search mean every K generations (and at the start and end).")
-    max_new_tokens: int = _f(8, "Greedy generation length per prompt.")
+    batch_size: int = _f(24, "Prompts per generation (one mini-batch shared by all candidates).")
+    val_size: int = _f(200, "Held-out validation prompts (0 = no validation).")
+    val_every: int = _f(6, "Validate the search mean every K generations (and at the start and end).")
+    max_new_tokens: int = _f(12, "Greedy generation length per prompt.")
     system_prompt: Optional[str] = _f(None, "System message; None = the task's default.")
 
 
 @dataclass
 class RunConfig:
-    generations: int = _f(60, "Number of ESSA generations (CMA-ES updates).")
-    output_dir: str = _f("runs/essa", "metrics.jsonl, checkpoint.h5 and adapter/ are written here.")
+    generations: int = _f(18, "Number of ESSA generations (CMA-ES updates).")
+    output_dir: str = _f("runs/smollm2_arithmetic", "metrics.jsonl, checkpoint.h5 and adapter/ are written here.")
     max_rows: int = _f(256, "Most generation rows (candidates x prompts) in one batched generate call.")
     progress: bool = _f(True, "tqdm progress bar on rank 0.")
 

@@ -80,8 +80,8 @@ def sync_search(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int)
 
 
 def step(p: Parts, cfg: Config, comm: Comm, g: int) -> tuple:
-    """One generation → (gathered records [popsize] (seed, reward), candidates [popsize, n]); both are
-    identical on all ranks."""
+    """One generation → (gathered records [popsize] (seed, reward), candidates [popsize, n], whether
+    CMA-ES updated); all identical on all ranks."""
     seeds = p.search.seeds(g)  # [popsize] uint32
     X = p.search.ask(seeds)  # [popsize, n] — every rank draws all; Alg. 1, line 10
     mine = comm.my_slice(cfg.search.popsize)
@@ -92,8 +92,8 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> tuple:
     local["reward"] = p.evaluator.evaluate(X[mine], batch)  # Alg. 1, line 11
     records = comm.allgather_records(local, cfg.search.popsize)  # Alg. 1, line 13
     assert (records["seed"] == seeds).all(), "gathered seeds differ from this rank's seeds"
-    p.search.tell(records["seed"], records["reward"])  # Alg. 1, line 14
-    return records, X
+    updated = p.search.tell(records["seed"], records["reward"])  # Alg. 1, line 14
+    return records, X, updated
 
 
 def replay(p: Parts, state: checkpoint.RunState) -> None:
@@ -132,7 +132,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         if g == cfg.run.generations:
             break
         sent = comm.bytes_sent
-        records, X = step(p, cfg, comm, g)
+        records, X, updated = step(p, cfg, comm, g)
         repaired = sync_search(p.search, comm, log, g + 1)
         r = records["reward"].astype(np.float64)
         if r.max() > best_reward:
@@ -146,7 +146,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         log.log({"generation": g + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                  "reward_max": float(r.max()), "sigma": p.search.sigma,
                  "allgather_bytes": int(comm.allreduce_sum(np.array([comm.bytes_sent - sent]))[0]),
-                 **({"state_repaired": True} if repaired else {})})
+                 **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {})})
     if lead:
         export_adapter(p.adapter, p.search.mean, os.path.join(out, "adapter"), cfg.adapter.alpha,
                        cfg.model.name_or_path)

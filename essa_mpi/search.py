@@ -73,10 +73,19 @@ class SeededCMA:
         self.randn.seeds = [int(s) for s in seeds]
         return np.asarray(self.es.ask())  # [popsize, dim]
 
-    def tell(self, seeds: np.ndarray, rewards: np.ndarray) -> None:
-        """Alg. 1, line 14: rebuild the population from the seeds, one local CMA-ES update."""
+    def tell(self, seeds: np.ndarray, rewards: np.ndarray) -> bool:
+        """Alg. 1, line 14: rebuild the population from the seeds, one local CMA-ES update.
+
+        Returns False, leaving the state untouched, when every candidate earned the same reward: such a
+        generation ranks nothing (common with 0/1 rewards on small mini-batches), and pycma would move the
+        mean by an arbitrary step and inflate sigma ("flat fitness"). Deterministic, so all ranks agree.
+        """
+        rewards = np.asarray(rewards, dtype=np.float64)
+        if np.all(rewards == rewards[0]):
+            return False
         X = self.ask(seeds)  # [popsize, dim]
-        self.es.tell(list(X), (-np.asarray(rewards, dtype=np.float64)).tolist())  # maximise reward
+        self.es.tell(list(X), (-rewards).tolist())  # maximise reward
+        return True
 
     @property
     def mean(self) -> np.ndarray:

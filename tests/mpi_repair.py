@@ -7,18 +7,21 @@ from essa_mpi.metrics import MetricsLog
 from essa_mpi.run import sync_search
 from essa_mpi.search import SeededCMA
 
-comm = Comm()
-search = SeededCMA(12, 4, 0.3, False, seed=0)
-seeds = search.seeds(0)
-search.tell(seeds, np.arange(4.0))
-reference = search.fingerprint()
-assert not sync_search(search, comm, MetricsLog(".", False, False, 1, 0), 1), "no repair expected yet"
-if comm.rank == 1:
-    search.es.mean[3] += 0.5
-repaired = sync_search(search, comm, MetricsLog(".", False, False, 1, 0), 2)
-assert repaired and search.fingerprint() == reference
-assert comm.fingerprints_agree(search.fingerprint())
-seeds = search.seeds(1)
-search.tell(seeds, np.arange(4.0))  # the repaired rank keeps working in step
-assert comm.fingerprints_agree(search.fingerprint())
-print(f"rank {comm.rank} REPAIRED_OK", flush=True)
+
+def main() -> None:
+    comm = Comm()
+    quiet = MetricsLog(".", False, False, 1, 0)
+    search = SeededCMA(12, 4, 0.3, False, seed=0)
+    search.tell(search.seeds(0), np.arange(4.0))
+    reference = search.fingerprint()
+    assert not sync_search(search, comm, quiet, 1), "no repair expected yet"
+    if comm.rank == 1:
+        search.es.mean[3] += 0.5
+    assert sync_search(search, comm, quiet, 2) and search.fingerprint() == reference
+    search.tell(search.seeds(1), np.arange(4.0))  # the repaired rank keeps working in step
+    assert comm.fingerprints_agree(search.fingerprint())
+    print(f"rank {comm.rank} REPAIRED_OK", flush=True)
+
+
+if __name__ == "__main__":
+    main()

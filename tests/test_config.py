@@ -65,3 +65,10 @@ def test_help_lists_every_field():
     for section, value in Config().to_dict().items():
         for key in value:
             assert f"{section}.{key} " in text
+
+
+def test_embedded_default_yaml_equals_builtin_defaults():
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "jobs", "smollm2_arithmetic.yaml")
+    assert load_config(path).to_dict() == Config().to_dict()

@@ -50,3 +50,12 @@ def test_fingerprint_sees_a_perturbation_and_pickle_repairs_it():
     assert a.fingerprint() == b.fingerprint()
     seeds = a.seeds(0)
     assert np.array_equal(a.ask(seeds), b.ask(seeds))
+
+
+def test_flat_generation_leaves_state_untouched():
+    s = SeededCMA(6, 4, 0.3, False, seed=0)
+    before = s.fingerprint()
+    assert s.tell(s.seeds(0), np.zeros(4)) is False
+    assert s.fingerprint() == before
+    assert s.tell(s.seeds(0), np.array([0.0, 0.0, 0.25, 0.0])) is True
+    assert s.fingerprint() != before
