@@ -140,6 +140,9 @@ class SVDLoRALinear(nn.Module):
         assert rows % C == 0, f"{rows} rows do not split into {C} candidates"
         h = x.to(self.V_A.dtype) @ self.V_A  # V_A^T x: [C*P, T, r]
         h = h.reshape(C, -1, r)  # [C, P*T, r] (rows of candidate c are contiguous)
+        if y.dtype == h.dtype and y.is_contiguous():  # accumulate into the base output we own: no new tensor
+            y.view(C, -1, n_out).baddbmm_(h, self.folded)  # [C, P*T, n_out]
+            return y  # [C*P, T, n_out]
         out = torch.baddbmm(y.reshape(C, -1, n_out).to(h.dtype), h, self.folded)  # [C, P*T, n_out]
         return out.reshape(y.shape).to(y.dtype)  # [C*P, T, n_out]
 
