@@ -77,13 +77,6 @@ class Comm:
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.world.bcast(obj, root=root)
 
-    def all_ok(self, ok: bool) -> bool:
-        """True only when every rank says ok (used so that one rank's bad input stops all, without a hang)."""
-        return bool(self.world.allreduce(int(ok), op=self.MPI.MIN))
-
-    def barrier(self) -> None:
-        self.world.Barrier()
-
 
 def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
     """Run fn on every rank; if it raises ValueError anywhere, raise the same message everywhere."""

@@ -26,7 +26,6 @@ class PopulationEvaluator:
         self.max_rows = max_rows
         self.gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        self.tokens_generated = 0  # new tokens produced (rows x steps), for throughput reports
 
     def encode(self, examples: list) -> dict:
         texts = [self.tok.apply_chat_template(self.task.messages(e["prompt"]), tokenize=False,
@@ -49,7 +48,6 @@ class PopulationEvaluator:
         mask = enc["attention_mask"].repeat(C, 1)  # [C*P, T]
         out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
         new = out[:, ids.shape[1]:]  # [C*P, new]
-        self.tokens_generated += int(new.numel())
         self.adapter.clear()
         return self.tok.batch_decode(new, skip_special_tokens=True)
 

@@ -29,7 +29,7 @@ def tiny_args(tiny_dir, out, generations=3):
             f"run.output_dir={out}"]
 
 
-def launch(n, args, **kw):
+def launch(n, args):
     return [MPIEXEC, "-n", str(n), sys.executable, "-m", "essa_mpi", *args]
 
 
