@@ -39,8 +39,7 @@ class LoraFactors:
 
 def target_names(model: nn.Module, targets: list) -> list:
     """Module paths whose last component is in targets, in model order."""
-    names = [n for n, m in model.named_modules() if n.split(".")[-1] in targets and isinstance(m, nn.Module)
-             and hasattr(m, "in_features")]
+    names = [n for n, m in model.named_modules() if n.split(".")[-1] in targets and hasattr(m, "in_features")]
     if not names:
         raise ValueError(f"no module of the model matches adapter.target_modules={targets}; check the names "
                          f"(e.g. q_proj,k_proj,v_proj,o_proj for Llama/Qwen).")

@@ -1,9 +1,8 @@
 """toy: a smoke-test task any model can move, even a tiny random one.
 
 Reward = fraction of the completion's characters that are ASCII letters or digits, so it depends on the
-candidate through
-the generated text. Used by the tests (a random model cannot do arithmetic) and handy to check a cluster
-setup end to end in seconds.
+candidate through the generated text. Used by the tests (a random model cannot do arithmetic) and handy
+to check a cluster setup end to end in seconds.
 """
 
 from __future__ import annotations
