@@ -27,10 +27,13 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "accelerate>=1.0",
+        "math-verify>=0.7",  # symbolic answer checking for the math task and benchmark evaluation
     ],
     extras_require={
         "hub": ["datasets>=2.19"],
-        "test": ["pytest>=8"],
+        # IFEval's 25 instruction checkers come from lm-evaluation-harness (see essa_mpi/tasks/ifeval.py).
+        "ifeval": ["lm-eval[ifeval]>=0.4.8"],
+        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8"],
     },
     entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from essa_mpi.svd_lora import SVDLoRA
-from essa_mpi.tasks import Task
+from essa_mpi.tasks import Task, score_rows
 
 
 class PopulationEvaluator:
@@ -61,23 +61,30 @@ class PopulationEvaluator:
         return out
 
     def rewards(self, completions: list, examples: list, num_candidates: int) -> np.ndarray:
-        """Task reward per row → mean per candidate [C]. A non-finite reward counts as the worst (0)."""
-        answers = [e["answer"] for e in examples] * num_candidates
-        r = np.asarray(self.task.reward(completions, answer=answers), dtype=np.float64)  # [C*P]
-        if r.shape != (len(completions),):
-            raise ValueError(f"reward returned {r.shape} values for {len(completions)} completions")
-        r[~np.isfinite(r)] = 0.0
+        """Task reward per row → mean per candidate [C]. A candidate with a non-finite row reward gets NaN:
+        the run logs it and ranks it worst (never a silent zero)."""
+        r = score_rows(self.task, completions, examples * num_candidates)  # [C*P], candidate-major
         return r.reshape(num_candidates, len(examples)).mean(axis=1)  # [C]
 
     def evaluate(self, offsets: np.ndarray, examples: list) -> np.ndarray:
         """Alg. 1, line 11: reward of each candidate on the shared mini-batch → [C]."""
         return self.rewards(self.completions(offsets, examples), examples, len(offsets))
 
-    def score_mean(self, mean: np.ndarray, examples: list) -> float:
-        """Sum of rewards of one candidate (the search mean) over examples, in chunks of max_rows."""
-        total = 0.0
+    def score(self, solution: np.ndarray | None, examples: list) -> dict:
+        """Validation sums for one solution (None = the base model without adapter) over examples, in chunks
+        of max_rows: {"reward": (sum, n), "nonfinite": (count, n), **task.details} — summable over ranks.
+        Non-finite rewards add 0 to the sum and are counted."""
+        sums: dict = {}
+        offsets = None if solution is None else np.asarray(solution)[None]  # [1, n]
         for start in range(0, len(examples), self.max_rows):
             chunk = examples[start: start + self.max_rows]
-            total += float(self.rewards(self.generate(mean[None], self.encode(chunk)), chunk, 1)[0]) * len(chunk)
-        return total
-
+            texts = self.generate(offsets, self.encode(chunk))  # [len(chunk)]
+            r = score_rows(self.task, texts, chunk)  # [len(chunk)]
+            bad = ~np.isfinite(r)
+            parts = {"reward": (float(r[~bad].sum()), len(chunk)), "nonfinite": (int(bad.sum()), len(chunk))}
+            if self.task.details is not None:
+                parts.update(self.task.details(texts, chunk))
+            for key, (num, den) in parts.items():
+                old = sums.get(key, (0.0, 0))
+                sums[key] = (old[0] + num, old[1] + den)
+        return sums

@@ -40,12 +40,21 @@ def test_zero_offsets_on_fresh_adapter_equal_base_model(evaluator):
     assert evaluator.completions(zero, examples) == base * 2  # B = 0: delta W = 0
 
 
-def test_non_finite_reward_counts_as_worst(evaluator):
-    evaluator.task.reward = lambda completions, **_: [float("nan")] * len(completions)
-    assert evaluator.rewards(["a", "b"], [{"answer": ""}] * 2, 1).tolist() == [0.0]
+def test_non_finite_row_reward_marks_the_candidate(evaluator):
+    evaluator.task.reward = lambda completions, **_: [1.0, float("nan")] * (len(completions) // 2)
+    rows = [{"prompt": "p", "answer": ""}] * 2
+    assert np.isnan(evaluator.rewards(["a", "b"], rows, 1)).all()  # run.py ranks it worst and logs it
 
 
-def test_wrong_length_reward_is_an_error(evaluator):
-    evaluator.task.reward = lambda completions, **_: [1.0]
-    with pytest.raises(ValueError, match="reward returned"):
-        evaluator.rewards(["a", "b"], [{"answer": ""}] * 2, 1)
+def test_score_counts_non_finite_rows(evaluator):
+    evaluator.task.reward = lambda completions, **_: [float("nan")] + [1.0] * (len(completions) - 1)
+    sums = evaluator.score(None, evaluator.task.val[:4])
+    assert sums["reward"] == (3.0, 4) and sums["nonfinite"] == (1, 4)
+
+
+@pytest.mark.parametrize("bad, match", [(lambda completions, **_: [1.0], "returned 1 values for 2"),
+                                        (lambda completions, **_: 1 / 0, "raised ZeroDivisionError")])
+def test_broken_reward_is_an_error_naming_it(evaluator, bad, match):
+    evaluator.task.reward = bad
+    with pytest.raises(RuntimeError, match=match):
+        evaluator.rewards(["a", "b"], [{"prompt": "p", "answer": ""}] * 2, 1)

@@ -1,10 +1,11 @@
 import json
+import re
 
 import numpy as np
 import pytest
 
 from essa_mpi.config import TaskConfig
-from essa_mpi.tasks import batch_indices, build_task
+from essa_mpi.tasks import batch_indices, build_task, score_rows
 from essa_mpi.tasks.arithmetic import arithmetic_reward
 from essa_mpi.tasks.gsm8k import gold_answer, gsm8k_reward
 from essa_mpi.tasks.toy import alnum_fraction_reward
@@ -15,8 +16,10 @@ def test_builtin_tasks_are_seeded_and_held_out(name):
     a = build_task(TaskConfig(name=name, val_size=32), seed=3)
     b = build_task(TaskConfig(name=name, val_size=32), seed=3)
     assert a.train[:5] == b.train[:5] and a.val == b.val and len(a.val) == 32
+    assert a.sft == b.sft and len(a.sft) > 0
     if name == "arithmetic":
-        assert not {e["prompt"] for e in a.val} & {e["prompt"] for e in a.train}
+        val, train, sft = ({e["prompt"] for e in rows} for rows in (a.val, a.train, a.sft))
+        assert not val & train and not val & sft and not train & sft
 
 
 def test_arithmetic_answers_are_correct():
@@ -48,20 +51,76 @@ def test_gsm8k_gold_requires_marker():
         gold_answer("no marker")
 
 
-def test_gsm8k_local_jsonl(tmp_path):
-    rows = [{"question": f"q{i}", "answer": f"work\n#### {i}"} for i in range(40)]
-    path = tmp_path / "g.jsonl"
+def write_jsonl(path, rows):
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    task = build_task(TaskConfig(name="gsm8k", dataset=str(path), val_size=8, batch_size=4), seed=0)
-    assert len(task.train) == 32 and task.val[0] == {"prompt": "q32", "answer": "32"}
+    return str(path)
+
+
+def test_gsm8k_local_jsonl_splits_sft_search_and_validation(tmp_path):
+    path = write_jsonl(tmp_path / "g.jsonl", [{"question": f"q{i}", "answer": f"w <<1+1=2>>2\n#### {i}"}
+                                              for i in range(40)])
+    task = build_task(TaskConfig(name="gsm8k", dataset=path, val_size=8, batch_size=4, sft_size=10), seed=0)
+    assert len(task.sft) == 10 and len(task.train) == 22 and task.val[0] == {"prompt": "q32", "answer": "32"}
+    assert task.sft[3] == {"prompt": "q3", "completion": "w 2\nThe final answer is \\boxed{3}."}
     assert "boxed" in task.system_prompt
 
 
-def test_gsm8k_missing_columns_is_an_error(tmp_path):
-    path = tmp_path / "g.jsonl"
-    path.write_text("\n".join(json.dumps({"text": "x"}) for _ in range(20)))
-    with pytest.raises(ValueError, match="need columns question and answer"):
-        build_task(TaskConfig(name="gsm8k", dataset=str(path), val_size=4, batch_size=2), seed=0)
+@pytest.mark.parametrize("name, columns", [("gsm8k", "['question', 'answer']"), ("math", "['problem', 'solution']"),
+                                           ("custom", "['prompt']")])
+def test_dataset_without_needed_columns_is_an_error(tmp_path, name, columns):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}] * 20)
+    cfg = TaskConfig(name=name, dataset=path, val_dataset=path, val_size=4, batch_size=2, reward_fn="json:dumps")
+    with pytest.raises(ValueError, match=re.escape(f"lack the column(s) {columns}")):
+        build_task(cfg, seed=0)
+
+
+def test_bad_jsonl_line_is_an_error_naming_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        build_task(TaskConfig(name="custom", dataset=str(path), reward_fn="json:dumps", val_size=1), seed=0)
+
+
+def test_math_task_from_local_files(tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"problem": f"p{i}", "solution": f"so \\boxed{{{i}}}"}
+                                               for i in range(20)] + [{"problem": "nogold", "solution": "none"}])
+    val = write_jsonl(tmp_path / "v.jsonl", [{"problem": "v", "answer": "\\frac12"}])
+    task = build_task(TaskConfig(name="math", dataset=train, val_dataset=val, sft_size=5, batch_size=2), seed=0)
+    assert task.sft[0] == {"prompt": "p0", "completion": "so \\boxed{0}"}
+    assert len(task.train) == 15 and task.train[0]["answer"] == "5"  # the row without a gold answer is skipped
+    assert task.reward(["it is 0.5", "\\boxed{1/3}"], answer=["\\frac12"] * 2) == [1.0, 0.0]
+
+
+def double_length(completions, **columns):
+    """A custom reward for the tests: uses a dataset column besides the completion."""
+    return [2.0 * len(c) + len(t) for c, t in zip(completions, columns["tag"])]
+
+
+def test_custom_task_passes_every_column_to_the_reward(tmp_path):
+    rows = [{"prompt": f"p{i}", "tag": "ab", "completion": "done"} for i in range(10)]
+    cfg = TaskConfig(name="custom", dataset=write_jsonl(tmp_path / "c.jsonl", rows), val_size=2, sft_size=3,
+                     batch_size=2, reward_fn="test_tasks:double_length")
+    task = build_task(cfg, seed=0)
+    assert len(task.sft) == 3 and len(task.train) == 5 and "completion" not in task.train[0]
+    assert score_rows(task, ["xyz", ""], task.train[:2]).tolist() == [8.0, 2.0]
+
+
+@pytest.mark.parametrize("path, match", [("no_such_module:f", "cannot be imported"),
+                                         ("json:no_such_function", "cannot be imported"),
+                                         ("json:__doc__", "not callable")])
+def test_unusable_reward_fn_is_an_error(path, match):
+    with pytest.raises(ValueError, match=match):
+        build_task(TaskConfig(name="toy", reward_fn=path, val_size=2), seed=0)
+
+
+@pytest.mark.parametrize("reward, match", [(lambda completions, **_: [1.0], "returned 1 values for 2"),
+                                           (lambda completions, **_: {}["x"], "raised KeyError"),
+                                           (lambda completions, **_: ["a", "b"], "raised ValueError")])
+def test_broken_reward_output_is_an_error_naming_it(reward, match):
+    task = build_task(TaskConfig(name="toy", val_size=2), seed=0)
+    task.reward = reward
+    with pytest.raises(RuntimeError, match=match):
+        score_rows(task, ["a", "b"], task.train[:2])
 
 
 def test_batch_too_large_is_an_error(tmp_path):

@@ -2,15 +2,19 @@
 
     task = build_task(TaskConfig(name="arithmetic"), seed=0)
     idx = batch_indices(len(task.train), batch_size=32, seed=0, generation=g)   # [32]
-    rewards = task.reward([completion, ...], answer=[gold, ...])               # list[float] in [0, 1]
+    scores = score_rows(task, completions, rows)                               # [len(rows)] float64
 
-Reward functions follow TRL's signature ``f(completions: list[str], **columns) -> list[float]``;
-higher is better (ESSA maximises reward).
+Rows are dicts with a ``prompt`` and any other columns (``answer``, ``instruction_id_list`` ...).
+Reward functions follow TRL's signature ``f(completions: list[str], **columns) -> list[float]``: every
+column of the rows is passed as a list aligned with ``completions``. Sign convention, stated once for
+the whole package: **higher reward is better; ESSA maximises it** (``search.py`` hands pycma the negated
+reward, since pycma minimises).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -20,12 +24,15 @@ from essa_mpi.config import TaskConfig
 
 @dataclass
 class Task:
-    """Prompts with gold answers; ``val`` is held out from ``train``."""
+    """Prompts with gold columns; ``val`` is held out from ``train``, ``sft`` is disjoint from both."""
 
-    train: list  # [{"prompt": str, "answer": str}]
+    train: list  # [{"prompt": str, **columns}]
     val: list
     system_prompt: Optional[str]
     reward: Callable[..., list]
+    sft: list = field(default_factory=list)  # [{"prompt": str, "completion": str}]
+    # Extra validation metrics: f(completions, rows) -> {name: (sum, count)}; summed over ranks.
+    details: Optional[Callable[[list, list], dict]] = None
 
     def messages(self, prompt: str) -> list:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -48,11 +55,57 @@ def batch_indices(n: int, batch_size: int, seed: int, generation: int) -> np.nda
     return np.array(out, dtype=np.int64)  # [batch_size]
 
 
-def build_task(cfg: TaskConfig, seed: int) -> Task:
-    from essa_mpi.tasks import arithmetic, gsm8k, toy
+def columns(rows: list) -> dict:
+    """Rows → {column: [value per row]} (the keys of the first row).
 
-    registry = {"arithmetic": arithmetic.build, "gsm8k": gsm8k.build, "toy": toy.build}
+    >>> columns([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": "2"}])
+    {'prompt': ['a', 'b'], 'answer': ['1', '2']}
+    """
+    return {key: [r.get(key) for r in rows] for key in rows[0]} if rows else {}
+
+
+def score_rows(task: Task, completions: list, rows: list) -> np.ndarray:
+    """The task reward of each (completion, row) pair → [N] float64; NaN stays NaN for the caller to log.
+
+    A reward that raises or returns the wrong number of values is a bug in the reward: RuntimeError naming it.
+    """
+    name = getattr(task.reward, "__qualname__", type(task.reward).__name__)
+    try:
+        values = task.reward(completions, **columns(rows))
+        r = np.asarray(values, dtype=np.float64).reshape(-1)  # [N]
+    except Exception as exc:
+        raise RuntimeError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
+    if r.shape != (len(completions),):
+        raise RuntimeError(f"reward function {name} returned {r.size} values for {len(completions)} completions; "
+                           f"it must return one float per completion.")
+    return r
+
+
+def load_callable(path: str) -> Callable:
+    """'package.module:function' or 'package.module.function' → the callable."""
+    module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"task.reward_fn={path!r} cannot be imported ({exc}); make sure {module!r} is on "
+                         f"PYTHONPATH on every rank and defines {attr!r}.") from None
+    if not callable(fn):
+        raise ValueError(f"task.reward_fn={path!r} is not callable; point it at a function "
+                         f"f(completions, **columns) -> list[float].")
+    return fn
+
+
+def build_task(cfg: TaskConfig, seed: int) -> Task:
+    from essa_mpi.tasks import arithmetic, custom, gsm8k, ifeval, math, reward_model, toy
+    from essa_mpi.tasks.data import sft_rows
+
+    registry = {"arithmetic": arithmetic.build, "gsm8k": gsm8k.build, "math": math.build, "ifeval": ifeval.build,
+                "reward_model": reward_model.build, "custom": custom.build, "toy": toy.build}
     task = registry[cfg.name](cfg, seed)
+    if cfg.reward_fn:
+        task.reward = load_callable(cfg.reward_fn)
+    if cfg.sft_dataset:
+        task.sft = sft_rows(cfg.sft_dataset)
     if cfg.system_prompt is not None:
         task.system_prompt = cfg.system_prompt or None
     if len(task.train) < cfg.batch_size:

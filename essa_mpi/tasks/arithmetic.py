@@ -35,17 +35,19 @@ def arithmetic_reward(completions: list, answer: list, **_) -> list:
 
 
 def build(cfg: TaskConfig, seed: int) -> Task:
+    """Validation, ESSA training and SFT problems from one seeded stream; no question appears twice."""
     rng = np.random.default_rng([seed, 11])
-    val, seen = [], set()
-    while len(val) < cfg.val_size:
-        q, a = problem(rng)
-        if q not in seen:
-            seen.add(q)
-            val.append({"prompt": q, "answer": a})
-    train = []
-    while len(train) < TRAIN_POOL:  # held out: no validation question appears in training
-        q, a = problem(rng)
-        if q not in seen:
-            seen.add(q)
-            train.append({"prompt": q, "answer": a})
-    return Task(train=train, val=val, system_prompt=SYSTEM_PROMPT, reward=arithmetic_reward)
+    seen: set = set()
+
+    def draw(n: int) -> list:
+        rows = []
+        while len(rows) < n:
+            q, a = problem(rng)
+            if q not in seen:
+                seen.add(q)
+                rows.append({"prompt": q, "answer": a})
+        return rows
+
+    val, train, sft = draw(cfg.val_size), draw(TRAIN_POOL), draw(cfg.sft_size)
+    sft = [{"prompt": r["prompt"], "completion": r["answer"]} for r in sft]  # gold = just the number
+    return Task(train=train, val=val, system_prompt=SYSTEM_PROMPT, reward=arithmetic_reward, sft=sft)

@@ -30,4 +30,6 @@ def build(cfg: TaskConfig, seed: int) -> Task:
     def prompts(n: int) -> list:
         return [{"prompt": "Write words: " + " ".join(rng.choice(WORDS, 3)), "answer": ""} for _ in range(n)]
 
-    return Task(train=prompts(512), val=prompts(cfg.val_size), system_prompt=None, reward=alnum_fraction_reward)
+    sft = [{"prompt": r["prompt"], "completion": r["prompt"].removeprefix("Write words: ")} for r in prompts(64)]
+    return Task(train=prompts(512), val=prompts(cfg.val_size), system_prompt=None, reward=alnum_fraction_reward,
+                sft=sft)

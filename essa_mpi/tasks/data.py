@@ -1,0 +1,69 @@
+"""Dataset rows from a Hugging Face id, a local JSONL file, or a directory of JSONL splits.
+
+    rows = load_rows("../shared/data/gsm8k/train.jsonl")            # local file
+    rows = load_rows("openai/gsm8k", split="train", name="main")     # hub (pip install -e ".[hub]")
+    require_columns(rows, ["question", "answer"], "task.dataset")   # clear error naming the fix
+
+Rows are plain dicts; a task turns them into ``{"prompt": str, ...}`` rows whose other keys are passed to
+the reward as columns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+
+def read_jsonl(path: str) -> list:
+    with open(path) as fh:
+        rows = []
+        for n, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg}); fix or remove that line.")
+    return rows
+
+
+def load_rows(src: str, split: str = "train", name: Optional[str] = None) -> list:
+    """A JSONL file, ``<dir>/<split>.jsonl``, or split ``split`` of the hub dataset ``src``."""
+    if os.path.isfile(src):
+        return read_jsonl(src)
+    if os.path.isdir(src):
+        path = os.path.join(src, f"{split}.jsonl")
+        if not os.path.isfile(path):
+            raise ValueError(f"{src} has no {split}.jsonl; give the JSONL file itself or add {split}.jsonl.")
+        return read_jsonl(path)
+    try:
+        from datasets import load_dataset  # hub access only when a hub id is given
+    except ImportError:
+        raise ValueError(f"loading {src!r} by name needs the datasets package: pip install -e '.[hub]', or give "
+                         f"a local JSONL path.") from None
+    return [dict(r) for r in load_dataset(src, name, split=split)]
+
+
+def require_columns(rows: list, columns: list, where: str) -> None:
+    """Raise ValueError unless the rows are non-empty and the first row has every column."""
+    if not rows:
+        raise ValueError(f"{where} has no rows; give a dataset with at least one row.")
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{where} rows lack the column(s) {missing} (they have {sorted(rows[0])}); give a dataset "
+                         f"with {columns}.")
+
+
+def split_tail(rows: list, n_tail: int, where: str) -> tuple:
+    """(rows[:-n_tail], rows[-n_tail:]): hold out the last n_tail rows for validation."""
+    if n_tail and len(rows) <= n_tail:
+        raise ValueError(f"{where} has {len(rows)} rows, not more than task.val_size={n_tail}; lower task.val_size "
+                         f"or give task.val_dataset.")
+    return (rows[: len(rows) - n_tail], rows[len(rows) - n_tail:]) if n_tail else (rows, [])
+
+
+def sft_rows(src: str) -> list:
+    """SFT rows ``{"prompt", "completion"}`` from task.sft_dataset."""
+    rows = load_rows(src, "train")
+    require_columns(rows, ["prompt", "completion"], f"task.sft_dataset={src}")
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]

@@ -1,0 +1,75 @@
+"""Symbolic answer checking with math-verify, under a timeout that also works off the main thread.
+
+    math_equal(r"... so the answer is \\boxed{\\frac12}", "0.5")   # True  (gold second, parsed first)
+
+math-verify's own timeouts use ``signal.alarm``, which only works on the main thread of the main
+interpreter (its ``parse``/``verify`` raise elsewhere). We switch them off and time each check ourselves:
+on the main thread with ``signal.setitimer``; on any other thread in a one-process worker pool that is
+terminated and replaced when a check runs over time. A check that times out or fails counts as wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from typing import Callable
+
+TIMEOUT_S = 5.0
+_pool = None
+
+
+def _parse_and_verify(response: str, gold: str) -> bool:
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we time the whole check
+    gold_parsed = parse(gold if "\\boxed" in gold or "$" in gold else f"${gold}$", parsing_timeout=None)
+    pred_parsed = parse(response, parsing_timeout=None)
+    return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+def _on_main_thread(fn: Callable, args: tuple, seconds: float):
+    def expire(*_):
+        raise TimeoutError(f"check took more than {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn(*args)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _in_worker(fn: Callable, args: tuple, seconds: float):
+    global _pool
+    if _pool is None:  # spawn: never fork an MPI rank
+        _pool = multiprocessing.get_context("spawn").Pool(1)
+    try:
+        return _pool.apply_async(fn, args).get(timeout=seconds)
+    except multiprocessing.TimeoutError:
+        _pool.terminate()  # the stuck check dies with its worker; the next call starts a fresh one
+        _pool = None
+        raise TimeoutError(f"check took more than {seconds} s") from None
+
+
+def run_with_timeout(fn: Callable, args: tuple, seconds: float = TIMEOUT_S):
+    """fn(*args), or TimeoutError after ``seconds`` — on the main thread or any other."""
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        return _on_main_thread(fn, args, seconds)
+    return _in_worker(fn, args, seconds)
+
+
+def math_equal(response: str, gold: str, timeout_s: float = TIMEOUT_S) -> bool:
+    """True when the response's final answer equals gold (math-verify: gold first, then the response).
+
+    >>> math_equal(r"so \\boxed{\\frac{1}{2}}", "0.5"), math_equal("it is 1/2", r"\\frac12")
+    (True, True)
+    >>> math_equal(r"\\boxed{4}", "3"), math_equal("no idea", "3")
+    (False, False)
+    """
+    try:
+        return bool(run_with_timeout(_parse_and_verify, (response, gold), timeout_s))
+    except Exception:  # timeout or a parser failure on malformed LaTeX: not a correct answer
+        return False
