@@ -1,12 +1,15 @@
-"""Command line: ``python -m essa_mpi [--config FILE.yaml] [--resume DIR] [section.key=value ...]``.
+"""Command line: ``python -m essa_mpi [run|sft|eval] [--config FILE.yaml] [section.key=value ...]``.
 
-    mpiexec -n 2 python -m essa_mpi                                     # embedded default
+    mpiexec -n 2 python -m essa_mpi                          # embedded default: cached SFT, then ESSA
     mpiexec -n 4 python -m essa_mpi --config jobs/smollm2_arithmetic.yaml search.popsize=32
     srun -n 128 python -m essa_mpi --config jobs/my_job.yaml
     mpiexec -n 4 python -m essa_mpi --resume runs/essa run.generations=200   # continue (run.* overrides only)
+    python -m essa_mpi sft --config jobs/gsm8k.yaml          # the LoRA SFT warm start alone
+    mpiexec -n 4 python -m essa_mpi eval --config jobs/eval_math.yaml eval.adapters=base,runs/essa/adapter
 
 Every rank parses and validates the same input; a bad value stops all ranks with one message and exit
-code 2 before any model is loaded.
+code 2 before any model is loaded. An unexpected error on any rank stops all ranks (exit code 1); the
+last checkpoint is kept, so ``--resume`` continues after the fix.
 """
 
 from __future__ import annotations
@@ -15,31 +18,38 @@ import argparse
 import json
 import os
 import sys
+import traceback
 
 import yaml
 
 from essa_mpi import checkpoint
-from essa_mpi.comm import Comm, first_error
+from essa_mpi.comm import Comm, default_threads, first_error
 from essa_mpi.config import apply_overrides, config_from_dict, help_text, load_config, validate
 
+COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
+            "sft": "Train (or find cached) the LoRA SFT warm start and print its directory.",
+            "eval": "avg@k / pass@k on math benchmarks for the base model and adapters (eval.* options)."}
 
-def parser() -> argparse.ArgumentParser:
+
+def parser(command: str = "run") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m essa_mpi", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=f"python -m essa_mpi {command}", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="ESSA: gradient-free LLM alignment by CMA-ES over SVD-LoRA singular values, over MPI.\n"
-                    "Launch with mpiexec/srun; with no --config it runs the embedded default "
-                    "(SmolLM2-135M-Instruct on arithmetic).",
+                    "Commands (first argument; default run):\n"
+                    + "\n".join(f"  {k:5s} {v}" for k, v in COMMANDS.items())
+                    + "\nWith no --config the embedded default runs (SmolLM2-135M-Instruct on arithmetic).",
         epilog="options (set in the YAML file or as section.key=value):\n" + help_text())
-    ap.add_argument("--config", help="YAML file with sections model/adapter/search/task/run.")
-    ap.add_argument("--resume", metavar="DIR", help="continue the run whose output_dir is DIR from its checkpoint.")
+    ap.add_argument("--config", help="YAML file with sections model/adapter/search/task/sft/eval/run.")
+    if command == "run":
+        ap.add_argument("--resume", metavar="DIR", help="continue the run whose output_dir is DIR from its checkpoint.")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values.")
     return ap
 
 
-def prepare(args: argparse.Namespace, world_size: int) -> tuple:
+def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> tuple:
     """→ (validated Config, RunState or None). Raises ValueError with the fix on bad input."""
     state = None
-    if args.resume:
+    if getattr(args, "resume", None):
         if args.config:
             raise ValueError("--resume uses the config stored in the checkpoint; drop --config.")
         bad = [o for o in args.overrides if not o.startswith("run.")]
@@ -54,32 +64,97 @@ def prepare(args: argparse.Namespace, world_size: int) -> tuple:
     else:
         cfg = load_config(args.config, args.overrides)
         ckpt = os.path.join(cfg.run.output_dir, checkpoint.FILENAME)
-        if os.path.exists(ckpt):
+        if command == "run" and os.path.exists(ckpt):
             raise ValueError(f"{cfg.run.output_dir} already holds a checkpoint; continue it with --resume "
                              f"{cfg.run.output_dir}, or set run.output_dir to a new directory.")
-    validate(cfg, world_size)
+    validate(cfg, world_size, command)
     return cfg, state
 
 
-def main(argv: list | None = None) -> int:
-    args = parser().parse_args(argv)
-    comm = Comm()
-    try:
-        cfg, state = first_error(comm, lambda: prepare(args, comm.size))
-        from essa_mpi.tasks import build_task  # datasets are read (and checked) before any model load
+def needs_sft(cfg, state, command: str) -> bool:
+    return command == "sft" or (state is None and cfg.adapter.path is None and cfg.adapter.warm_start == "sft")
 
-        task = first_error(comm, lambda: build_task(cfg.task, cfg.search.seed))
-    except ValueError as exc:
-        if comm.rank == 0:
-            print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+
+def load_task(cfg, state, command: str):
+    """The task (datasets read and checked before any model load); None for eval."""
+    if command == "eval":
+        return None
+    from essa_mpi import sft
+    from essa_mpi.tasks import build_task
+
+    task = build_task(cfg.task, cfg.search.seed)
+    if needs_sft(cfg, state, command):
+        sft.check_rows(task, cfg)
+    return task
+
+
+def warm_start(cfg, comm: Comm, task) -> tuple:
+    """Rank 0 trains the SFT adapter unless it is cached; the others sleep. → (directory, info or None)."""
+    import torch
+
+    from essa_mpi import sft
+
+    out, info = sft.sft_dir(cfg), None
+    if comm.rank == 0:
+        try:
+            if sft.is_done(out):
+                print(f"SFT warm start: using cached {out}", flush=True)
+            else:
+                torch.set_num_threads(cfg.model.threads or default_threads(1))  # all cores: the others sleep
+                print(f"SFT warm start: training {len(task.sft)} rows -> {out}", flush=True)
+                info = sft.train(cfg, task, out, log=lambda m: print(m, flush=True))
+        except BaseException:
+            comm.idle_bcast(1)
+            raise
+        comm.idle_bcast(0)
+    elif comm.idle_bcast() != 0:
+        raise RuntimeError("the SFT warm start failed on rank 0 (its error is printed above)")
+    return out, info
+
+
+def command_run(cfg, comm: Comm, task, state) -> dict:
+    from essa_mpi.run import run
+
+    if needs_sft(cfg, state, "run"):
+        cfg.adapter.path, _ = warm_start(cfg, comm, task)
     if state is None and comm.rank == 0:
         metrics = os.path.join(cfg.run.output_dir, "metrics.jsonl")
         if os.path.exists(metrics):
             os.remove(metrics)  # left by a run that died before its first checkpoint
-    from essa_mpi.run import run
+    return run(cfg, comm, task, state, start_label="SFT" if cfg.adapter.path else "start")
 
-    summary = run(cfg, comm, task, state)
+
+def command_sft(cfg, comm: Comm, task, state) -> dict:
+    out, info = warm_start(cfg, comm, task)
+    return {"adapter": out, "cached": info is None, **({k: v for k, v in info.items() if k != "config"} if info else {})}
+
+
+def command_eval(cfg, comm: Comm, task, state) -> dict:
+    from essa_mpi.evaluate import evaluate
+
+    return evaluate(cfg, comm)
+
+
+def main(argv: list | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    args = parser(command).parse_args(argv)
+    comm = Comm()
+    try:
+        cfg, state = first_error(comm, lambda: prepare(args, comm.size, command))
+        task = first_error(comm, lambda: load_task(cfg, state, command))
+    except ValueError as exc:
+        if comm.rank == 0:
+            print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)
+    except Exception as exc:  # one rank's failure must stop all ranks, never leave them waiting
+        traceback.print_exc()
+        print(f"essa_mpi: error on rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
+        if comm.size > 1:
+            comm.abort(1)
+        return 1
     if comm.rank == 0:
-        print(json.dumps(summary), flush=True)
+        print(json.dumps(result), flush=True)
     return 0

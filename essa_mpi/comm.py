@@ -10,6 +10,7 @@ plus one 8-byte state fingerprint per rank. Everything else every rank derives f
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -76,6 +77,19 @@ class Comm:
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.world.bcast(obj, root=root)
+
+    def idle_bcast(self, value: int = 0, root: int = 0, poll_s: float = 0.5) -> int:
+        """Broadcast a small int from root while the other ranks sleep between polls: a blocking MPI call
+        spins a core, which would slow the root's single-rank work (e.g. the SFT warm start)."""
+        buf = np.array([value], dtype=np.int64)
+        req = self.world.Ibcast(buf, root=root)
+        while not req.Test():
+            time.sleep(poll_s)
+        return int(buf[0])
+
+    def abort(self, code: int = 1) -> None:
+        """Stop every rank (an unexpected error on one rank must not leave the others waiting)."""
+        self.world.Abort(code)
 
 
 def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -19,6 +20,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+_REWARD_FN = re.compile(r"[A-Za-z_][\w.]*[:.][A-Za-z_]\w*")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -46,6 +48,8 @@ class AdapterConfig:
     target_modules: list = _f(["q_proj", "k_proj", "v_proj", "o_proj"], "Module name suffixes carrying LoRA.")
     fraction: float = _f(1.0, "alpha in the paper: the top floor(fraction*rank) singular values of each "
                          "factor are searched; the rest stay at their SFT values.")
+    warm_start: Literal["sft", "none"] = _f("sft", "When path is None: 'sft' trains (or reuses the cached) LoRA SFT "
+                                            "warm start on the task's SFT rows first; 'none' = fresh init.")
 
 
 @dataclass
@@ -56,15 +60,57 @@ class SearchConfig:
     seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
 
 
+TASKS = ("arithmetic", "gsm8k", "math", "ifeval", "reward_model", "custom", "toy")
+
+
 @dataclass
 class TaskConfig:
-    name: Literal["arithmetic", "gsm8k", "toy"] = _f("arithmetic", "Task registry key (essa_mpi.tasks).")
-    dataset: Optional[str] = _f(None, "Hugging Face dataset id or local JSONL; None = the task's default.")
+    name: Literal[TASKS] = _f("arithmetic", "Task registry key (essa_mpi.tasks): " + ", ".join(TASKS) + ".")
+    dataset: Optional[str] = _f(None, "Training prompts: Hugging Face dataset id or local JSONL/directory; None = "
+                                "the task's default.")
+    val_dataset: Optional[str] = _f(None, "Validation prompts (id or JSONL); None = the task's default split.")
+    sft_dataset: Optional[str] = _f(None, "SFT rows with 'prompt' and 'completion' columns (id or JSONL); None = "
+                                    "the task's gold solutions.")
+    sft_size: int = _f(1500, "Training rows reserved for the SFT warm start (disjoint from ESSA's rows).")
+    reward_fn: Optional[str] = _f(None, "Custom reward 'package.module:function' (or dotted path) with signature "
+                                  "f(completions, **columns) -> list[float]; replaces the task's reward.")
+    reward_model: Optional[str] = _f(None, "reward_model task: sequence-classification reward model (id or dir).")
+    trust_remote_code: bool = _f(False, "Allow the reward model's own modelling code (e.g. ArmoRM's gating head).")
     batch_size: int = _f(24, "Prompts per generation (one mini-batch shared by all candidates).")
     val_size: int = _f(200, "Held-out validation prompts (0 = no validation).")
     val_every: int = _f(6, "Validate the search mean every K generations (and at the start and end).")
     max_new_tokens: int = _f(12, "Greedy generation length per prompt.")
     system_prompt: Optional[str] = _f(None, "System message; None = the task's default.")
+
+
+@dataclass
+class SFTConfig:
+    learning_rate: float = _f(5e-4, "AdamW learning rate (paper, appendix H.2: 5e-4 for PRM800K/IFEval, 1e-4 for "
+                              "GSM8K), linear decay to 0.")
+    epochs: int = _f(1, "Passes over the SFT rows.")
+    batch_size: int = _f(16, "Rows per optimizer step (paper, appendix H.2: 16).")
+    max_length: int = _f(512, "Prompt + completion tokens kept per row (longer rows are truncated).")
+    output_dir: Optional[str] = _f(None, "Where the SFT adapter is written; None = runs/sft/<task>-<hash of "
+                                   "everything that shapes it>, so a repeated run reuses it.")
+
+
+BENCHMARKS = ("math500", "minerva_math", "olympiadbench", "aime24", "aime25", "amc23", "gsm8k")
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list = _f(list(BENCHMARKS[:6]), "Benchmark names (" + ", ".join(BENCHMARKS) + "), JSONL paths or "
+                          "LABEL=path.")
+    data_dir: Optional[str] = _f(None, "Directory with <name>/test.jsonl per benchmark (e.g. a copy of "
+                                 "Qwen2.5-Math's evaluation/data); None = load by Hugging Face name.")
+    adapters: list = _f(["base"], "Rows of the table: 'base', an adapter directory, or LABEL=DIR.")
+    k: int = _f(8, "Samples per problem (avg@k averages them).")
+    pass_k: int = _f(8, "pass@k reported with the unbiased estimator (k <= eval.k).")
+    temperature: float = _f(0.6, "Sampling temperature.")
+    top_p: float = _f(0.95, "Nucleus sampling threshold.")
+    max_new_tokens: int = _f(1024, "Generation length per sample.")
+    limit: int = _f(0, "Problems per benchmark (the first N); 0 = all.")
+    output_dir: str = _f("runs/eval", "eval.json and eval.md are written here.")
 
 
 @dataclass
@@ -81,6 +127,8 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -92,7 +140,7 @@ class Config:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"model": ModelConfig, "adapter": AdapterConfig, "search": SearchConfig,
-                    "task": TaskConfig, "run": RunConfig}
+                    "task": TaskConfig, "sft": SFTConfig, "eval": EvalConfig, "run": RunConfig}
 
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
@@ -110,6 +158,11 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -179,8 +232,10 @@ def searched_per_factor(cfg: Config) -> int:
     return int(cfg.adapter.fraction * cfg.adapter.rank + 1e-9)
 
 
-def validate(cfg: Config, world_size: int = 1) -> None:
-    """All cross-field invariants in one place; cheap (reads small files only, never a model)."""
+def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
+    """All cross-field invariants in one place; cheap (reads small files only, never a model).
+
+    command (run, sft or eval) selects which sections must be usable."""
     a, s, t, r = cfg.adapter, cfg.search, cfg.task, cfg.run
     if a.rank < 1:
         raise ValueError(f"adapter.rank={a.rank} must be >= 1; set adapter.rank to e.g. 4.")
@@ -209,14 +264,74 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     _validate_model_path(cfg.model)
     if a.path is not None:
         _validate_adapter(cfg)
-    if t.dataset is not None and not _looks_like_hub_id(t.dataset) and not os.path.exists(t.dataset):
-        raise ValueError(f"task.dataset={t.dataset!r} does not exist; give a local JSONL path or a Hugging Face "
-                         f"dataset id such as openai/gsm8k.")
+    _validate_task(t)
+    if command == "sft" or (command == "run" and a.path is None and a.warm_start == "sft"):
+        _validate_sft(cfg)
+    if command == "eval":
+        _validate_eval(cfg.eval)
+
+
+def _validate_task(t: TaskConfig) -> None:
+    for key in ("dataset", "val_dataset", "sft_dataset"):
+        src = getattr(t, key)
+        if src is not None and not _looks_like_hub_id(src) and not os.path.exists(src):
+            raise ValueError(f"task.{key}={src!r} does not exist; give a local JSONL path or a Hugging Face "
+                             f"dataset id such as openai/gsm8k.")
+    if t.reward_fn is not None and not _REWARD_FN.fullmatch(t.reward_fn):
+        raise ValueError(f"task.reward_fn={t.reward_fn!r} is not a dotted path; write it as "
+                         f"package.module:function (e.g. my_rewards:length_penalty).")
+    if t.name == "reward_model" and not t.reward_model:
+        raise ValueError("task.name=reward_model needs task.reward_model (a Hugging Face id or directory of a "
+                         "sequence-classification model, e.g. RLHFlow/ArmoRM-Llama3-8B-v0.1).")
+    if t.name == "custom" and not (t.dataset and t.reward_fn):
+        raise ValueError("task.name=custom needs task.dataset (JSONL or id with a 'prompt' column) and "
+                         "task.reward_fn (package.module:function).")
+
+
+def _validate_sft(cfg: Config) -> None:
+    s = cfg.sft
+    if s.learning_rate <= 0:
+        raise ValueError(f"sft.learning_rate={s.learning_rate} must be > 0; the paper uses 1e-4 to 5e-4.")
+    for key, value, low in (("sft.epochs", s.epochs, 1), ("sft.batch_size", s.batch_size, 1),
+                            ("sft.max_length", s.max_length, 8), ("task.sft_size", cfg.task.sft_size, 1)):
+        if value < low:
+            raise ValueError(f"{key}={value} must be >= {low}.")
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    if not 1 <= e.pass_k <= e.k:
+        raise ValueError(f"eval.pass_k={e.pass_k} must be between 1 and eval.k={e.k}; raise eval.k or lower it.")
+    if e.temperature <= 0 or not 0 < e.top_p <= 1:
+        raise ValueError(f"eval.temperature={e.temperature} must be > 0 and eval.top_p={e.top_p} in (0, 1]: "
+                         f"avg@k and pass@k need sampling.")
+    for key, value, low in (("eval.max_new_tokens", e.max_new_tokens, 1), ("eval.limit", e.limit, 0)):
+        if value < low:
+            raise ValueError(f"{key}={value} must be >= {low}.")
+    for b in e.benchmarks:
+        src = b.split("=", 1)[-1]
+        if src not in BENCHMARKS and not os.path.isfile(src):
+            raise ValueError(f"eval.benchmarks: {b!r} is neither a known benchmark ({', '.join(BENCHMARKS)}) nor "
+                             f"a JSONL file; fix the name or the path.")
+    if not e.adapters:
+        raise ValueError("eval.adapters is empty; list 'base' and/or adapter directories (LABEL=DIR).")
+    for entry in e.adapters:
+        path = entry.split("=", 1)[-1]
+        if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"eval.adapters: {path!r} is not a PEFT adapter directory (no adapter_config.json); "
+                             f"give 'base', a directory written by essa_mpi (run or sft), or LABEL=DIR.")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FILE_EXT = (".json", ".jsonl", ".gguf", ".yaml", ".yml", ".txt", ".csv", ".parquet", ".safetensors", ".bin")
 
 
 def _looks_like_hub_id(name: str) -> bool:
-    return (name.count("/") == 1 and not name.startswith((".", "/", "~")) and not os.path.splitext(name)[1]
-            and not os.path.exists(name))
+    """owner/name (dots allowed, as in Qwen/Qwen2.5-7B), not a missing local file such as data/x.jsonl.
+
+    >>> _looks_like_hub_id("Qwen/Qwen2.5-7B-Instruct"), _looks_like_hub_id("data/x.jsonl")
+    (True, False)
+    """
+    return bool(_HUB_ID.fullmatch(name)) and not name.lower().endswith(_FILE_EXT) and not os.path.exists(name)
 
 
 def _validate_model_path(m: ModelConfig) -> None:

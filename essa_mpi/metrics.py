@@ -1,7 +1,7 @@
 """Run logging on rank 0: ``metrics.jsonl`` (one JSON object per generation) and a tqdm progress bar.
 
 Each line: generation, wall_s (since start of this process), reward_mean/std/max over the population,
-sigma, allgather_bytes (this generation's record payload, all ranks), and val_accuracy when measured.
+sigma, allgather_bytes (this generation's record payload, all ranks), and val_reward when measured.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class MetricsLog:
             fh.write(json.dumps(record) + "\n")
         if self.bar is not None and "reward_mean" in record:
             self.bar.update(1)
-            shown = {k: record[k] for k in ("reward_mean", "reward_max", "sigma", "val_accuracy") if k in record}
+            shown = {k: record[k] for k in ("reward_mean", "reward_max", "sigma", "val_reward") if k in record}
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
 
     def message(self, text: str) -> None:

@@ -50,7 +50,10 @@ def load_model(cfg: ModelConfig, local_rank: int = 0) -> tuple:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    model.to(pick_device(cfg, local_rank)).eval().requires_grad_(False)
+    device = pick_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # so helpers (e.g. a reward model) land on this rank's GPU too
+    model.to(device).eval().requires_grad_(False)
     return model, tok
 
 

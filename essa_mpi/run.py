@@ -27,7 +27,7 @@ from essa_mpi.model import load_model
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.search import SeededCMA
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors, load_lora_factors
-from essa_mpi.tasks import Task, batch_indices, build_task
+from essa_mpi.tasks import Task, batch_indices
 
 DIAGONAL_ABOVE = 500  # covariance=auto: full CMA-ES up to this solution length, diagonal beyond
 
@@ -58,12 +58,28 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     return Parts(task, adapter, ev, search)
 
 
-def validate_mean(p: Parts, comm: Comm) -> float:
-    """Validation accuracy at the search mean; the held-out prompts are split over ranks."""
+def validate(p: Parts, comm: Comm, solution: np.ndarray | None) -> dict:
+    """Validation metrics of one solution (None = the base model) on the held-out prompts, split over ranks:
+    {"val_reward": mean reward, "val_nonfinite": rows whose reward was NaN/inf, "val_<detail>": ...}."""
+    keys = ["reward", "nonfinite"] + (sorted(p.task.details([], [])) if p.task.details else [])
     mine = p.task.val[comm.rank:: comm.size]
-    local = p.evaluator.score_mean(p.search.mean, mine) if mine else 0.0
-    total = comm.allreduce_sum(np.array([local, len(mine)]))
-    return float(total[0] / max(total[1], 1))
+    sums = p.evaluator.score(solution, mine) if mine else {}
+    local = np.array([v for k in keys for v in sums.get(k, (0.0, 0))], dtype=np.float64)  # [2*len(keys)]
+    total = comm.allreduce_sum(local).reshape(len(keys), 2)  # [keys, (sum, count)]
+    out = {f"val_{k}": float(num / max(den, 1)) for k, (num, den) in zip(keys, total)}
+    out["val_nonfinite"] = int(total[1, 0])
+    return out
+
+
+def worst_for_nonfinite(rewards: np.ndarray) -> tuple:
+    """Candidates whose reward is NaN/inf get the generation's worst finite reward (0 if none is finite).
+
+    >>> worst_for_nonfinite(np.array([0.5, np.nan, 0.25], np.float32))
+    (array([0.5 , 0.25, 0.25], dtype=float32), 1)
+    """
+    r, bad = rewards.copy(), ~np.isfinite(rewards)
+    r[bad] = r[~bad].min() if (~bad).any() else 0.0
+    return r, int(bad.sum())
 
 
 def sync_search(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int) -> bool:
@@ -81,7 +97,7 @@ def sync_search(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int)
 
 def step(p: Parts, cfg: Config, comm: Comm, g: int) -> tuple:
     """One generation → (gathered records [popsize] (seed, reward), candidates [popsize, n], whether
-    CMA-ES updated); all identical on all ranks."""
+    CMA-ES updated, how many candidates had a non-finite reward); all identical on all ranks."""
     seeds = p.search.seeds(g)  # [popsize] uint32
     X = p.search.ask(seeds)  # [popsize, n] — every rank draws all; Alg. 1, line 10
     mine = comm.my_slice(cfg.search.popsize)
@@ -92,8 +108,9 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> tuple:
     local["reward"] = p.evaluator.evaluate(X[mine], batch)  # Alg. 1, line 11
     records = comm.allgather_records(local, cfg.search.popsize)  # Alg. 1, line 13
     assert (records["seed"] == seeds).all(), "gathered seeds differ from this rank's seeds"
+    records["reward"], nonfinite = worst_for_nonfinite(records["reward"])  # identical on every rank
     updated = p.search.tell(records["seed"], records["reward"])  # Alg. 1, line 14
-    return records, X, updated
+    return records, X, updated, nonfinite
 
 
 def replay(p: Parts, state: checkpoint.RunState) -> None:
@@ -105,10 +122,11 @@ def replay(p: Parts, state: checkpoint.RunState) -> None:
                          "cma/numpy version or edited config?); resume with the versions that wrote it.")
 
 
-def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None = None) -> dict:
-    """Alg. 1, lines 8-16. ``state`` continues a checkpointed run."""
-    out = cfg.run.output_dir
-    lead = comm.rank == 0
+def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None = None,
+        start_label: str = "start") -> dict:
+    """Alg. 1, lines 8-16. ``state`` continues a checkpointed run; ``start_label`` names the adapter the
+    search starts from in the summary ("SFT" for a warm start)."""
+    out, lead = cfg.run.output_dir, comm.rank == 0
     if lead:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.yaml"), "w") as fh:
@@ -118,42 +136,73 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start)
     log.message(f"ESSA: {comm.size} ranks, solution_length={p.adapter.solution_length} "
                 f"({len(p.adapter.modules)} matrices x 2 x {p.adapter.k}), popsize={cfg.search.popsize}")
-    seeds = np.zeros((0, cfg.search.popsize), np.uint32) if state is None else state.seeds
-    rewards = np.zeros((0, cfg.search.popsize), np.float32) if state is None else state.rewards
-    best, best_reward = (None, -np.inf) if state is None else (state.best, state.best_reward)
+    hist = History.fresh(cfg.search.popsize) if state is None else History.of(state)
     if state is not None:
         replay(p, state)
-    val = {}
-    t0 = time.time()
+    val, base, t0 = {}, None, time.time()
+    if cfg.task.val_size and state is None:
+        base = validate(p, comm, None)["val_reward"]
+        log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
         if cfg.task.val_size and (g % cfg.task.val_every == 0 or g == cfg.run.generations) and (g > start or g == 0):
-            val[g] = validate_mean(p, comm)
-            log.log({"generation": g, "val_accuracy": val[g]})
+            metrics = validate(p, comm, p.search.mean)
+            val[g] = metrics["val_reward"]
+            log.log({"generation": g, **metrics})
         if g == cfg.run.generations:
             break
         sent = comm.bytes_sent
-        records, X, updated = step(p, cfg, comm, g)
+        records, X, updated, nonfinite = step(p, cfg, comm, g)
         repaired = sync_search(p.search, comm, log, g + 1)
-        r = records["reward"].astype(np.float64)
-        if r.max() > best_reward:
-            best, best_reward = X[int(r.argmax())], float(r.max())
-        seeds, rewards = np.vstack([seeds, records["seed"]]), np.vstack([rewards, records["reward"]])
+        hist.add(records, X)
         if lead:
-            checkpoint.save(os.path.join(out, checkpoint.FILENAME), checkpoint.RunState(
-                generation=g + 1, data_cursor=(g + 1) * cfg.task.batch_size, config_yaml=cfg.to_yaml(),
-                seeds=seeds, rewards=rewards, cma=p.search.state_arrays(), fingerprint=p.search.fingerprint(),
-                best=best, best_reward=best_reward))
+            checkpoint.save(os.path.join(out, checkpoint.FILENAME), hist.state(cfg, p.search, g + 1))
+        r = records["reward"].astype(np.float64)
         log.log({"generation": g + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                  "reward_max": float(r.max()), "sigma": p.search.sigma,
                  "allgather_bytes": int(comm.allreduce_sum(np.array([comm.bytes_sent - sent]))[0]),
-                 **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {})})
+                 **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
+                 **({"nonfinite_candidates": nonfinite} if nonfinite else {})})
     if lead:
         export_adapter(p.adapter, p.search.mean, os.path.join(out, "adapter"), cfg.adapter.alpha,
                        cfg.model.name_or_path)
     summary = {"generations": cfg.run.generations, "ranks": comm.size, "wall_s": round(time.time() - t0, 1),
-               "solution_length": p.adapter.solution_length, "val_accuracy": val}
+               "solution_length": p.adapter.solution_length, "val_reward": val}
+    if val and state is None:
+        summary["val_chain"] = {"base": base, start_label: val[0], "ESSA": val[max(val)]}
+        log.message("validation reward: " + " -> ".join(f"{k} {v:.3f}" for k, v in summary["val_chain"].items()))
     if lead:
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
     log.close()
     return summary
+
+
+@dataclass
+class History:
+    """The (seed, reward) records of every generation so far, plus the best candidate seen."""
+
+    seeds: np.ndarray  # [generations, popsize] uint32
+    rewards: np.ndarray  # [generations, popsize] float32
+    best: np.ndarray | None
+    best_reward: float
+
+    @classmethod
+    def fresh(cls, popsize: int) -> "History":
+        return cls(np.zeros((0, popsize), np.uint32), np.zeros((0, popsize), np.float32), None, -np.inf)
+
+    @classmethod
+    def of(cls, state: checkpoint.RunState) -> "History":
+        return cls(state.seeds, state.rewards, state.best, state.best_reward)
+
+    def add(self, records: np.ndarray, X: np.ndarray) -> None:
+        r = records["reward"].astype(np.float64)
+        if r.max() > self.best_reward:
+            self.best, self.best_reward = X[int(r.argmax())], float(r.max())
+        self.seeds = np.vstack([self.seeds, records["seed"]])  # [g+1, popsize]
+        self.rewards = np.vstack([self.rewards, records["reward"]])  # [g+1, popsize]
+
+    def state(self, cfg: Config, search: SeededCMA, generation: int) -> checkpoint.RunState:
+        return checkpoint.RunState(
+            generation=generation, data_cursor=generation * cfg.task.batch_size, config_yaml=cfg.to_yaml(),
+            seeds=self.seeds, rewards=self.rewards, cma=search.state_arrays(), fingerprint=search.fingerprint(),
+            best=self.best, best_reward=self.best_reward)

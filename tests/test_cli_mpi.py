@@ -19,11 +19,11 @@ MPIEXEC = _beside if os.path.isfile(_beside) else shutil.which("mpiexec")
 assert MPIEXEC, "mpiexec not found: pip install mpich (or load your cluster's MPI module)"
 HERE = os.path.dirname(__file__)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-       "PYTHONWARNINGS": "ignore::FutureWarning"}
+       "PYTHONWARNINGS": "ignore::FutureWarning", "PYTHONPATH": HERE}  # tests/mpi_rewards.py on every rank
 
 
 def tiny_args(tiny_dir, out, generations=3):
-    return [f"model.name_or_path={tiny_dir}", "model.device=cpu", "model.threads=1", "adapter.rank=2",
+    return [f"model.name_or_path={tiny_dir}", "model.device=cpu", "model.threads=1", "adapter.rank=2", "adapter.warm_start=none",
             "task.name=toy", "task.batch_size=3", "task.val_size=4", "task.val_every=2", "task.max_new_tokens=6",
             "search.popsize=7", "search.sigma0=1.0", f"run.generations={generations}", "run.progress=false",
             f"run.output_dir={out}"]
@@ -74,7 +74,7 @@ def test_allgather_payload_is_8_bytes_per_candidate(runs_by_ranks):
     for n, out in runs_by_ranks.items():
         gens = [m for m in metrics(out) if "reward_mean" in m]
         assert len(gens) == 3 and all(m["allgather_bytes"] == 8 * 7 for m in gens), n
-        vals = [m for m in metrics(out) if "val_accuracy" in m]
+        vals = [m for m in metrics(out) if "val_reward" in m]
         assert [m["generation"] for m in vals] == [0, 2, 3]
 
 
@@ -124,6 +124,11 @@ def test_existing_checkpoint_needs_resume(runs_by_ranks, tiny_dir):
     (["model.name_or_path=/missing/model"], "neither an existing path"),
     (["adapter.path=/missing/adapter"], "has no adapter_config.json"),
     (["task.name=gsm8k", "task.dataset=/missing/gsm8k.jsonl"], "does not exist"),
+    (["task.name=poetry"], "task.name='poetry' is not one of"),
+    (["task.name=custom", "task.dataset=tests/tiny.py"], "needs task.dataset (JSONL or id with a 'prompt' column) and"),
+    (["task.reward_fn=mpi_rewards:no_such"], "cannot be imported"),
+    (["task.name=ifeval", "task.dataset=" + os.path.join(HERE, "data", "ifeval_sample.jsonl"),
+      "adapter.warm_start=sft"], "has no SFT completions"),
 ])
 def test_bad_input_stops_every_rank_before_model_load(tiny_dir, tmp_path, extra, message):
     res = mpirun(2, tiny_args(tiny_dir, tmp_path / "bad") + extra, timeout=120)

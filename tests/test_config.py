@@ -1,4 +1,6 @@
 import json
+import os
+import re
 
 import pytest
 
@@ -72,3 +74,27 @@ def test_embedded_default_yaml_equals_builtin_defaults():
 
     path = os.path.join(os.path.dirname(__file__), "..", "jobs", "smollm2_arithmetic.yaml")
     assert load_config(path).to_dict() == Config().to_dict()
+
+
+@pytest.mark.parametrize("job", sorted(f for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "jobs"))
+                                       if f.endswith(".yaml")))
+def test_every_job_config_validates(job):
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "jobs", job))
+    validate(cfg, world_size=1, command="eval" if job.startswith("eval") else "run")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["task.name=reward_model"], "needs task.reward_model"),
+    (["task.name=custom"], "needs task.dataset"),
+    (["task.reward_fn=not a path"], "is not a dotted path"),
+    (["sft.learning_rate=0"], "sft.learning_rate=0.0 must be > 0"),
+    (["eval.k=4", "eval.pass_k=8"], "eval.pass_k=8 must be between 1 and eval.k=4"),
+    (["eval.benchmarks=nope"], "neither a known benchmark"),
+])
+def test_task_sft_and_eval_invariants(overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(load_config(None, overrides), world_size=1, command="eval" if overrides[0].startswith("eval") else "run")
+
+
+def test_float_in_exponent_notation_from_the_command_line():
+    assert load_config(None, ["sft.learning_rate=1e-4"]).sft.learning_rate == 1e-4

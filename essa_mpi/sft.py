@@ -1,0 +1,116 @@
+"""LoRA SFT warm start with PEFT: the task's gold completions, loss on the completion tokens only.
+
+    python -m essa_mpi sft --config jobs/smollm2_arithmetic.yaml     # → runs/sft/arithmetic-<hash>/
+    mpiexec -n 2 python -m essa_mpi                                  # run = cached SFT, then ESSA
+
+The adapter has ESSA's rank, alpha and target modules (``adapter.*``) and is saved in PEFT format. Its
+directory name hashes everything that shapes it (model, adapter shape, task data, SFT hyperparameters,
+seed), so a repeated run finds it and skips training. Hyperparameters default to the paper's appendix H.2
+(batch 16, one epoch, AdamW, lr 5e-4 with linear decay). Under MPI only rank 0 trains; the other ranks
+sleep until it is done (a warm start is short; use a dedicated trainer for a long SFT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from essa_mpi.config import Config
+from essa_mpi.tasks import Task
+
+
+def sft_dir(cfg: Config) -> str:
+    """sft.output_dir, or runs/sft/<task>-<12 hex digits of the config parts that shape the adapter>."""
+    if cfg.sft.output_dir:
+        return cfg.sft.output_dir
+    d = cfg.to_dict()
+    shaping = {"model": d["model"], "adapter": {k: d["adapter"][k] for k in ("rank", "alpha", "target_modules")},
+               "task": {k: d["task"][k] for k in ("name", "dataset", "sft_dataset", "sft_size", "system_prompt")},
+               "sft": {k: v for k, v in d["sft"].items() if k != "output_dir"}, "seed": cfg.search.seed}
+    shaping["model"].pop("threads"), shaping["model"].pop("device")
+    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join("runs", "sft", f"{cfg.task.name}-{digest}")
+
+
+def is_done(out_dir: str) -> bool:
+    return os.path.isfile(os.path.join(out_dir, "adapter_config.json"))
+
+
+def check_rows(task: Task, cfg: Config) -> None:
+    if not task.sft:
+        raise ValueError(f"task {cfg.task.name} has no SFT completions; give task.sft_dataset=FILE.jsonl with "
+                         f"'prompt' and 'completion' columns, an adapter with adapter.path, or set "
+                         f"adapter.warm_start=none.")
+
+
+def encode_row(tok, task: Task, row: dict, max_length: int) -> tuple:
+    """→ (input_ids [T], labels [T]) with labels -100 on the prompt (loss on the completion only)."""
+    prompt = tok.apply_chat_template(task.messages(row["prompt"]), tokenize=False, add_generation_prompt=True)
+    p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    c_ids = tok(row["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+    ids = (p_ids + c_ids)[:max_length]
+    labels = ([-100] * len(p_ids) + c_ids)[:max_length]
+    return ids, labels
+
+
+def collate(batch: list, pad_id: int) -> dict:
+    """Right-pad (input_ids, labels) pairs → tensors [B, T]; padding is masked out of attention and loss."""
+    T = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)  # [B, T]
+    labels = torch.full((len(batch), T), -100, dtype=torch.long)  # [B, T]
+    mask = torch.zeros((len(batch), T), dtype=torch.long)  # [B, T]
+    for i, (x, y) in enumerate(batch):
+        ids[i, : len(x)], labels[i, : len(y)], mask[i, : len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def train(cfg: Config, task: Task, out_dir: str, log=print) -> dict:
+    """Train the LoRA adapter on task.sft and save it to out_dir (atomically: temp dir + rename)."""
+    from peft import LoraConfig, get_peft_model
+
+    from essa_mpi.model import load_model
+
+    check_rows(task, cfg)
+    t0 = time.time()
+    model, tok = load_model(cfg.model)
+    torch.manual_seed(cfg.search.seed)  # the LoRA A init
+    peft_cfg = LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, target_modules=cfg.adapter.target_modules,
+                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    model = get_peft_model(model, peft_cfg)
+    model.train()
+    rows = [encode_row(tok, task, r, cfg.sft.max_length) for r in task.sft]
+    s = cfg.sft
+    steps = s.epochs * math.ceil(len(rows) / s.batch_size)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)  # linear decay to 0
+    losses, step = [], 0
+    for epoch in range(s.epochs):
+        order = np.random.default_rng([cfg.search.seed, 17, epoch]).permutation(len(rows))  # [rows]
+        for start in range(0, len(rows), s.batch_size):
+            batch = collate([rows[i] for i in order[start: start + s.batch_size]], tok.pad_token_id)
+            loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss  # mean over completion tokens
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            step += 1
+            if step % max(1, steps // 10) == 0 or step == steps:
+                log(f"SFT step {step}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
+    info = {"rows": len(rows), "steps": steps, "final_loss": float(np.mean(losses[-10:])),
+            "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "sft_info.json"), "w") as fh:
+        json.dump(info, fh, indent=1)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return info

@@ -1,0 +1,69 @@
+"""LoRA SFT warm start: completion-only loss, a loss that falls, a PEFT adapter ESSA can load, caching key."""
+
+import dataclasses
+
+import torch
+
+from essa_mpi import sft
+from essa_mpi.config import Config, ModelConfig, load_config
+from essa_mpi.svd_lora import load_lora_factors
+from essa_mpi.tasks import build_task
+
+
+def tiny_cfg(tiny_dir, out_dir, **sft_kw):
+    cfg = load_config(None, [f"model.name_or_path={tiny_dir}", "model.device=cpu", "adapter.rank=2",
+                             "task.name=toy", "task.val_size=2", f"sft.output_dir={out_dir}"])
+    cfg.sft = dataclasses.replace(cfg.sft, **sft_kw)
+    return cfg
+
+
+def test_loss_only_on_completion_tokens(tiny):
+    _, tok = tiny
+    task = build_task(load_config(None, ["task.name=toy", "task.val_size=2"]).task, seed=0)
+    ids, labels = sft.encode_row(tok, task, {"prompt": "Write words: a", "completion": "apple"}, max_length=512)
+    n_completion = len(tok("apple" + tok.eos_token, add_special_tokens=False)["input_ids"])
+    assert labels[-n_completion:] == ids[-n_completion:] and ids[-1] == tok.eos_token_id
+    assert set(labels[:-n_completion]) == {-100}
+    ids, labels = sft.encode_row(tok, task, {"prompt": "Write words: a", "completion": "apple"}, max_length=5)
+    assert len(ids) == len(labels) == 5
+
+
+def test_collate_right_pads_and_masks():
+    batch = sft.collate([([1, 2, 3], [-100, 2, 3]), ([4], [4])], pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def completion_loss(model, tok, task):
+    batch = sft.collate([sft.encode_row(tok, task, r, 512) for r in task.sft], tok.pad_token_id)
+    with torch.no_grad():
+        return float(model(**batch).loss)
+
+
+def test_training_lowers_the_loss_and_saves_a_loadable_adapter(tiny_dir, tmp_path):
+    from peft import PeftModel
+
+    from essa_mpi.model import load_model
+
+    cfg = tiny_cfg(tiny_dir, str(tmp_path / "sft"), learning_rate=1e-2, epochs=3, batch_size=16)
+    task = build_task(cfg.task, seed=0)
+    model, tok = load_model(cfg.model)
+    before = completion_loss(model, tok, task)
+    info = sft.train(cfg, task, cfg.sft.output_dir, log=lambda m: None)
+    assert sft.is_done(cfg.sft.output_dir) and info["steps"] == 3 * 4
+    after = completion_loss(PeftModel.from_pretrained(model, cfg.sft.output_dir), tok, task)
+    assert after < 0.8 * before, (before, after)
+    factors = load_lora_factors(model, cfg.sft.output_dir, cfg.adapter.target_modules, rank=2)
+    assert len(factors) == 8 and all(f.B.abs().sum() > 0 for f in factors)  # B moved away from its zero init
+
+
+def test_cache_directory_depends_on_what_shapes_the_adapter():
+    base = Config()
+    same = load_config(None, ["model.threads=3", "run.generations=99", "search.popsize=4"])
+    other = [load_config(None, [o]) for o in ("sft.learning_rate=1e-4", "adapter.rank=8", "task.sft_size=10",
+                                              "search.seed=1", "model.dtype=bfloat16")]
+    assert sft.sft_dir(base) == sft.sft_dir(same) and sft.sft_dir(base).startswith("runs/sft/arithmetic-")
+    assert len({sft.sft_dir(c) for c in other} | {sft.sft_dir(base)}) == 6
+    assert sft.sft_dir(load_config(None, ["sft.output_dir=/x"])) == "/x"
+    assert isinstance(ModelConfig().threads, int)
