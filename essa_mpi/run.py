@@ -23,7 +23,7 @@ from essa_mpi.comm import RECORD, Comm, default_threads
 from essa_mpi.config import Config, searched_per_factor
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog
-from essa_mpi.model import load_model
+from essa_mpi.model import load_model, peak_memory, weight_bytes
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.search import SeededCMA
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors, load_lora_factors
@@ -136,6 +136,10 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start)
     log.message(f"ESSA: {comm.size} ranks, solution_length={p.adapter.solution_length} "
                 f"({len(p.adapter.modules)} matrices x 2 x {p.adapter.k}), popsize={cfg.search.popsize}")
+    memory = {"weights_bytes": weight_bytes(p.evaluator.model), **peak_memory()}  # rank 0's, after loading
+    log.message(f"memory per rank ({cfg.model.precision}): weights {memory['weights_bytes'] / 2**20:.1f} MiB, "
+                f"peak resident {memory['peak_rss_bytes'] / 2**20:.0f} MiB after loading")
+    log.log({"generation": start, "memory_after_load": memory})
     hist = History.fresh(cfg.search.popsize) if state is None else History.of(state)
     if state is not None:
         replay(p, state)
@@ -160,6 +164,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         log.log({"generation": g + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                  "reward_max": float(r.max()), "sigma": p.search.sigma,
                  "allgather_bytes": int(comm.allreduce_sum(np.array([comm.bytes_sent - sent]))[0]),
+                 **peak_memory(),
                  **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
                  **({"nonfinite_candidates": nonfinite} if nonfinite else {})})
     if lead:

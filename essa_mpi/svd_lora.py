@@ -115,13 +115,12 @@ class SVDLoRALinear(nn.Module):
         self.base = base
         U_A, s_A, Vh_A = _svd_factor(f.A, seed)  # [r, r], [r], [r, n_in]
         U_B, s_B, Vh_B = _svd_factor(f.B, seed + 1)  # [n_out, r], [r], [r, r]
-        self.register_buffer("V_A", Vh_A.T.float().contiguous(), persistent=False)  # [n_in, r]
-        self.register_buffer("U_A", U_A.float().contiguous(), persistent=False)  # [r, r]
-        self.register_buffer("Vh_B", Vh_B.float().contiguous(), persistent=False)  # V_B^T [r, r]
-        self.register_buffer("M_t", (Vh_B @ U_A).T.float().contiguous(), persistent=False)  # M^T [r, r]
-        self.register_buffer("U_B_t", U_B.T.float().contiguous(), persistent=False)  # [r, n_out]
-        self.register_buffer("s_A", s_A.float(), persistent=False)  # [r]
-        self.register_buffer("s_B", s_B.float(), persistent=False)  # [r]
+        # The branch runs in fp32 on the base layer's device, whatever the base precision (bf16, int8, int4).
+        dev = next(iter(base.parameters()), torch.empty(0)).device
+        for name, t in (("V_A", Vh_A.T), ("U_A", U_A), ("Vh_B", Vh_B), ("M_t", (Vh_B @ U_A).T), ("U_B_t", U_B.T),
+                        ("s_A", s_A), ("s_B", s_B)):
+            self.register_buffer(name, t.float().contiguous().to(dev), persistent=False)
+        # V_A [n_in, r], U_A [r, r], Vh_B = V_B^T [r, r], M_t = M^T [r, r], U_B_t [r, n_out], s_A, s_B [r]
         self.folded = None  # [C, r, n_out] per-candidate diag(s_A) M^T diag(s_B) U_B^T, or None
 
     def set_values(self, s_A: torch.Tensor, s_B: torch.Tensor) -> None:

@@ -26,7 +26,7 @@ def test_yaml_and_overrides(tmp_path):
     (["serch.popsize=8"], "unknown config key 'serch'"),
     (["search.popsize=many"], "search.popsize='many' has type str, expected int"),
     (["search.popsize=true"], "expected int"),
-    (["model.dtype=float16"], "model.dtype='float16' is not one of"),
+    (["model.precision=fp16"], "model.precision='fp16' is not one of"),
     (["task.name=chess"], "task.name='chess' is not one of"),
     (["popsize"], "not of the form section.key=value"),
 ])

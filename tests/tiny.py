@@ -27,19 +27,20 @@ def make_tokenizer():
     return tok
 
 
-def make_model(vocab_size: int, seed: int = 0):
+def make_model(vocab_size: int, seed: int = 0, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       initializer_range=0.2, tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).eval()
 
 
-def save_tiny(out_dir: str) -> str:
+def save_tiny(out_dir: str, hidden: int = 32) -> str:
+    """hidden=64 or more for bitsandbytes NF4 on CPU (its blocks are 64 values)."""
     tok = make_tokenizer()
-    model = make_model(len(tok))
+    model = make_model(len(tok), hidden=hidden)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out_dir)

@@ -63,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "int4", "gptq"])
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)
@@ -74,13 +74,13 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
-    model, tok = load_model(ModelConfig(name_or_path=args.model, device=args.device, dtype=args.dtype))
+    model, tok = load_model(ModelConfig(name_or_path=args.model, device=args.device, precision=args.precision))
     task = build_task(TaskConfig(name="arithmetic", val_size=0), seed=0)
     factors = fresh_lora_factors(model, ["q_proj", "k_proj", "v_proj", "o_proj"], args.rank, 2.0 * args.rank, 0)
     adapter = SVDLoRA.attach(model, factors, fraction=1.0)
     ev = PopulationEvaluator(model, tok, adapter, task, max_new_tokens=1, max_rows=10**9)
     results = [bench(ev, args.candidates, args.prompts, n, args.repeats, seed=0) for n in args.new_tokens]
-    report = {"model": args.model, "device": args.device, "dtype": args.dtype, "threads": args.threads,
+    report = {"model": args.model, "device": args.device, "precision": args.precision, "threads": args.threads,
               "lora_rank": args.rank, "solution_length": adapter.solution_length, "torch": torch.__version__,
               "cpu": platform.processor() or platform.machine(), "results": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

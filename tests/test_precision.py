@@ -1,0 +1,83 @@
+"""Quantized ranks: every precision loads, the SVD-LoRA branch acts on top of it, and a run completes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from essa_mpi.config import ModelConfig
+from essa_mpi.model import load_model, weight_bytes
+from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
+from test_cli_mpi import ENV, history, metrics, mpirun
+from tiny import save_tiny
+
+PRECISIONS = ["fp32", "bf16", "int8", "int4", "gptq"]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+ROOT = os.path.dirname(os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    """A tiny Llama wide enough for NF4's 64-value blocks, and its GPTQ checkpoint (tools/quantize_gptq.py)."""
+    base = save_tiny(str(tmp_path_factory.mktemp("tiny64")), hidden=64)
+    gptq = str(tmp_path_factory.mktemp("tiny64_gptq"))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "quantize_gptq.py"), "--model", base, "--out",
+                          gptq, "--task", "toy", "--samples", "32", "--group-size", "32"],
+                         capture_output=True, text=True, env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return {p: gptq if p == "gptq" else base for p in PRECISIONS}
+
+
+def load(model_dirs, precision):
+    return load_model(ModelConfig(name_or_path=model_dirs[precision], precision=precision, device="cpu"))
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_precision_loads_with_its_layer_type_and_size(model_dirs, precision):
+    model, _ = load(model_dirs, precision)
+    layer = type(model.model.layers[0].self_attn.q_proj).__name__
+    assert layer == {"fp32": "Linear", "bf16": "Linear", "int8": "Linear8bitLt", "int4": "Linear4bit",
+                     "gptq": "GPTQLinear"}[precision]
+    full = weight_bytes(load(model_dirs, "fp32")[0])
+    assert weight_bytes(model) < (1.0 if precision == "fp32" else 0.6) * full + 1
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_adapter_branch_on_quantized_base(model_dirs, precision):
+    model, tok = load(model_dirs, precision)
+    ids = tok(["Write words: apple", "Write words: river"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        base = model(**ids).logits.float()
+        adapter = SVDLoRA.attach(model, fresh_lora_factors(model, TARGETS, 2, 4.0, seed=0), fraction=1.0)
+        adapter.set_candidates(np.zeros((1, adapter.solution_length)))
+        same = model(**ids).logits.float()  # fresh B = 0: zero offsets leave the model as it was
+        adapter.set_candidates(np.full((1, adapter.solution_length), 0.5))
+        moved = model(**ids).logits.float()
+        adapter.clear()
+        cleared = model(**ids).logits.float()
+    assert torch.equal(same, base) and torch.equal(cleared, base)
+    assert (moved - base).abs().mean() > 1e-3
+    assert adapter.modules[0].V_A.dtype == torch.float32  # the branch stays in fp32 over any base
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_short_mpi_run_completes_and_checkpoints(model_dirs, precision, tmp_path):
+    out = tmp_path / precision
+    res = mpirun(2, [f"model.name_or_path={model_dirs[precision]}", f"model.precision={precision}", "model.device=cpu",
+                     "model.threads=1", "adapter.rank=2", "adapter.warm_start=none", "task.name=toy",
+                     "task.batch_size=2", "task.val_size=2", "task.max_new_tokens=4", "search.popsize=4",
+                     "run.generations=2", "run.progress=false", f"run.output_dir={out}"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert history(str(out)).generation == 2 and f"memory per rank ({precision})" in res.stdout
+    loaded = [m for m in metrics(str(out)) if "memory_after_load" in m][0]["memory_after_load"]
+    assert loaded["weights_bytes"] > 0 and loaded["peak_rss_bytes"] > loaded["weights_bytes"]
+    assert json.load(open(out / "summary.json"))["generations"] == 2
+
+
+def test_gptq_precision_needs_a_gptq_checkpoint(model_dirs):
+    with pytest.raises(ValueError, match="not a 4-bit GPTQ checkpoint"):
+        load_model(ModelConfig(name_or_path=model_dirs["fp32"], precision="gptq", device="cpu"))
