@@ -58,7 +58,7 @@ class AdapterConfig:
 @dataclass
 class SearchConfig:
     popsize: int = _f(16, "CMA-ES population size lambda (>= 2, >= number of ranks).")
-    sigma0: float = _f(1.0, "Initial CMA-ES step size, in units of singular-value offsets.")
+    sigma0: float = _f(0.5, "Initial CMA-ES step size, in units of singular-value offsets.")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
     seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
 
@@ -74,7 +74,8 @@ class TaskConfig:
     val_dataset: Optional[str] = _f(None, "Validation prompts (id or JSONL); None = the task's default split.")
     sft_dataset: Optional[str] = _f(None, "SFT rows with 'prompt' and 'completion' columns (id or JSONL); None = "
                                     "the task's gold solutions.")
-    sft_size: int = _f(1500, "Training rows reserved for the SFT warm start (disjoint from ESSA's rows).")
+    sft_size: int = _f(300, "Training rows reserved for the (short) SFT warm start, disjoint from ESSA's rows.")
+    val_base: bool = _f(True, "Also validate the base model without adapter before the search (base -> SFT -> ESSA).")
     reward_fn: Optional[str] = _f(None, "Custom reward 'package.module:function' (or dotted path) with signature "
                                   "f(completions, **columns) -> list[float]; replaces the task's reward.")
     reward_model: Optional[str] = _f(None, "reward_model task: sequence-classification reward model (id or dir).")

@@ -122,6 +122,16 @@ def replay(p: Parts, state: checkpoint.RunState) -> None:
                          "cma/numpy version or edited config?); resume with the versions that wrote it.")
 
 
+def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> None:
+    """Log the search size and this rank's memory after loading (weights as stored, peak resident)."""
+    log.message(f"ESSA: {comm.size} ranks, solution_length={p.adapter.solution_length} "
+                f"({len(p.adapter.modules)} matrices x 2 x {p.adapter.k}), popsize={cfg.search.popsize}")
+    memory = {"weights_bytes": weight_bytes(p.evaluator.model), **peak_memory()}
+    log.message(f"memory per rank ({cfg.model.precision}): weights {memory['weights_bytes'] / 2**20:.1f} MiB, "
+                f"peak resident {memory['peak_rss_bytes'] / 2**20:.0f} MiB after loading")
+    log.log({"generation": start, "memory_after_load": memory})
+
+
 def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None = None,
         start_label: str = "start") -> dict:
     """Alg. 1, lines 8-16. ``state`` continues a checkpointed run; ``start_label`` names the adapter the
@@ -134,17 +144,12 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     p = build(cfg, comm, task)
     start = 0 if state is None else state.generation
     log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start)
-    log.message(f"ESSA: {comm.size} ranks, solution_length={p.adapter.solution_length} "
-                f"({len(p.adapter.modules)} matrices x 2 x {p.adapter.k}), popsize={cfg.search.popsize}")
-    memory = {"weights_bytes": weight_bytes(p.evaluator.model), **peak_memory()}  # rank 0's, after loading
-    log.message(f"memory per rank ({cfg.model.precision}): weights {memory['weights_bytes'] / 2**20:.1f} MiB, "
-                f"peak resident {memory['peak_rss_bytes'] / 2**20:.0f} MiB after loading")
-    log.log({"generation": start, "memory_after_load": memory})
+    announce(p, cfg, comm, log, start)
     hist = History.fresh(cfg.search.popsize) if state is None else History.of(state)
     if state is not None:
         replay(p, state)
     val, base, t0 = {}, None, time.time()
-    if cfg.task.val_size and state is None:
+    if cfg.task.val_size and cfg.task.val_base and state is None:
         base = validate(p, comm, None)["val_reward"]
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
@@ -173,7 +178,8 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     summary = {"generations": cfg.run.generations, "ranks": comm.size, "wall_s": round(time.time() - t0, 1),
                "solution_length": p.adapter.solution_length, "val_reward": val}
     if val and state is None:
-        summary["val_chain"] = {"base": base, start_label: val[0], "ESSA": val[max(val)]}
+        summary["val_chain"] = {**({"base": base} if base is not None else {}), start_label: val[0],
+                                "ESSA": val[max(val)]}
         log.message("validation reward: " + " -> ".join(f"{k} {v:.3f}" for k, v in summary["val_chain"].items()))
     if lead:
         with open(os.path.join(out, "summary.json"), "w") as fh:

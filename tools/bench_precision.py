@@ -1,0 +1,108 @@
+"""Precision benchmark (paper Table 2 shape): one short ESSA run per base-weight precision, side by side.
+
+    python tools/bench_precision.py                                   # embedded model, arithmetic, CPU
+    python tools/bench_precision.py --ranks 1 --generations 4 --model /path/to/model --device cuda
+
+For each precision (fp32, bf16, int8, int4, gptq) it runs ``mpiexec -n RANKS python -m essa_mpi`` from the
+same SFT warm start (trained once, cached) with the same seeds, and reads back from the run's metrics:
+model weight bytes and peak resident memory of rank 0, validation accuracy of the SFT start (generation 0)
+and after the run, and seconds per generation. gptq first makes a GPTQ checkpoint with
+tools/quantize_gptq.py (cached). Writes tools/results/bench_precision.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+MPIEXEC = MPIEXEC if os.path.isfile(MPIEXEC) else shutil.which("mpiexec")
+
+
+def essa(args: argparse.Namespace, extra: list, ranks: int) -> subprocess.CompletedProcess:
+    cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "essa_mpi", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-3000:]}")
+    return res
+
+
+def summarize(out_dir: str) -> dict:
+    with open(os.path.join(out_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    vals = [r for r in rows if "val_reward" in r]
+    gens = [r for r in rows if "reward_mean" in r]
+    loaded = next(r["memory_after_load"] for r in rows if "memory_after_load" in r)
+    gaps = [b["wall_s"] - a["wall_s"] for a, b in zip(gens, gens[1:]) if "val_reward" not in b]
+    return {"weights_bytes": loaded["weights_bytes"],
+            "peak_rss_bytes": max([loaded["peak_rss_bytes"]] + [r["peak_rss_bytes"] for r in gens]),
+            "val_sft": vals[0]["val_reward"], "val_after": vals[-1]["val_reward"],
+            "seconds_per_generation": round(sum(gaps) / max(len(gaps), 1), 2) if gaps else None}
+
+
+def table(results: dict) -> str:
+    bf16 = results.get("bf16", {}).get("weights_bytes")  # None if bf16 failed or was not run
+    lines = ["| precision | weights MiB | vs bf16 | peak RSS MiB | val SFT | val after ESSA | s / generation |",
+             "|---|---|---|---|---|---|---|"]
+    for p, r in results.items():
+        if "error" in r:
+            lines.append(f"| {p} | failed: see JSON | | | | | |")
+            continue
+        ratio = f"{r['weights_bytes'] / bf16:.2f}" if bf16 else "-"
+        lines.append(f"| {p} | {r['weights_bytes'] / 2**20:.1f} | {ratio} | {r['peak_rss_bytes'] / 2**20:.0f} | "
+                     f"{r['val_sft']:.3f} | {r['val_after']:.3f} | {r['seconds_per_generation']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "int4", "gptq"])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--generations", type=int, default=4)
+    ap.add_argument("--val-size", type=int, default=200)
+    ap.add_argument("--work", default="runs/bench_precision")
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_precision.json"))
+    args = ap.parse_args()
+
+    common = [f"model.device={args.device}", f"task.val_size={args.val_size}", f"task.val_every={args.generations}",
+              f"run.generations={args.generations}", "run.progress=false", "task.val_base=false"]
+    sft = json.loads(essa(args, ["sft", f"model.name_or_path={args.model}", *common], 1).stdout.strip().splitlines()[-1])
+    gptq_dir = os.path.join(args.work, "gptq_model")
+    results, t0 = {}, time.time()
+    for p in args.precisions:
+        model = args.model
+        if p == "gptq":
+            if not os.path.isfile(os.path.join(gptq_dir, "config.json")):
+                subprocess.run([sys.executable, os.path.join(HERE, "quantize_gptq.py"), "--model", args.model,
+                                "--out", gptq_dir], check=True)
+            model = gptq_dir
+        out = os.path.join(args.work, p)
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            essa(args, [f"model.name_or_path={model}", f"model.precision={p}", f"adapter.path={sft['adapter']}",
+                        f"run.output_dir={out}", *common], args.ranks)
+        except RuntimeError as exc:  # record it and go on with the other precisions
+            results[p] = {"error": str(exc)[-1500:]}
+            print(p, "FAILED", str(exc)[-500:], flush=True)
+            continue
+        results[p] = summarize(out)
+        print(p, results[p], flush=True)
+    report = {"model": args.model, "device": args.device, "ranks": args.ranks, "generations": args.generations,
+              "val_size": args.val_size, "sft_adapter": sft["adapter"], "wall_s": round(time.time() - t0, 1),
+              "results": results, "table": table(results)}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(report, fh, indent=1)
+    print(report["table"])
+
+
+if __name__ == "__main__":
+    main()
