@@ -106,3 +106,11 @@ def test_missing_columns_is_an_error(tmp_path):
     path.write_text("\n".join(json.dumps({"prompt": "x"}) for _ in range(8)))
     with pytest.raises(ValueError, match=r"lack the column\(s\) \['key', 'instruction_id_list', 'kwargs'\]"):
         build_task(TaskConfig(name="ifeval", dataset=str(path), val_size=2, batch_size=2), seed=0)
+
+
+def test_reference_random_fallback_is_seeded():
+    # IFEval key 1122 asks for letter "#": the reference checker then picks a random letter.
+    row = {"prompt": "p", "instruction_id_list": ["keywords:letter_frequency"],
+           "kwargs": [{"let_relation": "at least", "letter": "#", "let_frequency": 4}]}
+    text = "The quick brown fox jumps over the lazy dog " * 3
+    assert len({str(follow(text, row)) for _ in range(20)}) == 1

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import random
 
 from essa_mpi.config import TaskConfig
 from essa_mpi.tasks import Task
@@ -93,12 +94,24 @@ def checkers():
 
 
 def follow(response: str, row: dict) -> dict:
-    """Reference scoring of one response → {"strict": [bool per instruction], "loose": [...]}."""
+    """Reference scoring of one response → {"strict": [bool per instruction], "loose": [...]}.
+
+    A few IFEval rows have kwargs the checkers reject (e.g. letter "#" for letter_frequency), and the
+    reference then draws a random replacement from Python's ``random``; we seed that draw (and restore the
+    caller's random state), so a response always gets the same reward, on every rank and after a resume.
+    """
     utils = checkers()
     inp = utils.InputExample(key=row.get("key", 0), instruction_id_list=list(row["instruction_id_list"]),
                              prompt=row["prompt"], kwargs=[dict(k or {}) for k in row["kwargs"]])
-    return {"strict": utils.test_instruction_following_strict(inp, response).follow_instruction_list,
-            "loose": utils.test_instruction_following_loose(inp, response).follow_instruction_list}
+    state = random.getstate()
+    try:
+        random.seed(0)
+        strict = utils.test_instruction_following_strict(inp, response).follow_instruction_list
+        random.seed(0)
+        loose = utils.test_instruction_following_loose(inp, response).follow_instruction_list
+    finally:
+        random.setstate(state)
+    return {"strict": strict, "loose": loose}
 
 
 def ifeval_reward(completions: list, prompt: list, instruction_id_list: list, kwargs: list, **_) -> list:
