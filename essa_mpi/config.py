@@ -36,8 +36,8 @@ class ModelConfig:
     gguf_file: Optional[str] = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
     precision: Literal["fp32", "bf16", "int8", "int4", "gptq"] = _f(
         "fp32", "Base weights: fp32 / bf16 as they are; int8 = bitsandbytes LLM.int8; int4 = bitsandbytes NF4; gptq "
-        "= a GPTQ INT4 checkpoint (name_or_path must be one). The SVD-LoRA branch always runs in fp32 (bf16 with "
-        "bf16 weights).")
+        "= a GPTQ INT4 checkpoint (name_or_path must be one). Quantized precisions keep the unquantized tensors "
+        "(embeddings, norms, head) in bf16; the SVD-LoRA branch always runs in fp32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local rank mod #GPUs> if CUDA exists, else cpu.")
     threads: int = _f(0, "torch CPU threads per rank; 0 = cores on this node / ranks on this node.")
 

@@ -49,8 +49,28 @@ def quantization_config(precision: str, device: torch.device):
 
     if precision == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU NF4 kernels compute in fp32
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def dense_copy(path: str, gguf: str, dtype: torch.dtype) -> str:
+    """A safetensors copy of a GGUF model in dtype, made once per machine (atomic rename; ranks that race
+    both write, one rename wins) in the temp directory."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+
+    key = hashlib.sha256(f"{os.path.abspath(path)}/{gguf}/{dtype}".encode()).hexdigest()[:12]
+    out = os.path.join(tempfile.gettempdir(), f"essa_mpi_dense_{key}")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        part = f"{out}.part{os.getpid()}"
+        AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype).save_pretrained(part)
+        try:
+            os.replace(part, out)
+        except OSError:  # another rank finished first
+            shutil.rmtree(part, ignore_errors=True)
+    return out
 
 
 def load_model(cfg: ModelConfig, local_rank: int = 0) -> tuple:
@@ -66,14 +86,16 @@ def load_model(cfg: ModelConfig, local_rank: int = 0) -> tuple:
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision != "fp32" and device.type == "cuda") \
-        else torch.float32
+    # Quantized precisions keep their unquantized tensors (embeddings, norms, head) and compute in bf16.
+    dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
     if cfg.precision == "gptq":
         from essa_mpi.gptq import load_gptq_model
 
         model = load_gptq_model(path, dtype, device)
     else:
         quant = quantization_config(cfg.precision, device)
+        if quant and gguf:  # transformers refuses bitsandbytes on GGUF input: quantize a dense copy instead
+            path, kw = dense_copy(path, gguf, dtype), {}
         extra = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kw)
         if quant is None:

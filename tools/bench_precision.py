@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--val-size", type=int, default=200)
     ap.add_argument("--work", default="runs/bench_precision")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_precision.json"))
+    ap.add_argument("--merge", action="store_true", help="update the given precisions in an existing --out file")
     args = ap.parse_args()
 
     common = [f"model.device={args.device}", f"task.val_size={args.val_size}", f"task.val_every={args.generations}",
@@ -77,6 +78,9 @@ def main() -> None:
     sft = json.loads(essa(args, ["sft", f"model.name_or_path={args.model}", *common], 1).stdout.strip().splitlines()[-1])
     gptq_dir = os.path.join(args.work, "gptq_model")
     results, t0 = {}, time.time()
+    if args.merge and os.path.isfile(args.out):  # keep the precisions measured before
+        with open(args.out) as fh:
+            results = {p: r for p, r in json.load(fh)["results"].items() if p not in args.precisions}
     for p in args.precisions:
         model = args.model
         if p == "gptq":
@@ -95,6 +99,8 @@ def main() -> None:
             continue
         results[p] = summarize(out)
         print(p, results[p], flush=True)
+    order = ["fp32", "bf16", "int8", "int4", "gptq"]
+    results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
     report = {"model": args.model, "device": args.device, "ranks": args.ranks, "generations": args.generations,
               "val_size": args.val_size, "sft_adapter": sft["adapter"], "wall_s": round(time.time() - t0, 1),
               "results": results, "table": table(results)}

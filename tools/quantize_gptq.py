@@ -1,6 +1,6 @@
 """GPTQ-quantize a causal LM to a 4-bit GPTQ checkpoint (the common Hugging Face format), on CPU or GPU.
 
-    python tools/quantize_gptq.py --out runs/smollm2-gptq                  # the embedded model, ~1 min on CPU
+    python tools/quantize_gptq.py --out runs/smollm2-gptq                  # the embedded model, ~7 min on a 2-core CPU
     python tools/quantize_gptq.py --model Qwen/Qwen2.5-1.5B-Instruct --out q15-gptq --calib prompts.jsonl
     mpiexec -n 2 python -m essa_mpi model.name_or_path=runs/smollm2-gptq model.precision=gptq
 
