@@ -65,7 +65,11 @@ def dense_copy(path: str, gguf: str, dtype: torch.dtype) -> str:
     out = os.path.join(tempfile.gettempdir(), f"essa_mpi_dense_{key}")
     if not os.path.isfile(os.path.join(out, "config.json")):
         part = f"{out}.part{os.getpid()}"
-        AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype).save_pretrained(part)
+        dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype)
+        dense.hf_quantizer = None  # the weights are dequantized already; only the GGUF marker blocks saving
+        if hasattr(dense.config, "quantization_config"):
+            del dense.config.quantization_config
+        dense.save_pretrained(part)
         try:
             os.replace(part, out)
         except OSError:  # another rank finished first
