@@ -260,11 +260,9 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
         raise ValueError(f"search.sigma0={s.sigma0} must be > 0; set e.g. search.sigma0=0.3.")
     if not 0 <= s.seed < 2**32:
         raise ValueError(f"search.seed={s.seed} must fit in uint32 (0 <= seed < 2**32).")
-    for key, value, low in (("task.batch_size", t.batch_size, 1), ("task.max_new_tokens", t.max_new_tokens, 1),
-                            ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
-                            ("run.generations", r.generations, 0), ("run.max_rows", r.max_rows, 1)):
-        if value < low:
-            raise ValueError(f"{key}={value} must be >= {low}.")
+    _at_least(("task.batch_size", t.batch_size, 1), ("task.max_new_tokens", t.max_new_tokens, 1),
+              ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
+              ("run.generations", r.generations, 0), ("run.max_rows", r.max_rows, 1))
     _validate_model_path(cfg.model)
     if a.path is not None:
         _validate_adapter(cfg)
@@ -273,6 +271,23 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
         _validate_sft(cfg)
     if command == "eval":
         _validate_eval(cfg.eval)
+
+
+def _at_least(*checks: tuple) -> None:
+    """(key, value, lowest allowed) triples → ValueError naming the first value below its bound."""
+    for key, value, low in checks:
+        if value < low:
+            raise ValueError(f"{key}={value} must be >= {low}.")
+
+
+def split_label(entry: str) -> tuple:
+    """'LABEL=value' → (LABEL, value); a plain entry is its own label.
+
+    >>> split_label("SFT=runs/sft/x"), split_label("base")
+    (('SFT', 'runs/sft/x'), ('base', 'base'))
+    """
+    label, sep, value = entry.partition("=")
+    return (label, value) if sep else (entry, entry)
 
 
 def _validate_task(t: TaskConfig) -> None:
@@ -296,10 +311,8 @@ def _validate_sft(cfg: Config) -> None:
     s = cfg.sft
     if s.learning_rate <= 0:
         raise ValueError(f"sft.learning_rate={s.learning_rate} must be > 0; the paper uses 1e-4 to 5e-4.")
-    for key, value, low in (("sft.epochs", s.epochs, 1), ("sft.batch_size", s.batch_size, 1),
-                            ("sft.max_length", s.max_length, 8), ("task.sft_size", cfg.task.sft_size, 1)):
-        if value < low:
-            raise ValueError(f"{key}={value} must be >= {low}.")
+    _at_least(("sft.epochs", s.epochs, 1), ("sft.batch_size", s.batch_size, 1), ("sft.max_length", s.max_length, 8),
+              ("task.sft_size", cfg.task.sft_size, 1))
 
 
 def _validate_eval(e: EvalConfig) -> None:
@@ -308,18 +321,16 @@ def _validate_eval(e: EvalConfig) -> None:
     if e.temperature <= 0 or not 0 < e.top_p <= 1:
         raise ValueError(f"eval.temperature={e.temperature} must be > 0 and eval.top_p={e.top_p} in (0, 1]: "
                          f"avg@k and pass@k need sampling.")
-    for key, value, low in (("eval.max_new_tokens", e.max_new_tokens, 1), ("eval.limit", e.limit, 0)):
-        if value < low:
-            raise ValueError(f"{key}={value} must be >= {low}.")
+    _at_least(("eval.max_new_tokens", e.max_new_tokens, 1), ("eval.limit", e.limit, 0))
     for b in e.benchmarks:
-        src = b.split("=", 1)[-1]
+        src = split_label(b)[1]
         if src not in BENCHMARKS and not os.path.isfile(src):
             raise ValueError(f"eval.benchmarks: {b!r} is neither a known benchmark ({', '.join(BENCHMARKS)}) nor "
                              f"a JSONL file; fix the name or the path.")
     if not e.adapters:
         raise ValueError("eval.adapters is empty; list 'base' and/or adapter directories (LABEL=DIR).")
     for entry in e.adapters:
-        path = entry.split("=", 1)[-1]
+        path = split_label(entry)[1]
         if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):
             raise ValueError(f"eval.adapters: {path!r} is not a PEFT adapter directory (no adapter_config.json); "
                              f"give 'base', a directory written by essa_mpi (run or sft), or LABEL=DIR.")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from essa_mpi.comm import Comm, default_threads
-from essa_mpi.config import Config
+from essa_mpi.config import Config, split_label
 from essa_mpi.tasks.benchmarks import display_name, load_benchmark, pass_at_k
 from essa_mpi.tasks.gsm8k import SYSTEM_PROMPT
 from essa_mpi.tasks.verify import math_equal
@@ -93,7 +93,7 @@ def evaluate(cfg: Config, comm: Comm) -> dict:
     model, tok = load_model(cfg.model, comm.local_rank)
     results, timing = {}, {}
     for entry in e.adapters:
-        label, path = entry.split("=", 1) if "=" in entry else (entry, entry)
+        label, path = split_label(entry)
         t0 = time.time()
         torch.manual_seed(cfg.search.seed * 100_003 + comm.rank)  # sampling differs per rank, repeatable
         wrapped = with_adapter(model, None if path == "base" else path)

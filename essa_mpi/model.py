@@ -41,7 +41,7 @@ def pick_device(cfg: ModelConfig, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
-def quantization_config(precision: str, device: torch.device):
+def quantization_config(precision: str):
     """bitsandbytes config for int8 (LLM.int8) / int4 (NF4); None for fp32, bf16 and gptq."""
     if precision not in ("int8", "int4"):
         return None
@@ -97,7 +97,7 @@ def load_model(cfg: ModelConfig, local_rank: int = 0) -> tuple:
 
         model = load_gptq_model(path, dtype, device)
     else:
-        quant = quantization_config(cfg.precision, device)
+        quant = quantization_config(cfg.precision)
         if quant and gguf:  # transformers refuses bitsandbytes on GGUF input: quantize a dense copy instead
             path, kw = dense_copy(path, gguf, dtype), {}
         extra = {"quantization_config": quant, "device_map": {"": device}} if quant else {}

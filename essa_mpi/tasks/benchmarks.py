@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from essa_mpi.config import split_label
 from essa_mpi.tasks.answers import last_boxed
 from essa_mpi.tasks.data import load_rows
 
@@ -37,10 +38,9 @@ def parse_entry(entry: str) -> tuple:
     >>> parse_entry("aime24"), parse_entry("MATH500=data/math500.jsonl")
     (('aime24', 'aime24'), ('MATH500', 'data/math500.jsonl'))
     """
-    if "=" in entry:
-        label, src = entry.split("=", 1)
-        return label, src
-    return (entry, entry) if entry in SOURCES else (os.path.splitext(os.path.basename(entry))[0], entry)
+    if "=" in entry or entry in SOURCES:
+        return split_label(entry)
+    return os.path.splitext(os.path.basename(entry))[0], entry
 
 
 def display_name(label: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from essa_mpi.config import TaskConfig
 from essa_mpi.tasks import Task
-from essa_mpi.tasks.data import load_rows, require_columns, split_tail
+from essa_mpi.tasks.data import held_out, load_rows, require_columns
 
 
 def _unset_reward(completions: list, **_) -> list:
@@ -25,11 +25,7 @@ def _unset_reward(completions: list, **_) -> list:
 def build(cfg: TaskConfig, seed: int) -> Task:
     rows = load_rows(cfg.dataset, "train")
     require_columns(rows, ["prompt"], f"task.dataset={cfg.dataset}")
-    if cfg.val_dataset:
-        train, val = rows, load_rows(cfg.val_dataset, "train")[: cfg.val_size]
-        require_columns(val, ["prompt"], f"task.val_dataset={cfg.val_dataset}")
-    else:
-        train, val = split_tail(rows, cfg.val_size, f"task.dataset={cfg.dataset}")
+    train, val = held_out(rows, cfg, ["prompt"], cfg.dataset)
     sft = [{"prompt": r["prompt"], "completion": r["completion"]} for r in train[: cfg.sft_size] if r.get("completion")]
     drop = lambda r: {k: v for k, v in r.items() if k != "completion"}  # noqa: E731
     return Task(train=[drop(r) for r in train[len(sft):]], val=[drop(r) for r in val], system_prompt=None,

@@ -62,6 +62,16 @@ def split_tail(rows: list, n_tail: int, where: str) -> tuple:
     return (rows[: len(rows) - n_tail], rows[len(rows) - n_tail:]) if n_tail else (rows, [])
 
 
+def held_out(rows: list, cfg, columns: list, src: str) -> tuple:
+    """(train, val): val = the first task.val_size rows of task.val_dataset (checked for columns) when given,
+    else the last task.val_size rows of ``rows`` (loaded from ``src``)."""
+    if not cfg.val_dataset:
+        return split_tail(rows, cfg.val_size, f"task.dataset={src}")
+    val = load_rows(cfg.val_dataset, "train")[: cfg.val_size]
+    require_columns(val, columns, f"task.val_dataset={cfg.val_dataset}")
+    return rows, val
+
+
 def sft_rows(src: str) -> list:
     """SFT rows ``{"prompt", "completion"}`` from task.sft_dataset."""
     rows = load_rows(src, "train")

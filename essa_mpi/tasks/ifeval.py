@@ -25,7 +25,7 @@ import random
 
 from essa_mpi.config import TaskConfig
 from essa_mpi.tasks import Task
-from essa_mpi.tasks.data import load_rows, require_columns, split_tail
+from essa_mpi.tasks.data import held_out, load_rows, require_columns
 
 DEFAULT_DATASET = "google/IFEval"
 SYSTEM_PROMPT = "You are a helpful, honest, and concise assistant."  # paper, appendix H
@@ -143,13 +143,10 @@ def ifeval_details(completions: list, rows: list) -> dict:
 
 def build(cfg: TaskConfig, seed: int) -> Task:
     checkers()  # fail early, before any model load, if lm-eval is missing
-    rows = load_rows(cfg.dataset or DEFAULT_DATASET, "train")
-    require_columns(rows, COLUMNS, "ifeval data")
-    if cfg.val_dataset:
-        train, val = rows, load_rows(cfg.val_dataset, "train")[: cfg.val_size]
-        require_columns(val, COLUMNS, "ifeval validation data")
-    else:
-        train, val = split_tail(rows, cfg.val_size, "ifeval data")
+    src = cfg.dataset or DEFAULT_DATASET
+    rows = load_rows(src, "train")
+    require_columns(rows, COLUMNS, f"task.dataset={src}")
+    train, val = held_out(rows, cfg, COLUMNS, src)
     keep = lambda r: {c: r[c] for c in COLUMNS}  # noqa: E731
     return Task(train=[keep(r) for r in train], val=[keep(r) for r in val], system_prompt=SYSTEM_PROMPT,
                 reward=ifeval_reward, details=ifeval_details)
