@@ -70,12 +70,14 @@ def test_short_mpi_run_completes_and_checkpoints(model_dirs, precision, tmp_path
     res = mpirun(2, [f"model.name_or_path={model_dirs[precision]}", f"model.precision={precision}", "model.device=cpu",
                      "model.threads=1", "adapter.rank=2", "adapter.warm_start=none", "task.name=toy",
                      "task.batch_size=2", "task.val_size=2", "task.max_new_tokens=4", "search.popsize=4",
-                     "run.generations=2", "run.progress=false", f"run.output_dir={out}"])
+                     "run.generations=2", "run.progress=false", "task.val_base=false", f"run.output_dir={out}"])
     assert res.returncode == 0, res.stderr[-3000:]
     assert history(str(out)).generation == 2 and f"memory per rank ({precision})" in res.stdout
     loaded = [m for m in metrics(str(out)) if "memory_after_load" in m][0]["memory_after_load"]
     assert loaded["weights_bytes"] > 0 and loaded["peak_rss_bytes"] > loaded["weights_bytes"]
-    assert json.load(open(out / "summary.json"))["generations"] == 2
+    summary = json.load(open(out / "summary.json"))
+    assert summary["generations"] == 2 and list(summary["val_chain"]) == ["start", "ESSA"]  # val_base=false
+    assert not any("val_base_reward" in m for m in metrics(str(out)))
 
 
 def test_gptq_precision_needs_a_gptq_checkpoint(model_dirs):
