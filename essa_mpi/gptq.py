@@ -72,6 +72,21 @@ class GPTQLinear(nn.Module):
         return nn.functional.linear(x.to(self.compute_dtype), self.dequantize(), self.bias)
 
 
+def densify(model: nn.Module) -> nn.Module:
+    """Swap every GPTQLinear for an nn.Linear holding its dequantized weight (same outputs, dense memory).
+    For LoRA SFT on a GPTQ base: PEFT only wraps the GPTQ layers of gptqmodel/auto-gptq, not ours."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GPTQLinear):
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              dtype=module.compute_dtype, device=module.qweight.device)
+            dense.weight.data = module.dequantize().contiguous()  # [out, in]
+            if module.bias is not None:
+                dense.bias.data = module.bias.data
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense.requires_grad_(False))
+    return model
+
+
 def load_gptq_model(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """A causal LM from a GPTQ checkpoint directory (config.json with quantization_config + safetensors)."""
     from safetensors.torch import load_file

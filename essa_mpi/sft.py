@@ -80,6 +80,10 @@ def train(cfg: Config, task: Task, out_dir: str, log=print) -> dict:
     check_rows(task, cfg)
     t0 = time.time()
     model, tok = load_model(cfg.model)
+    if cfg.model.precision == "gptq":  # the GPTQ base, dequantized: PEFT cannot wrap our GPTQLinear
+        from essa_mpi.gptq import densify
+
+        densify(model)
     torch.manual_seed(cfg.search.seed)  # the LoRA A init
     peft_cfg = LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, target_modules=cfg.adapter.target_modules,
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")

@@ -94,3 +94,34 @@ def test_short_mpi_run_completes_and_checkpoints(model_dirs, precision, tmp_path
 def test_gptq_precision_needs_a_gptq_checkpoint(model_dirs):
     with pytest.raises(ValueError, match="not a 4-bit GPTQ checkpoint"):
         load_model(ModelConfig(name_or_path=model_dirs["fp32"], precision="gptq", device="cpu"))
+
+
+def test_densified_gptq_model_computes_the_same_outputs(model_dirs):
+    from essa_mpi.gptq import GPTQLinear, densify
+
+    model, tok = load(model_dirs, "gptq")
+    ids = tok(["Write words: apple", "Write words: river"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        quantized = model(**ids).logits
+        densify(model)
+        dense = model(**ids).logits
+    assert not any(isinstance(m, GPTQLinear) for m in model.modules())
+    torch.testing.assert_close(dense, quantized, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_sft_warm_start_trains_on_the_quantized_base(model_dirs, precision, tmp_path):
+    """`model.precision=P` trains its SFT adapter on the P base (QLoRA-style); the adapter loads into SVD-LoRA."""
+    from essa_mpi import sft
+    from essa_mpi.config import load_config
+    from essa_mpi.svd_lora import load_lora_factors
+    from essa_mpi.tasks import build_task
+
+    cfg = load_config(None, [f"model.name_or_path={model_dirs[precision]}", f"model.precision={precision}",
+                             "model.device=cpu", "adapter.rank=2", "task.name=toy", "task.val_size=2",
+                             f"sft.output_dir={tmp_path / 'sft'}", "sft.learning_rate=1e-2"])
+    info = sft.train(cfg, build_task(cfg.task, seed=0), cfg.sft.output_dir, log=lambda m: None)
+    assert sft.is_done(cfg.sft.output_dir) and info["steps"] > 0
+    model, _ = load(model_dirs, precision)
+    factors = load_lora_factors(model, cfg.sft.output_dir, cfg.adapter.target_modules, rank=2)
+    assert len(factors) == 8 and all(f.B.abs().sum() > 0 for f in factors)  # B moved away from its zero init
