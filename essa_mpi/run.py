@@ -23,7 +23,7 @@ from essa_mpi.comm import RECORD, Comm, default_threads
 from essa_mpi.config import Config, searched_per_factor
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog
-from essa_mpi.model import load_model, peak_memory, weight_bytes
+from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.search import SeededCMA
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors, load_lora_factors
@@ -159,6 +159,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
             log.log({"generation": g, **metrics})
         if g == cfg.run.generations:
             break
+        trim_host_memory()  # keeps the peak resident memory from creeping up generation by generation
         sent = comm.bytes_sent
         records, X, updated, nonfinite = step(p, cfg, comm, g)
         repaired = sync_search(p.search, comm, log, g + 1)
