@@ -46,6 +46,14 @@ def test_precision_loads_with_its_layer_type_and_size(model_dirs, precision):
     assert weight_bytes(model) < (1.0 if precision == "fp32" else 0.6) * full + 1
 
 
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_weight_bytes_count_the_bitsandbytes_constants(model_dirs, precision):
+    layer = load(model_dirs, precision)[0].model.layers[0].self_attn.q_proj
+    packed = layer.weight.numel() * layer.weight.element_size()
+    scales = 64 * 4  # fp32: int8 one per row; NF4 absmax one per 64-value block (64x64 weight)
+    assert weight_bytes(layer) >= packed + scales
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_lm_head_gets_contiguous_input_in_generate(model_dirs, precision):
     """generate() hands the head a strided slice; on CPU a bf16 linear on it is ~500x slower (model.py)."""
