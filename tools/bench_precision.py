@@ -22,12 +22,14 @@ import subprocess
 import sys
 import time
 
+from essa_mpi.config import PRECISIONS
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 MPIEXEC = MPIEXEC if os.path.isfile(MPIEXEC) else shutil.which("mpiexec")
 
 
-def essa(args: argparse.Namespace, extra: list, ranks: int) -> subprocess.CompletedProcess:
+def essa(extra: list, ranks: int) -> subprocess.CompletedProcess:
     cmd = [MPIEXEC, "-n", str(ranks), sys.executable, "-m", "essa_mpi", *extra]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
@@ -35,9 +37,9 @@ def essa(args: argparse.Namespace, extra: list, ranks: int) -> subprocess.Comple
     return res
 
 
-def sft_adapter(args: argparse.Namespace, model: str, precision: str, common: list) -> str:
+def sft_adapter(model: str, precision: str, common: list) -> str:
     """Train (or reuse, cached by config) the SFT warm start on `model` at `precision` → adapter directory."""
-    res = essa(args, ["sft", f"model.name_or_path={model}", f"model.precision={precision}", *common], 1)
+    res = essa(["sft", f"model.name_or_path={model}", f"model.precision={precision}", *common], 1)
     return json.loads(res.stdout.strip().splitlines()[-1])["adapter"]
 
 
@@ -61,7 +63,7 @@ def summarize(out_dir: str) -> dict:
     return {**({"val_base": base[0]} if base else {}), "weights_bytes": loaded["weights_bytes"],
             "peak_rss_bytes": max([loaded["peak_rss_bytes"]] + [r["peak_rss_bytes"] for r in gens]),
             "val_sft": vals[0]["val_reward"], "val_after": vals[-1]["val_reward"],
-            "seconds_per_generation": round(sum(gaps) / max(len(gaps), 1), 2) if gaps else None}
+            "seconds_per_generation": round(sum(gaps) / len(gaps), 2) if gaps else None}
 
 
 def layer_bytes(model: str, precision: str, device: str) -> int:
@@ -93,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8", "int4", "gptq"])
+    ap.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--generations", type=int, default=4)
     ap.add_argument("--val-size", type=int, default=200)
@@ -111,7 +113,7 @@ def main() -> None:
     common = [f"model.device={args.device}", f"task.val_size={args.val_size}", f"task.val_every={args.generations}",
               f"run.generations={args.generations}", "run.progress=false",
               f"task.val_base={str(args.sft == 'each').lower()}"]
-    shared = None if args.sft == "each" else sft_adapter(args, args.model, "fp32", common)
+    shared = None if args.sft == "each" else sft_adapter(args.model, "fp32", common)
     results, t0 = {}, time.time()
     if args.merge and os.path.isfile(args.out):  # keep the precisions measured before
         with open(args.out) as fh:
@@ -121,8 +123,8 @@ def main() -> None:
         out = os.path.join(args.work, f"{p}-sft_{args.sft}")
         shutil.rmtree(out, ignore_errors=True)
         try:
-            adapter = shared or sft_adapter(args, model, p, common)
-            essa(args, [f"model.name_or_path={model}", f"model.precision={p}", f"adapter.path={adapter}",
+            adapter = shared or sft_adapter(model, p, common)
+            essa([f"model.name_or_path={model}", f"model.precision={p}", f"adapter.path={adapter}",
                         f"run.output_dir={out}", *common], args.ranks)
         except RuntimeError as exc:  # record it and go on with the other precisions
             results[p] = {"error": str(exc)[-1500:]}
@@ -130,8 +132,7 @@ def main() -> None:
             continue
         results[p] = {**summarize(out), "layer_bytes": layer_bytes(model, p, args.device), "sft_adapter": adapter}
         print(p, results[p], flush=True)
-    order = ["fp32", "bf16", "int8", "int4", "gptq"]
-    results = dict(sorted(results.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99))
+    results = {p: results[p] for p in PRECISIONS if p in results}
     report = {"model": args.model, "device": args.device, "ranks": args.ranks, "generations": args.generations,
               "val_size": args.val_size, "sft": args.sft, "wall_s": round(time.time() - t0, 1),
               "results": results, "table": table(results)}
