@@ -6,7 +6,10 @@ MATH-500 (``HuggingFaceH4/MATH-500``, the PRM800K test split: ``problem``, ``ans
 (``task.val_dataset``). The gold answer is the ``answer`` column, else the last ``\\boxed{}`` of the
 solution. The first ``task.sft_size`` training rows are the SFT split (gold solutions as completions).
 Reward 1 when math-verify finds the response's final answer equal to the gold one (gold parsed first;
-``verify.math_equal``: ``0.5``, ``\\frac12`` and ``1/2`` are all equal), else 0.
+``verify.math_equal``: ``0.5``, ``\\frac12`` and ``1/2`` are all equal), else 0. Both answers are first
+normalised as the MATH reference grader normalises them (``math_answer``: the last boxed answer, ``\\$``,
+``\\!`` and ``{,}`` separators, units); every MATH-500 and MATH train solution then scores 1 against its
+own gold (``tools/check_math_grading.py``).
 """
 
 from __future__ import annotations

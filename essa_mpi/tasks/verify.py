@@ -12,20 +12,33 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import re
 import signal
 import threading
 from typing import Callable
 
+from essa_mpi.tasks.math_answer import final_answer, normalize
+
 TIMEOUT_S = 5.0
+_MATH_MODE = re.compile(r"(?<!\\)\$")  # an unescaped $: the gold is LaTeX text, not a bare answer
 _pool = None
+
+
+def _as_latex(text: str, whole: bool) -> str:
+    """The normalised last boxed answer as ``$...$``; without one, the whole text (``whole``: a gold answer,
+    normalised too) or the response as it is, for math-verify's own extraction."""
+    answer = final_answer(text)
+    if answer is None and whole:
+        answer = normalize(text)
+    return text if answer is None else f"${answer}$"
 
 
 def _parse_and_verify(response: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we time the whole check
-    gold_parsed = parse(gold if "\\boxed" in gold or "$" in gold else f"${gold}$", parsing_timeout=None)
-    pred_parsed = parse(response, parsing_timeout=None)
+    gold_parsed = parse(_as_latex(gold, whole=not _MATH_MODE.search(gold)), parsing_timeout=None)
+    pred_parsed = parse(_as_latex(response, whole=False), parsing_timeout=None)
     return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
@@ -63,11 +76,14 @@ def run_with_timeout(fn: Callable, args: tuple, seconds: float = TIMEOUT_S):
 
 def math_equal(response: str, gold: str, timeout_s: float = TIMEOUT_S) -> bool:
     """True when the response's final answer equals gold (math-verify: gold first, then the response).
+    Both are normalised first (``math_answer``: the last boxed answer, currency, thousands separators, units).
 
     >>> math_equal(r"so \\boxed{\\frac{1}{2}}", "0.5"), math_equal("it is 1/2", r"\\frac12")
     (True, True)
     >>> math_equal(r"\\boxed{4}", "3"), math_equal("no idea", "3")
     (False, False)
+    >>> math_equal(r"It costs $\\boxed{\\$32,\\!348}$.", r"\\$32,\\!348")
+    True
     """
     try:
         return bool(run_with_timeout(_parse_and_verify, (response, gold), timeout_s))
