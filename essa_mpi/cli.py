@@ -25,6 +25,7 @@ import yaml
 from essa_mpi import checkpoint
 from essa_mpi.comm import Comm, default_threads, first_error
 from essa_mpi.config import apply_overrides, config_from_dict, help_text, load_config, validate
+from essa_mpi.launch import check_world
 
 COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
             "sft": "Train (or find cached) the LoRA SFT warm start and print its directory.",
@@ -69,6 +70,18 @@ def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> 
                              f"{cfg.run.output_dir}, or set run.output_dir to a new directory.")
     validate(cfg, world_size, command)
     return cfg, state
+
+
+def check_placement(cfg, comm: Comm) -> None:
+    """Ranks on this node x model.gpus_per_rank must fit the GPUs this process sees (ValueError naming both)."""
+    if cfg.model.device == "cpu":
+        return
+    import torch
+
+    from essa_mpi.launch import gpu_ids
+
+    if torch.cuda.is_available():
+        gpu_ids(comm.local_rank, comm.local_size, cfg.model.gpus_per_rank, torch.cuda.device_count())
 
 
 def needs_sft(cfg, state, command: str) -> bool:
@@ -140,8 +153,14 @@ def main(argv: list | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     args = parser(command).parse_args(argv)
     comm = Comm()
+    try:  # every process of a launch that split into one-rank worlds says so (each is its own rank 0)
+        check_world(os.environ, comm.size, comm.library)
+    except ValueError as exc:
+        print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         cfg, state = first_error(comm, lambda: prepare(args, comm.size, command))
+        first_error(comm, lambda: check_placement(cfg, comm))
         task = first_error(comm, lambda: load_task(cfg, state, command))
     except ValueError as exc:
         if comm.rank == 0:

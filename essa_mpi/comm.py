@@ -5,6 +5,11 @@ What crosses the network each generation is one ``RECORD`` per candidate (Alg. 1
     RECORD = np.dtype([("seed", "<u4"), ("reward", "<f4")])   # 8 bytes
 
 plus one 8-byte state fingerprint per rank. Everything else every rank derives from the config and seeds.
+
+More ranks than candidates (world > popsize): a group of ranks shares a candidate and splits the
+mini-batch's prompts; each rank then sends one record per prompt it scored (the candidate's seed, that
+prompt's reward), popsize x batch records in all, and every rank averages them in prompt order — the same
+float64 mean of float32 prompt rewards a one-rank run takes (``population.candidate_rewards``).
 """
 
 from __future__ import annotations
@@ -29,6 +34,40 @@ def split_counts(popsize: int, world: int) -> list:
     return [base + (1 if r < extra else 0) for r in range(world)]
 
 
+def shares(popsize: int, batch: int, world: int) -> list:
+    """Each rank's work: [(candidate slice, prompt slice)] for ranks 0..world-1.
+
+    world <= popsize: contiguous candidates (split_counts), every prompt. world > popsize: candidate c gets
+    split_counts(world, popsize)[c] consecutive ranks, which split its prompts contiguously.
+    >>> [(c.start, c.stop, p.start, p.stop) for c, p in shares(3, 4, 2)]
+    [(0, 2, 0, 4), (2, 3, 0, 4)]
+    >>> [(c.start, p.start, p.stop) for c, p in shares(2, 4, 5)]
+    [(0, 0, 2), (0, 2, 3), (0, 3, 4), (1, 0, 2), (1, 2, 4)]
+    """
+    assert world <= popsize * batch, f"{world} ranks cannot share {popsize} candidates x {batch} prompts"
+    if world <= popsize:
+        counts = split_counts(popsize, world)
+        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        return [(slice(starts[r], starts[r + 1]), slice(0, batch)) for r in range(world)]
+    out = []
+    for c, group in enumerate(split_counts(world, popsize)):
+        start = 0
+        for n in split_counts(batch, group):
+            out.append((slice(c, c + 1), slice(start, start + n)))
+            start += n
+    return out
+
+
+def record_counts(popsize: int, batch: int, world: int) -> list:
+    """Records each rank sends: one per candidate, or (world > popsize) one per prompt it scored.
+
+    >>> record_counts(7, 3, 2), record_counts(2, 4, 5)
+    ([4, 3], [2, 1, 1, 2, 2])
+    """
+    per_prompt = world > popsize
+    return [(p.stop - p.start) if per_prompt else (c.stop - c.start) for c, p in shares(popsize, batch, world)]
+
+
 class Comm:
     """Thin wrapper over ``MPI.COMM_WORLD`` (works without mpiexec as a one-rank world)."""
 
@@ -42,26 +81,26 @@ class Comm:
         node = self.world.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
+        self.library = MPI.Get_library_version().strip()  # names the MPI actually loaded
         self.bytes_sent = 0  # payload bytes this rank sent through allgather_records (for the metrics)
 
-    def my_slice(self, popsize: int) -> slice:
-        counts = split_counts(popsize, self.size)
-        start = sum(counts[: self.rank])
-        return slice(start, start + counts[self.rank])
+    def share(self, popsize: int, batch: int) -> tuple:
+        """(candidate slice, prompt slice) this rank evaluates."""
+        return shares(popsize, batch, self.size)[self.rank]
 
-    def allgather_records(self, local: np.ndarray, popsize: int) -> np.ndarray:
-        """Allgatherv of RECORDs in rank order → the population's [popsize] records on every rank.
+    def allgather_records(self, local: np.ndarray, counts: list) -> np.ndarray:
+        """Allgatherv of RECORDs in rank order (rank r sends counts[r]) → all [sum(counts)] records on every rank.
 
         A (u4, f4) structured array has no direct MPI datatype, so it travels as raw bytes.
         """
-        assert local.dtype == RECORD
-        counts = [c * RECORD.itemsize for c in split_counts(popsize, self.size)]
+        assert local.dtype == RECORD and len(local) == counts[self.rank]
+        counts = [c * RECORD.itemsize for c in counts]
         displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
         send = np.ascontiguousarray(local).view(np.uint8)  # [local * 8] bytes
         recv = np.empty(sum(counts), dtype=np.uint8)  # [popsize * 8] bytes
         self.world.Allgatherv(send, [recv, counts, displs, self.MPI.BYTE])
         self.bytes_sent += send.nbytes
-        return recv.view(RECORD)  # [popsize]
+        return recv.view(RECORD)  # [sum(counts)]
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         out = np.empty_like(values, dtype=np.float64)
@@ -107,3 +146,39 @@ def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
 
 def default_threads(local_size: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_size))
+
+
+def library_version() -> str:
+    """The MPI library mpi4py loaded, without initialising MPI (allowed before MPI_Init since MPI-3)."""
+    import mpi4py
+
+    mpi4py.rc.initialize = False
+    from mpi4py import MPI
+
+    return " ".join(MPI.Get_library_version().split())
+
+
+def main(argv: list) -> int:
+    """``python -m essa_mpi.comm --srun-mpi``: the srun --mpi plugin for the loaded MPI (no MPI_Init).
+    ``srun -n 2 python -m essa_mpi.comm``: each process prints its rank, the world size and the MPI library,
+    and exits 2 if the launch did not form one world (the check every essa_mpi run makes first)."""
+    from essa_mpi.launch import check_world, srun_mpi_plugin
+
+    if argv[:1] == ["--srun-mpi"]:
+        print(srun_mpi_plugin(library_version()))
+        return 0
+    comm = Comm()
+    print(f"rank {comm.rank} of {comm.size} on {os.uname().nodename} "
+          f"(local {comm.local_rank} of {comm.local_size}): {' '.join(comm.library.split())[:60]}", flush=True)
+    try:
+        check_world(os.environ, comm.size, comm.library)
+    except ValueError as exc:
+        print(f"essa_mpi: error: {exc}", flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

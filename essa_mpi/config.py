@@ -43,6 +43,9 @@ class ModelConfig:
         "(embeddings, norms, head) in bf16; the SVD-LoRA branch always runs in fp32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local rank mod #GPUs> if CUDA exists, else cpu.")
     threads: int = _f(0, "torch CPU threads per rank; 0 = cores on this node / ranks on this node.")
+    gpus_per_rank: int = _f(1, "GPUs each rank spreads its model over (accelerate device map): local rank i owns "
+                            "GPUs [i*g, (i+1)*g) of those it sees, or all of them when it sees exactly g "
+                            "(SLURM --gpus-per-task); ranks per node x g must fit the node's GPUs.")
 
 
 @dataclass
@@ -60,7 +63,8 @@ class AdapterConfig:
 
 @dataclass
 class SearchConfig:
-    popsize: int = _f(16, "CMA-ES population size lambda (>= 2, >= number of ranks).")
+    popsize: int = _f(16, "CMA-ES population size lambda (>= 2). With more ranks than candidates, a group of ranks "
+                      "shares each candidate and splits its prompts (ranks <= popsize x task.batch_size).")
     sigma0: float = _f(0.5, "Initial CMA-ES step size, in units of singular-value offsets.")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
     seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
@@ -256,14 +260,16 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
         raise ValueError("adapter.target_modules is empty; list modules such as q_proj,k_proj,v_proj,o_proj.")
     if s.popsize < 2:
         raise ValueError(f"search.popsize={s.popsize} must be >= 2 (CMA-ES needs two candidates to rank).")
-    if world_size > s.popsize:
-        raise ValueError(f"{world_size} ranks but search.popsize={s.popsize}: ranks would sit idle; launch at most "
-                         f"{s.popsize} ranks or set search.popsize >= {world_size}.")
+    if world_size > s.popsize * t.batch_size:
+        raise ValueError(f"{world_size} ranks but search.popsize={s.popsize} x task.batch_size={t.batch_size} = "
+                         f"{s.popsize * t.batch_size} (candidate, prompt) pairs: ranks would sit idle; launch at most "
+                         f"{s.popsize * t.batch_size} ranks or raise search.popsize or task.batch_size.")
     if s.sigma0 <= 0:
         raise ValueError(f"search.sigma0={s.sigma0} must be > 0; set e.g. search.sigma0=0.3.")
     if not 0 <= s.seed < 2**32:
         raise ValueError(f"search.seed={s.seed} must fit in uint32 (0 <= seed < 2**32).")
-    _at_least(("task.batch_size", t.batch_size, 1), ("task.max_new_tokens", t.max_new_tokens, 1),
+    _at_least(("model.gpus_per_rank", cfg.model.gpus_per_rank, 1), ("task.batch_size", t.batch_size, 1),
+              ("task.max_new_tokens", t.max_new_tokens, 1),
               ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
               ("run.generations", r.generations, 0), ("run.max_rows", r.max_rows, 1))
     _validate_model_path(cfg.model)

@@ -90,7 +90,7 @@ def evaluate(cfg: Config, comm: Comm) -> dict:
     e = cfg.eval
     benches = [load_benchmark(b, e.data_dir, e.limit) for b in e.benchmarks]
     torch.set_num_threads(cfg.model.threads or default_threads(comm.local_size))
-    model, tok = load_model(cfg.model, comm.local_rank)
+    model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
     results, timing = {}, {}
     for entry in e.adapters:
         label, path = split_label(entry)

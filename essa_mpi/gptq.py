@@ -87,8 +87,48 @@ def densify(model: nn.Module) -> nn.Module:
     return model
 
 
-def load_gptq_model(path: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """A causal LM from a GPTQ checkpoint directory (config.json with quantization_config + safetensors)."""
+KERNEL_PACKAGE = "gptqmodel"  # what transformers' GPTQ integration calls for its CUDA kernels
+
+
+def gptq_backend(device: torch.device) -> str:
+    """'gptqmodel' (transformers' GPTQ integration, fused CUDA kernels) on a CUDA rank where the package is
+    importable; else 'torch' (GPTQLinear: plain torch, any device, dequantizes each layer per call).
+
+    >>> gptq_backend(torch.device("cpu"))
+    'torch'
+    """
+    import importlib.util
+
+    if device.type == "cuda" and importlib.util.find_spec(KERNEL_PACKAGE) is not None:
+        return KERNEL_PACKAGE
+    return "torch"
+
+
+def load_gptq_model(path: str, dtype: torch.dtype, device: torch.device, spread: dict | None = None) -> nn.Module:
+    """A causal LM from a GPTQ checkpoint directory (config.json with quantization_config + safetensors),
+    on ``device``, or over the GPUs of ``spread`` (accelerate max_memory). ``model.gptq_backend`` names the
+    kernels used (``gptq_backend``)."""
+    from transformers import AutoModelForCausalLM
+
+    backend = gptq_backend(device)
+    if backend == KERNEL_PACKAGE:
+        device_map = "auto" if spread else {"": device}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, max_memory=spread)
+    else:
+        model = _load_plain(path, dtype)
+        if spread:
+            from accelerate import dispatch_model, infer_auto_device_map
+
+            device_map = infer_auto_device_map(model, max_memory=spread, no_split_module_classes=model._no_split_modules)
+            model = dispatch_model(model, device_map=device_map)
+        else:
+            model = model.to(device)
+    model.gptq_backend = backend
+    return model
+
+
+def _load_plain(path: str, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint with every quantized linear layer as a GPTQLinear, on the CPU."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -116,7 +156,7 @@ def load_gptq_model(path: str, dtype: torch.dtype, device: torch.device) -> nn.M
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing {missing[:4]}, unexpected {unexpected[:4]}.")
     model.tie_weights()
-    return model.to(device)
+    return model
 
 
 def save_gptq_metadata(out_dir: str, group_size: int) -> None:

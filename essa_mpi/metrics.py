@@ -32,9 +32,12 @@ class MetricsLog:
             shown = {k: record[k] for k in ("reward_mean", "reward_max", "sigma", "val_reward") if k in record}
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
 
-    def message(self, text: str) -> None:
+    def message(self, text: str, every_rank: bool = False) -> None:
+        """Print on rank 0 (above the progress bar); ``every_rank``: the other ranks print theirs too."""
         if self.enabled:
             self.bar.write(text) if self.bar is not None else print(text, flush=True)
+        elif every_rank:
+            print(text, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

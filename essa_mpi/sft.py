@@ -34,7 +34,8 @@ def sft_dir(cfg: Config) -> str:
     shaping = {"model": d["model"], "adapter": {k: d["adapter"][k] for k in ("rank", "alpha", "target_modules")},
                "task": {k: d["task"][k] for k in ("name", "dataset", "sft_dataset", "sft_size", "system_prompt")},
                "sft": {k: v for k, v in d["sft"].items() if k != "output_dir"}, "seed": cfg.search.seed}
-    shaping["model"].pop("threads"), shaping["model"].pop("device")
+    for key in ("threads", "device", "gpus_per_rank"):  # where it runs, not what it learns
+        shaping["model"].pop(key)
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join("runs", "sft", f"{cfg.task.name}-{digest}")
 

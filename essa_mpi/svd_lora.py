@@ -187,6 +187,7 @@ class SVDLoRA:
         m, k, r = self.modules[i], self.k, self.rank
         base = 2 * k * i
         pad = (0, r - k)
+        offsets = offsets.to(m.s_A.device)  # a rank spread over several GPUs: each layer on its own device
         s_A = m.s_A + nn.functional.pad(offsets[:, base: base + k], pad)  # [C, r]
         s_B = m.s_B + nn.functional.pad(offsets[:, base + k: base + 2 * k], pad)  # [C, r]
         return s_A, s_B

@@ -137,9 +137,25 @@ def test_bad_input_stops_every_rank_before_model_load(tiny_dir, tmp_path, extra,
     assert "solution_length" not in res.stdout, "a model was loaded"
 
 
-def test_more_ranks_than_candidates(tiny_dir, tmp_path):
-    res = mpirun(3, tiny_args(tiny_dir, tmp_path / "bad") + ["search.popsize=2"], timeout=120)
-    assert res.returncode != 0 and "3 ranks but search.popsize=2" in res.stderr
+def test_more_ranks_than_candidates_equal_one_rank(tiny_dir, tmp_path):
+    """-n 4 with popsize 3: ranks 0-1 split candidate 0's prompts; records and CMA-ES arrays equal -n 1's."""
+    runs = {}
+    for n in (1, 4):
+        res = mpirun(n, tiny_args(tiny_dir, tmp_path / f"n{n}") + ["search.popsize=3"])
+        assert res.returncode == 0, res.stderr[-3000:]
+        runs[n] = history(str(tmp_path / f"n{n}"))
+    ref, split = runs[1], runs[4]
+    assert ref.rewards.shape == (3, 3) and len(np.unique(ref.rewards)) > 3, "rewards must vary"
+    assert np.array_equal(split.seeds, ref.seeds) and np.array_equal(split.rewards, ref.rewards)
+    for key in ref.cma:
+        assert np.array_equal(split.cma[key], ref.cma[key]), key
+    gens = [m for m in metrics(str(tmp_path / "n4")) if "reward_mean" in m]
+    assert all(m["allgather_bytes"] == 8 * 3 * 3 for m in gens), "one 8-byte record per (candidate, prompt)"
+
+
+def test_more_ranks_than_candidate_prompt_pairs(tiny_dir, tmp_path):
+    res = mpirun(3, tiny_args(tiny_dir, tmp_path / "bad") + ["search.popsize=2", "task.batch_size=1"], timeout=120)
+    assert res.returncode != 0 and "3 ranks but search.popsize=2 x task.batch_size=1" in res.stderr
 
 
 def test_adapter_rank_mismatch(tiny_dir, tmp_path, runs_by_ranks):

@@ -1,0 +1,86 @@
+"""launch: the launcher's process count against MPI's world, and which GPUs a rank owns (faked GPU counts)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from essa_mpi.config import ModelConfig
+from essa_mpi.launch import check_world, expected_world, gpu_ids, srun_mpi_plugin
+from essa_mpi.model import placement
+
+
+@pytest.mark.parametrize("env,world,bad", [
+    ({}, 1, False),  # python -m essa_mpi without a launcher
+    ({"SLURM_STEP_NUM_TASKS": "2"}, 2, False),
+    ({"SLURM_STEP_NUM_TASKS": "2"}, 1, True),  # srun --mpi=none
+    ({"SLURM_STEP_NUM_TASKS": "4", "PMIX_RANK": "0"}, 1, True),  # srun --mpi=pmix, MPICH without PMIx
+    ({"PMI_SIZE": "3"}, 1, True),  # a PMI launcher whose MPI ignored PMI
+    ({"OMPI_COMM_WORLD_SIZE": "8"}, 8, False),
+    ({"OMPI_COMM_WORLD_SIZE": "8"}, 1, True),
+    ({"SLURM_STEP_NUM_TASKS": "1", "PMI_SIZE": "2"}, 2, False),  # mpiexec inside a one-task srun step
+    ({"SLURM_NTASKS": "8"}, 1, False),  # a plain python inside an sbatch script (no srun step): allowed
+    ({"SLURM_STEP_NUM_TASKS": "x"}, 1, False),
+])
+def test_check_world(env, world, bad):
+    if bad:
+        with pytest.raises(ValueError, match=r"started \d+ processes .* worlds of 1.*--mpi=pmi2"):
+            check_world(env, world, "MPICH Version: 5.0.2\nMPICH Release date: ...")
+    else:
+        check_world(env, world)
+
+
+def test_expected_world_prefers_the_innermost_launcher():
+    assert expected_world({"SLURM_STEP_NUM_TASKS": "16", "OMPI_COMM_WORLD_SIZE": "4"}) == (4, "OMPI_COMM_WORLD_SIZE")
+
+
+def test_srun_plugin_follows_the_library():
+    assert srun_mpi_plugin("Open MPI v5.0.3") == "pmix"
+    assert srun_mpi_plugin("MPICH Version: 4.2.0") == srun_mpi_plugin("Intel(R) MPI Library 2021.11") == "pmi2"
+
+
+@pytest.mark.parametrize("local_rank,local_size,g,visible,expected", [
+    (0, 8, 1, 8, [0]), (7, 8, 1, 8, [7]), (1, 4, 2, 8, [2, 3]), (1, 2, 4, 8, [4, 5, 6, 7]),
+    (3, 4, 2, 2, [0, 1]),  # SLURM --gpus-per-task=2: each task sees its own two GPUs
+    (0, 1, 8, 8, list(range(8))),
+])
+def test_gpu_ids(local_rank, local_size, g, visible, expected):
+    assert gpu_ids(local_rank, local_size, g, visible) == expected
+
+
+def test_gpu_ids_refuses_more_than_the_node_has():
+    with pytest.raises(ValueError, match="4 ranks on this node x model.gpus_per_rank=4 need 16 GPUs but this process "
+                                         "sees 8"):
+        gpu_ids(0, 4, 4, 8)
+
+
+@pytest.fixture
+def eight_gpus(monkeypatch):
+    """torch.cuda as on an 8-GPU node (nothing is allocated: placement only decides)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=(80 + i) << 30))
+
+
+def test_placement_one_gpu_per_rank(eight_gpus):
+    device, spread = placement(ModelConfig(), local_rank=5, local_size=8)
+    assert device == torch.device("cuda", 5) and spread is None
+
+
+def test_placement_spreads_a_rank_over_its_gpus(eight_gpus):
+    device, spread = placement(ModelConfig(gpus_per_rank=4), local_rank=1, local_size=2)
+    assert device == torch.device("cuda", 4) and spread == {i: (80 + i) << 30 for i in (4, 5, 6, 7)}
+
+
+def test_placement_errors_before_loading(eight_gpus):
+    from essa_mpi.cli import check_placement
+    from essa_mpi.config import Config
+
+    cfg = Config()
+    cfg.model.gpus_per_rank = 2
+    with pytest.raises(ValueError, match="8 ranks on this node x model.gpus_per_rank=2 need 16 GPUs"):
+        check_placement(cfg, SimpleNamespace(local_rank=0, local_size=8))
+
+
+def test_placement_cpu_ignores_gpus(eight_gpus):
+    assert placement(ModelConfig(device="cpu", gpus_per_rank=64), 0, 8) == (torch.device("cpu"), None)
