@@ -260,10 +260,6 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
         raise ValueError("adapter.target_modules is empty; list modules such as q_proj,k_proj,v_proj,o_proj.")
     if s.popsize < 2:
         raise ValueError(f"search.popsize={s.popsize} must be >= 2 (CMA-ES needs two candidates to rank).")
-    if world_size > s.popsize * t.batch_size:
-        raise ValueError(f"{world_size} ranks but search.popsize={s.popsize} x task.batch_size={t.batch_size} = "
-                         f"{s.popsize * t.batch_size} (candidate, prompt) pairs: ranks would sit idle; launch at most "
-                         f"{s.popsize * t.batch_size} ranks or raise search.popsize or task.batch_size.")
     if s.sigma0 <= 0:
         raise ValueError(f"search.sigma0={s.sigma0} must be > 0; set e.g. search.sigma0=0.3.")
     if not 0 <= s.seed < 2**32:
@@ -272,6 +268,10 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
               ("task.max_new_tokens", t.max_new_tokens, 1),
               ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
               ("run.generations", r.generations, 0), ("run.max_rows", r.max_rows, 1))
+    if world_size > s.popsize * t.batch_size:
+        raise ValueError(f"{world_size} ranks but search.popsize={s.popsize} x task.batch_size={t.batch_size} = "
+                         f"{s.popsize * t.batch_size} (candidate, prompt) pairs: ranks would sit idle; launch at most "
+                         f"{s.popsize * t.batch_size} ranks or raise search.popsize or task.batch_size.")
     _validate_model_path(cfg.model)
     if a.path is not None:
         _validate_adapter(cfg)

@@ -71,10 +71,14 @@ class PopulationEvaluator:
             out += self.generate(offsets[start: start + per_call], enc)
         return out
 
+    def prompt_rewards(self, completions: list, examples: list, num_candidates: int) -> np.ndarray:
+        """Task reward of [C*P] candidate-major completions → [C, P] float32 (what a record carries)."""
+        r = score_rows(self.task, completions, examples * num_candidates)  # [C*P]
+        return r.astype(np.float32).reshape(num_candidates, len(examples))  # [C, P]
+
     def row_rewards(self, offsets: np.ndarray, examples: list) -> np.ndarray:
-        """Task reward of each candidate on each prompt → [C, P] float32 (what a record carries)."""
-        r = score_rows(self.task, self.completions(offsets, examples), examples * len(offsets))  # [C*P]
-        return r.astype(np.float32).reshape(len(offsets), len(examples))  # [C, P], candidate-major
+        """Generate and score: each candidate's reward on each prompt → [C, P] float32."""
+        return self.prompt_rewards(self.completions(offsets, examples), examples, len(offsets))
 
     def evaluate(self, offsets: np.ndarray, examples: list) -> np.ndarray:
         """Alg. 1, line 11: reward of each candidate on the shared mini-batch → [C] float32."""

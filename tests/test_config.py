@@ -39,7 +39,7 @@ def test_structural_errors(overrides, message):
     (["adapter.fraction=0.1", "adapter.rank=8"], 1, r"leaves floor\(0.1\*8\) = 0 singular values"),
     (["adapter.fraction=1.5"], 1, "must be in"),
     (["search.popsize=1"], 1, "search.popsize=1 must be >= 2"),
-    (["search.popsize=4"], 5, "5 ranks but search.popsize=4"),
+    (["search.popsize=4", "task.batch_size=2"], 9, "9 ranks but search.popsize=4 x task.batch_size=2"),
     (["search.sigma0=0"], 1, "sigma0=0.0 must be > 0"),
     (["model.name_or_path=/no/such/model"], 1, "neither an existing path nor a Hugging Face id"),
     (["model.name_or_path=/no/such/model.gguf"], 1, "GGUF file not found"),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from essa_mpi.config import TaskConfig
-from essa_mpi.population import PopulationEvaluator
+from essa_mpi.population import PopulationEvaluator, candidate_rewards
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 from essa_mpi.tasks import build_task
 
@@ -29,7 +29,7 @@ def test_batched_equals_one_candidate_at_a_time(evaluator, max_rows):
     sequential = sum((evaluator.completions(X[c:c + 1], examples) for c in range(len(X))), [])
     assert batched == sequential
     assert len(set(batched)) > len(examples), "candidates should produce different generations"
-    rewards = evaluator.rewards(batched, examples, len(X))
+    rewards = candidate_rewards(evaluator.prompt_rewards(batched, examples, len(X)))
     assert rewards.shape == (6,) and rewards.std() > 0
 
 
@@ -43,7 +43,7 @@ def test_zero_offsets_on_fresh_adapter_equal_base_model(evaluator):
 def test_non_finite_row_reward_marks_the_candidate(evaluator):
     evaluator.task.reward = lambda completions, **_: [1.0, float("nan")] * (len(completions) // 2)
     rows = [{"prompt": "p", "answer": ""}] * 2
-    assert np.isnan(evaluator.rewards(["a", "b"], rows, 1)).all()  # run.py ranks it worst and logs it
+    assert np.isnan(candidate_rewards(evaluator.prompt_rewards(["a", "b"], rows, 1))).all()  # run.py ranks it worst and logs it
 
 
 def test_score_counts_non_finite_rows(evaluator):
@@ -57,4 +57,4 @@ def test_score_counts_non_finite_rows(evaluator):
 def test_broken_reward_is_an_error_naming_it(evaluator, bad, match):
     evaluator.task.reward = bad
     with pytest.raises(RuntimeError, match=match):
-        evaluator.rewards(["a", "b"], [{"prompt": "p", "answer": ""}] * 2, 1)
+        evaluator.prompt_rewards(["a", "b"], [{"prompt": "p", "answer": ""}] * 2, 1)

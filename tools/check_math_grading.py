@@ -84,8 +84,11 @@ def generate_responses(rows: list, path: str, max_new_tokens: int, batch: int) -
     torch.set_num_threads(os.cpu_count() or 1)
     model, tok = load_model(ModelConfig())
     out = []
-    with open(path + ".part", "w") as fh:
-        for start in range(0, len(rows), batch):
+    if os.path.isfile(path + ".part"):  # continue an interrupted generation
+        with open(path + ".part") as fh:
+            out = [json.loads(line) for line in fh if line.strip()]
+    with open(path + ".part", "a") as fh:
+        for start in range(len(out), len(rows), batch):
             chunk = rows[start: start + batch]
             texts = [tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
                                               {"role": "user", "content": r["problem"]}],
@@ -98,6 +101,7 @@ def generate_responses(rows: list, path: str, max_new_tokens: int, batch: int) -
                 row = {"unique_id": r.get("unique_id"), "answer": r["answer"], "response": text}
                 fh.write(json.dumps(row) + "\n")
                 out.append(row)
+            fh.flush()
             print(f"  generated {len(out)}/{len(rows)}", flush=True)
     os.replace(path + ".part", path)
     return out
@@ -108,7 +112,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "math"),
                     help="directory with math500_test.jsonl and train.jsonl")
     ap.add_argument("--responses", default=os.path.join(HERE, "results", "math500_smollm2_responses.jsonl"))
-    ap.add_argument("--responses-limit", type=int, default=500, help="MATH-500 problems to generate for")
+    ap.add_argument("--responses-limit", type=int, default=250, help="MATH-500 problems to generate for (the first N)")
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "math_grading.json"))
@@ -125,8 +129,11 @@ def main() -> None:
     result["gold_math500"] = grade("gold MATH-500", [r["solution"] for r in m500], [gold(r) for r in m500])
     result["gold_train"] = grade("gold MATH train", [r["solution"] for r in train], [gold(r) for r in train])
     for name, data in (("math500", m500), ("train", train)):
-        result[f"neighbour_{name}"] = grade(f"neighbours {name}", [r["solution"] for r in data[:-1]],
-                                            [gold(r) for r in data[1:]])
+        golds = [gold(r) for r in data]
+        res = grade(f"neighbours {name}", [r["solution"] for r in data[:-1]], golds[1:])
+        # a neighbour graded correct is a true duplicate when the two rows' gold answers are themselves equal
+        res["pairs_with_equal_gold"] = sum(math_reward([f"\\boxed{{{g}}}" for g in golds[:-1]], answer=golds[1:]))
+        result[f"neighbour_{name}"] = res
     if os.path.isfile(args.responses):
         with open(args.responses) as fh:
             responses = [json.loads(line) for line in fh if line.strip()]

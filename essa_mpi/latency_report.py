@@ -1,0 +1,115 @@
+"""``python -m essa_mpi latency``: appendix B's iteration-time model as a table and a plot.
+
+    python -m essa_mpi latency                                              # defaults below, 1..1024 GPUs
+    python -m essa_mpi latency --from-bench tools/results/bench_scaling.json   # eta_gen, eta_fb, network measured here
+    python -m essa_mpi latency --model-bytes 15.2e9 --peak-bw 50e9 --gpus 8,16,32,64,128 -o latency.png
+
+Prints, per GPU count G, ESSA's iteration time (generation + one 8-byte-per-candidate all-gather) and the ideal
+gradient pipeline's (Lemma B.1's best split of training and generation + the gradient all-reduce), their ratio,
+and Theorem B.2's population bound; writes a PNG of both times against G.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from essa_mpi import latency as L
+
+DEFAULT_GPUS = [2**i for i in range(11)]  # 1 .. 1024
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m essa_mpi latency", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--from-bench", metavar="JSON", help="tools/bench_scaling.py output: eta_gen and eta_fb measured "
+                    "on that machine, and the largest world's fitted all-reduce latency and bandwidth")
+    ap.add_argument("--model-bytes", type=float, default=15.24e9, help="gradient bytes all-reduced (default: bf16 "
+                    "Qwen2.5-7B, 7.62e9 x 2)")
+    ap.add_argument("--peak-bw", type=float, default=25e9, help="sustained per-GPU collective bandwidth, bytes/s")
+    ap.add_argument("--latency", type=float, default=0.0, help="per-step collective latency, seconds")
+    ap.add_argument("--eta-gen", type=float, default=0.02, help="generation seconds per sample (one instance)")
+    ap.add_argument("--eta-fb", type=float, default=0.05, help="forward-backward seconds per sample")
+    ap.add_argument("--popsize", type=int, default=128, help="ESSA population N_pop")
+    ap.add_argument("--b-essa", type=float, default=256, help="prompts one candidate sees per generation")
+    ap.add_argument("--b-grad", type=float, default=512, help="global batch of the gradient method")
+    ap.add_argument("--m-gen", type=float, default=1, help="GPUs per generation instance")
+    ap.add_argument("--m-fb", type=float, default=1, help="GPUs per training instance")
+    ap.add_argument("--gpus", default=",".join(map(str, DEFAULT_GPUS)), help="comma-separated GPU counts")
+    ap.add_argument("-o", "--output", default="latency.png", help="PNG path ('' = no plot)")
+    return ap
+
+
+def from_bench(path: str) -> dict:
+    """eta_gen, eta_fb and the largest measured world's latency/bandwidth fit from bench_scaling.json."""
+    with open(path) as fh:
+        bench = json.load(fh)
+    out = {}
+    e2e = bench.get("end_to_end", {})
+    for key in ("eta_gen", "eta_fb"):
+        if e2e.get(f"{key}_s"):
+            out[key] = e2e[f"{key}_s"]
+    if bench.get("exchange"):
+        fit = bench["exchange"][-1]["fit"]
+        out.update(latency=fit["latency_s"], peak_bw=fit["bandwidth_Bps"])
+    return out
+
+
+def table(a: argparse.Namespace, gpus: list) -> list:
+    rows = []
+    for g in gpus:
+        essa = L.t_essa(a.popsize, a.b_essa, a.m_gen, g, a.eta_gen, a.peak_bw, a.latency)
+        grad = L.t_grad_ideal(a.b_grad, g, a.m_fb, a.eta_fb, a.m_gen, a.eta_gen, a.model_bytes, a.peak_bw, a.latency)
+        bound = L.population_bound(a.b_grad, a.b_essa, g, a.eta_fb, a.eta_gen, a.model_bytes, a.peak_bw)
+        rows.append({"gpus": g, "essa_s": essa, "grad_s": grad, "grad_over_essa": grad / essa,
+                     "theta_star": L.theta_star(a.m_fb, a.eta_fb, a.m_gen, a.eta_gen), "n_pop_bound": bound})
+    return rows
+
+
+def plot(rows: list, a: argparse.Namespace, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    g = [r["gpus"] for r in rows]
+    ax.plot(g, [r["essa_s"] for r in rows], "o-", label=f"ESSA (N_pop={a.popsize}, B_essa={a.b_essa:g})")
+    ax.plot(g, [r["grad_s"] for r in rows], "s-", label=f"ideal gradient pipeline (B_grad={a.b_grad:g})")
+    ax.set(xscale="log", yscale="log", xlabel="GPUs", ylabel="seconds per iteration",
+           title=f"Appendix B: eta_gen={a.eta_gen:.3g} s, eta_fb={a.eta_fb:.3g} s, M={a.model_bytes:.3g} B, "
+                 f"bw={a.peak_bw:.3g} B/s")
+    ax.title.set_fontsize(8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list) -> int:
+    ap = parser()
+    a = ap.parse_args(argv)
+    if a.from_bench:
+        for key, value in from_bench(a.from_bench).items():
+            if ap.get_default(key.replace("-", "_")) == getattr(a, key):  # the command line wins over the bench
+                setattr(a, key, value)
+    try:
+        gpus = [int(x) for x in a.gpus.split(",") if x.strip()]
+    except ValueError:
+        ap.error(f"--gpus {a.gpus!r}: give comma-separated integers, e.g. 1,2,4,8")
+    if not gpus or min(gpus) < 1 or min(a.eta_gen, a.eta_fb, a.peak_bw, a.b_essa, a.b_grad) <= 0 or a.popsize < 1:
+        ap.error("GPU counts, --eta-gen, --eta-fb, --peak-bw, --b-essa, --b-grad and --popsize must be positive")
+    rows = table(a, gpus)
+    print(f"eta_gen {a.eta_gen:.4g} s, eta_fb {a.eta_fb:.4g} s per sample; gradient {a.model_bytes:.4g} B at "
+          f"{a.peak_bw:.4g} B/s, latency {a.latency:.3g} s; theta* = {rows[0]['theta_star']:.3f}")
+    print(f"{'GPUs':>6} {'ESSA s/iter':>12} {'grad s/iter':>12} {'grad/ESSA':>10} {'N_pop bound':>12}")
+    for r in rows:
+        print(f"{r['gpus']:>6} {r['essa_s']:>12.4g} {r['grad_s']:>12.4g} {r['grad_over_essa']:>10.3g} "
+              f"{r['n_pop_bound']:>12.4g}")
+    if a.output:
+        try:
+            plot(rows, a, a.output)
+            print(f"wrote {a.output}")
+        except ImportError:
+            print("no plot: pip install matplotlib (or -e '.[plot]')")
+    return 0 if all(math.isfinite(r["essa_s"]) for r in rows) else 1
