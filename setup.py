@@ -35,7 +35,9 @@ setup(
         "ifeval": ["lm-eval[ifeval]>=0.4.8"],
         # int8 / int4 base weights (LLM.int8, NF4); runs on CPU too. GPTQ needs nothing extra (essa_mpi/gptq.py).
         "quant": ["bitsandbytes>=0.45"],
-        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8", "bitsandbytes>=0.45"],
+        # PNGs: python -m essa_mpi latency, tools/bench_scaling.py
+        "plot": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8", "bitsandbytes>=0.45", "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],

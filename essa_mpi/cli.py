@@ -29,7 +29,8 @@ from essa_mpi.launch import check_world
 
 COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
             "sft": "Train (or find cached) the LoRA SFT warm start and print its directory.",
-            "eval": "avg@k / pass@k on math benchmarks for the base model and adapters (eval.* options)."}
+            "eval": "avg@k / pass@k on math benchmarks for the base model and adapters (eval.* options).",
+            "latency": "Appendix B's iteration-time model, ESSA vs gradient methods (latency --help); no MPI."}
 
 
 def parser(command: str = "run") -> argparse.ArgumentParser:
@@ -151,6 +152,10 @@ def command_eval(cfg, comm: Comm, task, state) -> dict:
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    if command == "latency":  # numbers only: no config, no MPI
+        from essa_mpi.latency_report import main as latency_main
+
+        return latency_main(argv)
     args = parser(command).parse_args(argv)
     comm = Comm()
     try:  # every process of a launch that split into one-rank worlds says so (each is its own rank 0)

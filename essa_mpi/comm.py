@@ -4,7 +4,10 @@ What crosses the network each generation is one ``RECORD`` per candidate (Alg. 1
 
     RECORD = np.dtype([("seed", "<u4"), ("reward", "<f4")])   # 8 bytes
 
-plus one 8-byte state fingerprint per rank. Everything else every rank derives from the config and seeds.
+plus a 16-byte trailer per rank in the same call: its CMA-ES state fingerprint (8 bytes; the ranks compare
+them to catch a diverged state) and the seconds it spent evaluating (for the wait-for-the-slowest-rank
+metric). That one Allgatherv is the only collective of a generation; validation adds one Allreduce.
+Everything else every rank derives from the config and seeds.
 
 More ranks than candidates (world > popsize): a group of ranks shares a candidate and splits the
 mini-batch's prompts; each rank then sends one record per prompt it scored (the candidate's seed, that
@@ -82,37 +85,39 @@ class Comm:
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
         node.Free()
         self.library = MPI.Get_library_version().strip()  # names the MPI actually loaded
-        self.bytes_sent = 0  # payload bytes this rank sent through allgather_records (for the metrics)
+        self.bytes_sent = 0  # bytes this rank sent through exchange (for the metrics)
 
     def share(self, popsize: int, batch: int) -> tuple:
         """(candidate slice, prompt slice) this rank evaluates."""
         return shares(popsize, batch, self.size)[self.rank]
 
-    def allgather_records(self, local: np.ndarray, counts: list) -> np.ndarray:
-        """Allgatherv of RECORDs in rank order (rank r sends counts[r]) → all [sum(counts)] records on every rank.
+    def exchange(self, local: np.ndarray, counts: list, fingerprint: int, eval_s: float) -> tuple:
+        """The generation's one collective (Alg. 1, line 13): Allgatherv of every rank's RECORDs (rank r sends
+        counts[r]) followed by its 16-byte trailer → (records [sum(counts)] in rank order, fingerprints [world]
+        uint64, evaluation seconds [world] float32), identical on every rank.
 
-        A (u4, f4) structured array has no direct MPI datatype, so it travels as raw bytes.
+        A (u4, f4) structured array has no direct MPI datatype, so everything travels as raw bytes.
         """
         assert local.dtype == RECORD and len(local) == counts[self.rank]
-        counts = [c * RECORD.itemsize for c in counts]
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).tolist()
-        send = np.ascontiguousarray(local).view(np.uint8)  # [local * 8] bytes
-        recv = np.empty(sum(counts), dtype=np.uint8)  # [popsize * 8] bytes
-        self.world.Allgatherv(send, [recv, counts, displs, self.MPI.BYTE])
+        trailer = np.zeros(2, dtype=RECORD)  # [2]: fingerprint (as 8 raw bytes), then (rank, eval seconds)
+        trailer[:1].view(np.uint64)[0] = np.uint64(fingerprint)
+        trailer[1] = (self.rank, eval_s)
+        send = np.concatenate([np.ascontiguousarray(local), trailer]).view(np.uint8)  # [(local + 2) * 8] bytes
+        sizes = [(c + 2) * RECORD.itemsize for c in counts]
+        displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        recv = np.empty(sum(sizes), dtype=np.uint8)  # [(sum(counts) + 2 * world) * 8] bytes
+        self.world.Allgatherv(send, [recv, sizes, displs, self.MPI.BYTE])
         self.bytes_sent += send.nbytes
-        return recv.view(RECORD)  # [sum(counts)]
+        chunks = [recv[d: d + n].view(RECORD) for d, n in zip(displs, sizes)]  # per rank: [counts[r] + 2]
+        records = np.concatenate([c[:-2] for c in chunks])  # [sum(counts)]
+        fingerprints = np.array([c[-2:-1].view(np.uint64)[0] for c in chunks], dtype=np.uint64)  # [world]
+        seconds = np.array([c[-1]["reward"] for c in chunks], dtype=np.float32)  # [world]
+        return records, fingerprints, seconds
 
     def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
         out = np.empty_like(values, dtype=np.float64)
         self.world.Allreduce(np.asarray(values, dtype=np.float64), out, op=self.MPI.SUM)
         return out
-
-    def fingerprints_agree(self, fingerprint: int) -> bool:
-        """Allgather each rank's 8-byte state fingerprint; True when all are equal."""
-        mine = np.array([fingerprint], dtype=np.uint64)
-        everyone = np.empty(self.size, dtype=np.uint64)
-        self.world.Allgather(mine, everyone)
-        return bool((everyone == everyone[0]).all())
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.world.bcast(obj, root=root)

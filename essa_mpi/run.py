@@ -83,9 +83,10 @@ def worst_for_nonfinite(rewards: np.ndarray) -> tuple:
     return r, int(bad.sum())
 
 
-def sync_search(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int) -> bool:
-    """Compare CMA-ES fingerprints; on a mismatch rank 0 broadcasts its state. True if a repair happened."""
-    if comm.fingerprints_agree(search.fingerprint()):
+def repair(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int, fingerprints: np.ndarray) -> bool:
+    """When the ranks' CMA-ES fingerprints (from the exchange) differ, rank 0 broadcasts its state and every
+    rank adopts it. True if a repair happened. Never in a healthy run: the check costs no extra collective."""
+    if (fingerprints == fingerprints[0]).all():
         return False
     es = comm.bcast(search.get_es() if comm.rank == 0 else None)
     if comm.rank != 0:
@@ -96,31 +97,42 @@ def sync_search(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int)
     return True
 
 
-def step(p: Parts, cfg: Config, comm: Comm, g: int) -> tuple:
-    """One generation → (gathered records [popsize] (seed, reward), candidates [popsize, n], whether
-    CMA-ES updated, how many candidates had a non-finite reward); all identical on all ranks."""
+def step(p: Parts, cfg: Config, comm: Comm, g: int) -> dict:
+    """One generation → {"records": [popsize] (seed, reward), "X": candidates [popsize, n], "fingerprints":
+    every rank's CMA-ES fingerprint when it drew them [world], "eval_s": every rank's evaluation seconds
+    [world], "exchange_s": this rank's seconds in the exchange}; all but the last identical on every rank."""
     popsize, B = cfg.search.popsize, cfg.task.batch_size
+    fingerprint = p.search.fingerprint()  # the state the candidates come from; checked in the same exchange
     seeds = p.search.seeds(g)  # [popsize] uint32
     X = p.search.ask(seeds)  # [popsize, n] — every rank draws all; Alg. 1, line 10
     cands, prompts = comm.share(popsize, B)
     idx = batch_indices(len(p.task.train), B, cfg.search.seed, g)  # [B]
     batch = [p.task.train[i] for i in idx[prompts]]
+    t = time.perf_counter()
     rows = p.evaluator.row_rewards(X[cands], batch)  # [my candidates, my prompts]; Alg. 1, line 11
+    eval_s = time.perf_counter() - t
     per_prompt = comm.size > popsize  # a group of ranks shares each candidate (comm.shares)
     local = np.empty(rows.size if per_prompt else len(rows), dtype=RECORD)
     local["seed"] = seeds[cands].repeat(rows.shape[1]) if per_prompt else seeds[cands]
     local["reward"] = rows.reshape(-1) if per_prompt else candidate_rewards(rows)
-    gathered = comm.allgather_records(local, record_counts(popsize, B, comm.size))  # Alg. 1, line 13
+    t = time.perf_counter()
+    gathered, fingerprints, seconds = comm.exchange(local, record_counts(popsize, B, comm.size), fingerprint,
+                                                    eval_s)  # Alg. 1, line 13
+    exchange_s = time.perf_counter() - t
     if per_prompt:  # [popsize*B] prompt records, candidate-major → [popsize] candidate records
-        assert (gathered["seed"] == seeds.repeat(B)).all(), "gathered seeds differ from this rank's seeds"
+        assert (gathered["seed"] == seeds.repeat(B)).all() or not (fingerprints == fingerprints[0]).all()
         records = np.empty(popsize, dtype=RECORD)
         records["seed"], records["reward"] = seeds, candidate_rewards(gathered["reward"].reshape(popsize, B))
     else:
         records = gathered  # [popsize]
-    assert (records["seed"] == seeds).all(), "gathered seeds differ from this rank's seeds"
+    return {"records": records, "X": X, "fingerprints": fingerprints, "eval_s": seconds, "exchange_s": exchange_s}
+
+
+def update(p: Parts, gen: dict) -> tuple:
+    """Alg. 1, line 14: the local CMA-ES update from the gathered records → (updated, non-finite count)."""
+    records = gen["records"]
     records["reward"], nonfinite = worst_for_nonfinite(records["reward"])  # identical on every rank
-    updated = p.search.tell(records["seed"], records["reward"])  # Alg. 1, line 14
-    return records, X, updated, nonfinite
+    return p.search.tell(records["seed"], records["reward"]), nonfinite
 
 
 def replay(p: Parts, state: checkpoint.RunState) -> None:
@@ -176,15 +188,25 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
             break
         trim_host_memory()  # keeps the peak resident memory from creeping up generation by generation
         sent = comm.bytes_sent
-        records, X, updated, nonfinite = step(p, cfg, comm, g)
-        repaired = sync_search(p.search, comm, log, g + 1)
-        hist.add(records, X)
+        gen = step(p, cfg, comm, g)
+        repaired = repair(p.search, comm, log, g + 1, gen["fingerprints"])
+        if repaired:  # the candidates came from diverged states: evaluate this generation again
+            gen = step(p, cfg, comm, g)
+        assert (gen["records"]["seed"] == p.search.seeds(g)).all(), "gathered seeds differ from this rank's"
+        updated, nonfinite = update(p, gen)
+        records = gen["records"]
+        hist.add(records, gen["X"])
         if lead:
             checkpoint.save(os.path.join(out, checkpoint.FILENAME), hist.state(cfg, p.search, g + 1))
         r = records["reward"].astype(np.float64)
         log.log({"generation": g + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
                  "reward_max": float(r.max()), "sigma": p.search.sigma,
-                 "allgather_bytes": int(comm.allreduce_sum(np.array([comm.bytes_sent - sent]))[0]),
+                 "allgather_bytes": RECORD.itemsize * sum(record_counts(cfg.search.popsize, cfg.task.batch_size,
+                                                                         comm.size)),  # records, all ranks
+                 "sent_bytes": comm.bytes_sent - sent,  # this rank's records and trailer
+                 "eval_s": round(float(gen["eval_s"].max()), 4),  # the slowest rank's evaluation
+                 "wait_s": round(float(gen["eval_s"].max() - gen["eval_s"][comm.rank]), 4),  # rank 0 waited
+                 "exchange_s": round(gen["exchange_s"], 6),  # rank 0's time in the collective, waiting included
                  **peak_memory(),
                  **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
                  **({"nonfinite_candidates": nonfinite} if nonfinite else {})})

@@ -180,3 +180,36 @@ def test_state_repair_under_mpiexec():
 def test_help_explains_options():
     res = subprocess.run([sys.executable, "-m", "essa_mpi", "--help"], capture_output=True, text=True, env=ENV)
     assert res.returncode == 0 and "search.popsize" in res.stdout and "--resume" in res.stdout
+
+
+def collective_counts(tiny_dir, tmp_path, generations, extra=()):
+    """Collective calls per rank of a 2-rank run, counted by a proxy around mpi4py's COMM_WORLD."""
+    prefix = tmp_path / f"counts{generations}"
+    args = tiny_args(tiny_dir, tmp_path / f"g{generations}", generations) + list(extra)
+    res = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(HERE, "mpi_count.py"), str(prefix), *args],
+                         capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 0, res.stderr[-3000:]
+    counts = []
+    for rank in (0, 1):
+        with open(f"{prefix}.{rank}.json") as fh:
+            counts.append(json.load(fh))
+    return counts
+
+
+def test_one_collective_per_generation(tiny_dir, tmp_path):
+    """The steady state is the paper's communication model: one record exchange per generation, nothing else
+    (the state check and the logged bytes ride in it). Counted over 20 generations against a 0-generation run."""
+    base, run = (collective_counts(tiny_dir, tmp_path, g, ["task.val_size=0"]) for g in (0, 20))
+    for rank in (0, 1):
+        per_generation = {k: (run[rank].get(k, 0) - base[rank].get(k, 0)) / 20 for k in {*run[rank], *base[rank]}}
+        per_generation = {k: v for k, v in per_generation.items() if v}
+        assert per_generation == {"Allgatherv": 1.0}, per_generation
+    gens = [m for m in metrics(str(tmp_path / "g20")) if "reward_mean" in m]
+    assert len(gens) == 20 and all(m["sent_bytes"] in (8 * 4 + 16, 8 * 3 + 16) for m in gens)
+
+
+def test_validation_adds_one_reduction(tiny_dir, tmp_path):
+    run = collective_counts(tiny_dir, tmp_path, 4, ["task.val_every=2", "task.val_base=false"])  # val at 0, 2, 4
+    base = collective_counts(tiny_dir, tmp_path, 0, ["task.val_every=2", "task.val_base=false"])  # val at 0
+    extra = {k: run[0].get(k, 0) - base[0].get(k, 0) for k in {*run[0], *base[0]}}
+    assert {k: v for k, v in extra.items() if v} == {"Allgatherv": 4, "Allreduce": 2}
