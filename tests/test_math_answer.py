@@ -39,6 +39,7 @@ def test_reference_solution_scores_one(answer, solution):
     (r"\boxed{\$32,348}", "32348"), (r"\boxed{32348}", r"\$32,\!348"), (r"\boxed{1{,}000}", "1000"),
     (r"\boxed{12\text{ inches}}", "12"), (r"\boxed{45^\circ}", "45"), (r"\boxed{25\%}", "25"),
     (r"\boxed{\text{(C)}}", r"\text{(C)}"), (r"\boxed{\left( 1, 2 \right)}", "(1,2)"),
+    (r"\boxed{k = 5}", "5"), (r"\boxed{2x + 3}", "y = 2x + 3"),  # a short left side is a name, as in the reference
 ])
 def test_formatting_is_not_mathematics(response, answer):
     assert math_reward([response], answer=[answer]) == [1.0]
@@ -47,6 +48,7 @@ def test_formatting_is_not_mathematics(response, answer):
 @pytest.mark.parametrize("response,answer", [
     (r"\boxed{\$32,349}", r"\$32,\!348"), (r"\boxed{(-2,18)}", "(8,38)"), (r"\boxed{36}", r"\$3.6"),
     (r"\boxed{1,2}", "12"),  # a pair, not a thousands separator
+    (r"\boxed{2x - y + 2z - 18 = 0}", "0"),  # MATH train row 7268 against row 7269's gold: an equation is not 0
 ])
 def test_different_answers_still_score_zero(response, answer):
     assert math_reward([response], answer=[answer]) == [0.0]

@@ -48,6 +48,9 @@ def cause(ours: bool, response: str, answer: str) -> str:
     from lm_eval.tasks.hendrycks_math.utils import strip_string
 
     pred = last_boxed_answer(response)
+    if ours and "\\boxed " in response:
+        return ("the reference's last_boxed_only_string takes the text after any '\\boxed ' (with a space) even when "
+                "a later \\boxed{} exists, here giving a malformed answer")
     if pred is None:
         return "no boxed answer: math-verify reads the response's last expression, the reference the $...$ span"
     if ours:
@@ -87,6 +90,7 @@ def generate_responses(rows: list, path: str, max_new_tokens: int, batch: int) -
     if os.path.isfile(path + ".part"):  # continue an interrupted generation
         with open(path + ".part") as fh:
             out = [json.loads(line) for line in fh if line.strip()]
+    out = out[: len(rows)]
     with open(path + ".part", "a") as fh:
         for start in range(len(out), len(rows), batch):
             chunk = rows[start: start + batch]
@@ -112,7 +116,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(HERE, "..", "..", "shared", "data", "math"),
                     help="directory with math500_test.jsonl and train.jsonl")
     ap.add_argument("--responses", default=os.path.join(HERE, "results", "math500_smollm2_responses.jsonl"))
-    ap.add_argument("--responses-limit", type=int, default=250, help="MATH-500 problems to generate for (the first N)")
+    ap.add_argument("--responses-limit", type=int, default=140, help="MATH-500 problems to generate for (the first N)")
     ap.add_argument("--max-new-tokens", type=int, default=384)
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "math_grading.json"))
@@ -139,6 +143,7 @@ def main() -> None:
             responses = [json.loads(line) for line in fh if line.strip()]
     else:
         responses = generate_responses(m500[: args.responses_limit], args.responses, args.max_new_tokens, args.batch)
+    responses = responses[: args.responses_limit]
     result["model_responses_math500"] = {
         "model": "SmolLM2-135M-Instruct (embedded GGUF), greedy", "max_new_tokens": args.max_new_tokens,
         **grade("SmolLM2 responses MATH-500", [r["response"] for r in responses], [r["answer"] for r in responses])}

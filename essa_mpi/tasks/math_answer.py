@@ -54,6 +54,8 @@ def normalize(answer: str) -> str:
     ('32348', '18.90', '1000', '45')
     >>> normalize(r"12\\text{ inches}"), normalize(r"\\text{(C)}"), normalize(r"\\left( 1, 2 \\right)")
     ('12', '(C)', '( 1, 2 )')
+    >>> normalize("k = 5"), normalize("2x - y = 0")
+    ('5', '2x - y = 0')
     """
     s = answer.replace("\n", " ")
     for token in _REMOVE:
@@ -66,6 +68,9 @@ def normalize(answer: str) -> str:
     s = _TEXT.sub(r"\1", s).strip()  # \text{(C)} -> (C) (Minerva: keep the text's content)
     if _THOUSANDS.fullmatch(s):
         s = s.replace(",", "")  # 32,348 -> 32348 (Minerva: "Normalize 100,000 -> 100000")
+    lhs, eq, rhs = s.partition("=")
+    if eq and "=" not in rhs and len(lhs.strip()) <= 2:  # reference: "k = 5" -> "5" (a short left side only)
+        s = rhs
     return s.strip(" .")
 
 

@@ -24,21 +24,24 @@ _MATH_MODE = re.compile(r"(?<!\\)\$")  # an unescaped $: the gold is LaTeX text,
 _pool = None
 
 
-def _as_latex(text: str, whole: bool) -> str:
-    """The normalised last boxed answer as ``$...$``; without one, the whole text (``whole``: a gold answer,
-    normalised too) or the response as it is, for math-verify's own extraction."""
-    answer = final_answer(text)
-    if answer is None and whole:
-        answer = normalize(text)
-    return text if answer is None else f"${answer}$"
+def _answers(response: str, gold: str) -> tuple:
+    """(response answer, gold answer, each a normalised last boxed answer?) as math-verify should read them:
+    without a boxed answer, the response as it is (math-verify's own extraction) and a bare gold normalised."""
+    pred, g = final_answer(response), final_answer(gold)
+    if g is None and not _MATH_MODE.search(gold):
+        g = normalize(gold)
+    return (response if pred is None else pred), (gold if g is None else g), pred is not None, g is not None
 
 
 def _parse_and_verify(response: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # "timeout disabled": we time the whole check
-    gold_parsed = parse(_as_latex(gold, whole=not _MATH_MODE.search(gold)), parsing_timeout=None)
-    pred_parsed = parse(_as_latex(response, whole=False), parsing_timeout=None)
+    pred, g, pred_bare, gold_bare = _answers(response, gold)
+    if pred_bare and gold_bare and ("=" in pred) != ("=" in g):
+        return False  # an equation is not its right-hand side ("2x - y = 0" is not "0"), as in the reference
+    gold_parsed = parse(f"${g}$" if gold_bare else g, parsing_timeout=None)
+    pred_parsed = parse(f"${pred}$" if pred_bare else pred, parsing_timeout=None)
     return bool(gold_parsed and pred_parsed and verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
