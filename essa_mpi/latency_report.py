@@ -18,6 +18,7 @@ import math
 from essa_mpi import latency as L
 
 DEFAULT_GPUS = [2**i for i in range(11)]  # 1 .. 1024
+DEFAULTS = {"peak_bw": 25e9, "latency": 0.0, "eta_gen": 0.02, "eta_fb": 0.05}  # when neither flag nor bench says
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,10 +28,10 @@ def parser() -> argparse.ArgumentParser:
                     "on that machine, and the largest world's fitted all-reduce latency and bandwidth")
     ap.add_argument("--model-bytes", type=float, default=15.24e9, help="gradient bytes all-reduced (default: bf16 "
                     "Qwen2.5-7B, 7.62e9 x 2)")
-    ap.add_argument("--peak-bw", type=float, default=25e9, help="sustained per-GPU collective bandwidth, bytes/s")
-    ap.add_argument("--latency", type=float, default=0.0, help="per-step collective latency, seconds")
-    ap.add_argument("--eta-gen", type=float, default=0.02, help="generation seconds per sample (one instance)")
-    ap.add_argument("--eta-fb", type=float, default=0.05, help="forward-backward seconds per sample")
+    ap.add_argument("--peak-bw", type=float, help="sustained per-GPU collective bandwidth, bytes/s (default 25e9)")
+    ap.add_argument("--latency", type=float, help="per-step collective latency, seconds (default 0)")
+    ap.add_argument("--eta-gen", type=float, help="generation seconds per sample, one instance (default 0.02)")
+    ap.add_argument("--eta-fb", type=float, help="forward-backward seconds per sample (default 0.05)")
     ap.add_argument("--popsize", type=int, default=128, help="ESSA population N_pop")
     ap.add_argument("--b-essa", type=float, default=256, help="prompts one candidate sees per generation")
     ap.add_argument("--b-grad", type=float, default=512, help="global batch of the gradient method")
@@ -89,10 +90,10 @@ def plot(rows: list, a: argparse.Namespace, path: str) -> None:
 def main(argv: list) -> int:
     ap = parser()
     a = ap.parse_args(argv)
-    if a.from_bench:
-        for key, value in from_bench(a.from_bench).items():
-            if ap.get_default(key.replace("-", "_")) == getattr(a, key):  # the command line wins over the bench
-                setattr(a, key, value)
+    measured = from_bench(a.from_bench) if a.from_bench else {}
+    for key, default in DEFAULTS.items():  # the command line wins over the bench, the bench over the default
+        if getattr(a, key) is None:
+            setattr(a, key, measured.get(key, default))
     try:
         gpus = [int(x) for x in a.gpus.split(",") if x.strip()]
     except ValueError:

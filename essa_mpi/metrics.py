@@ -1,7 +1,9 @@
 """Run logging on rank 0: ``metrics.jsonl`` (one JSON object per generation) and a tqdm progress bar.
 
 Each line: generation, wall_s (since start of this process), reward_mean/std/max over the population,
-sigma, allgather_bytes (this generation's record payload, all ranks), and val_reward when measured.
+sigma, allgather_bytes (this generation's record payload, all ranks, computed locally), sent_bytes (this
+rank's records and trailer), eval_s / wait_s / exchange_s (slowest evaluation, this rank's wait for it, its
+time in the collective), and val_reward when measured.
 """
 
 from __future__ import annotations

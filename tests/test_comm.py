@@ -15,3 +15,28 @@ def test_split_is_contiguous_and_balanced(popsize, world):
     counts = split_counts(popsize, world)
     assert sum(counts) == popsize and len(counts) == world
     assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
+
+
+@pytest.mark.parametrize("popsize,batch,world", [(16, 24, 2), (7, 3, 3), (3, 3, 4), (2, 4, 5), (3, 3, 9), (1, 5, 5)])
+def test_shares_cover_every_candidate_prompt_pair_once(popsize, batch, world):
+    from essa_mpi.comm import record_counts, shares
+
+    covered = np.zeros((popsize, batch), int)
+    for cands, prompts in shares(popsize, batch, world):
+        assert cands.stop > cands.start and prompts.stop > prompts.start, "no rank sits idle"
+        covered[cands, prompts] += 1
+    assert (covered == 1).all()
+    counts = record_counts(popsize, batch, world)
+    assert sum(counts) == (popsize * batch if world > popsize else popsize) and len(counts) == world
+
+
+def test_exchange_carries_records_fingerprint_and_seconds_in_one_call():
+    """One-rank world (no mpiexec): what goes in comes back, the 64-bit fingerprint bit-exact."""
+    from essa_mpi.comm import Comm
+
+    comm = Comm()
+    local = np.zeros(3, RECORD)
+    local["seed"], local["reward"] = [7, 8, 2**32 - 1], [0.5, -1.0, np.nan]
+    records, fps, seconds = comm.exchange(local, [3], 2**64 - 12345, 1.25)
+    assert records.tobytes() == local.tobytes() and fps.tolist() == [2**64 - 12345] and seconds.tolist() == [1.25]
+    assert comm.bytes_sent == 3 * 8 + 16

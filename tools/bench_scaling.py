@@ -2,7 +2,7 @@
 
     python tools/bench_scaling.py            # all parts -> tools/results/bench_scaling.json and bench_scaling.png
     python tools/bench_scaling.py --quick    # the same shape in under 5 minutes (fewer sizes, generations, rows)
-    srun -n 64 python tools/bench_scaling.py --worker exchange --out ex64.json   # part a on a real cluster
+    python tools/bench_scaling.py --launcher "srun --mpi=pmi2" --worlds 2,8,32,128   # inside a SLURM allocation
 
 a. Exchange cost under real ``mpiexec`` for worlds of 2..64 processes (oversubscribed here, no model): ESSA's
    exchange (``Comm.exchange``: one Allgatherv of 8-byte records at lambda = world, plus each rank's 16-byte
@@ -104,7 +104,7 @@ def part_a(args: argparse.Namespace) -> list:
     for w in args.worlds:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
             path = fh.name
-        cmd = [mpiexec(), "-n", str(w), sys.executable, os.path.abspath(__file__), "--worker", "exchange", "--out",
+        cmd = [*LAUNCHER, "-n", str(w), sys.executable, os.path.abspath(__file__), "--worker", "exchange", "--out",
                path, "--reps", str(args.reps), "--sizes", ",".join(map(str, args.sizes))]
         t = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
@@ -131,9 +131,12 @@ def part_a(args: argparse.Namespace) -> list:
 
 
 # ------------------------------------------------------------------------------------------- parts b and c (runs)
+LAUNCHER = [mpiexec()]  # --launcher "srun --mpi=pmi2" inside a SLURM allocation
+
+
 def essa_run(ranks: int, out: str, overrides: list, timeout: int = 7200) -> list:
-    """mpiexec -n ranks python -m essa_mpi (embedded default, one torch thread per rank) → metrics lines."""
-    cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "essa_mpi", "model.threads=1", "run.progress=false",
+    """LAUNCHER -n ranks python -m essa_mpi (embedded default, one torch thread per rank) → metrics lines."""
+    cmd = [*LAUNCHER, "-n", str(ranks), sys.executable, "-m", "essa_mpi", "model.threads=1", "run.progress=false",
            f"run.output_dir={out}", *overrides]
     t = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
@@ -159,13 +162,23 @@ def generation_times(lines: list) -> dict:
             "sent_bytes": gens[-1]["sent_bytes"]}
 
 
+def curve(lines: list) -> list:
+    return [{"generation": m["generation"], "wall_s": m["wall_s"], "val_reward": m["val_reward"]}
+            for m in lines if "val_reward" in m]
+
+
 def part_b(args: argparse.Namespace, work: str) -> dict:
-    common = ["task.val_size=0", "task.val_base=false", f"run.generations={args.generations}",
-              f"task.batch_size={args.batch}"]
+    """Strong and weak scaling runs. --quick also validates them at the start and the end (outside the timed
+    generations), which stands in for part c's curves."""
+    val = [f"task.val_size={args.val_size}", f"task.val_every={10**6}"] if args.quick else ["task.val_size=0"]
+    common = val + ["task.val_base=false", f"run.generations={args.generations}", f"task.batch_size={args.batch}",
+                    "adapter.warm_start=none"]  # speed does not depend on the start
     out = {}
     for name, ranks, popsize in (("strong_1", 1, 16), ("strong_2", 2, 16), ("weak_1", 1, 8), ("weak_2", 2, 16)):
         lines = essa_run(ranks, os.path.join(work, name), common + [f"search.popsize={popsize}"])
         out[name] = {"ranks": ranks, "popsize": popsize, **generation_times(lines)}
+        if args.quick and name.startswith("strong"):
+            out.setdefault("curves", {})[f"ranks_{ranks}"] = curve(lines)
     s1, s2 = out["strong_1"]["s_per_generation"], out["strong_2"]["s_per_generation"]
     out["strong_efficiency"] = s1 / (2 * s2)
     # appendix B's per-sample times on this machine, one core: generation (population-batched) and SFT step
@@ -183,8 +196,7 @@ def part_c(args: argparse.Namespace, work: str) -> dict:
         lines = essa_run(ranks, os.path.join(work, f"curve_{ranks}"),
                          [f"run.generations={args.curve_generations}", f"task.val_every={args.val_every}",
                           f"task.val_size={args.val_size}", "task.val_base=false"])
-        out[f"ranks_{ranks}"] = [{"generation": m["generation"], "wall_s": m["wall_s"], "val_reward": m["val_reward"]}
-                                 for m in lines if "val_reward" in m]
+        out[f"ranks_{ranks}"] = curve(lines)
     return out
 
 
@@ -228,10 +240,12 @@ def plot(result: dict, path: str) -> None:
     ax[0].plot(worlds, [r["essa_exchange_s"] for r in a], "o-", label="ESSA exchange (measured)")
     for key, label in (("lora_grad_allreduce", "LoRA r=16 grad all-reduce"), ("full_grad_allreduce",
                                                                              "full bf16 grad all-reduce")):
-        ax[0].plot(worlds, [r[key]["seconds"] for r in a], "s--", label=f"{label} ({a[0][key]['how']} at 2)")
+        how = sorted({r[key]["how"] for r in a})
+        ax[0].plot(worlds, [r[key]["seconds"] for r in a], "s--", label=f"{label} ({' / '.join(how)})")
     ax[0].set(xscale="log", yscale="log", xlabel="processes (oversubscribed on 2 cores)", ylabel="seconds per call",
               title="a. one generation's exchange vs a gradient all-reduce")
     ax[0].set_xticks(worlds, [str(w) for w in worlds])
+    ax[0].xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax[0].legend(fontsize=7)
     b = result["end_to_end"]
     names = ["strong_1", "strong_2", "weak_1", "weak_2"]
@@ -239,7 +253,7 @@ def plot(result: dict, path: str) -> None:
     wt = [b[n]["wait_s"] for n in names]
     ex = [b[n]["exchange_s"] for n in names]
     other = [max(0.0, b[n]["s_per_generation"] - e - w - x) for n, e, w, x in zip(names, ev, wt, ex)]
-    labels = [f"{n.split('_')[0]}\n{b[n]['ranks']} rank(s), λ={b[n]['popsize']}" for n in names]
+    labels = [f"{n.split('_')[0]}\n{b[n]['ranks']}r λ={b[n]['popsize']}" for n in names]
     ax[1].bar(labels, ev, label="evaluate (rank 0)")
     ax[1].bar(labels, wt, bottom=ev, label="wait for slowest rank")
     ax[1].bar(labels, ex, bottom=np.add(ev, wt), label="exchange")
@@ -262,28 +276,36 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the same parts, small: under 5 minutes")
     ap.add_argument("--parts", default="a,b,c")
     ap.add_argument("--worker", choices=["exchange", "fb"], help=argparse.SUPPRESS)
+    ap.add_argument("--launcher", default=None, help='command that starts N ranks with "-n N" appended, e.g. '
+                    '"srun --mpi=pmi2" (default: the mpiexec beside this Python)')
+    ap.add_argument("--replot", action="store_true", help="only redraw the PNG from an existing --out JSON")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_scaling.json"))
     ap.add_argument("--worlds", default="2,4,8,16,32,64")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--sizes", default="", help="all-reduce sizes in bytes (default: 8 B .. LoRA grad .. 64 MiB)")
     ap.add_argument("--memory-budget", type=float, default=6e9, help="bytes the all-reduce buffers may take in all")
-    ap.add_argument("--generations", type=int, default=6, help="part b: generations per run")
+    ap.add_argument("--generations", type=int, default=5, help="part b: generations per run")
     ap.add_argument("--batch", type=int, default=24, help="part b: prompts per generation")
-    ap.add_argument("--curve-generations", type=int, default=12, help="part c: generations per run")
+    ap.add_argument("--curve-generations", type=int, default=9, help="part c: generations per run")
     ap.add_argument("--val-every", type=int, default=3)
     ap.add_argument("--val-size", type=int, default=200)
     args = ap.parse_args()
     sizes = [8, 1024, 65536, 1 << 20, 1 << 22, lora_grad_bytes(), 1 << 26]
     args.sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else sizes
     args.worlds = [int(w) for w in args.worlds.split(",")]
+    if args.launcher:
+        LAUNCHER[:] = args.launcher.split()
+    if args.replot:
+        with open(args.out) as fh:
+            return plot(json.load(fh), os.path.splitext(args.out)[0] + ".png")
     if args.worker == "fb":
         return print(eta_fb())
     if args.worker:
         return exchange_worker(args)
-    if args.quick:
+    if args.quick:  # the same parts, small; part c's curves come from part b's strong runs
         args.worlds, args.reps = [w for w in args.worlds if w <= 16], 50
         args.sizes = [8, 65536, 1 << 20, lora_grad_bytes()]
-        args.generations, args.batch, args.curve_generations, args.val_every, args.val_size = 3, 8, 2, 1, 24
+        args.generations, args.batch, args.val_size = 3, 4, 16
     parts = args.parts.split(",")
     t0 = time.time()
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
@@ -295,7 +317,8 @@ def main() -> None:
     if "b" in parts:
         result["end_to_end"] = part_b(args, work)
     if "c" in parts:
-        result["accuracy_vs_time"] = part_c(args, work)
+        curves = result.get("end_to_end", {}).pop("curves", None)
+        result["accuracy_vs_time"] = curves if args.quick and curves else part_c(args, work)
     targets = {}
     if "exchange" in result and "end_to_end" in result:
         gen = min(result["end_to_end"][n]["s_per_generation"] for n in ("strong_1", "strong_2", "weak_1", "weak_2"))
