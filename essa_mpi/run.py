@@ -135,6 +135,21 @@ def update(p: Parts, gen: dict) -> tuple:
     return p.search.tell(records["seed"], records["reward"]), nonfinite
 
 
+def generation_metrics(p: Parts, cfg: Config, comm: Comm, gen: dict, sent: int) -> dict:
+    """One metrics.jsonl line's numbers: population rewards, sigma, bytes and seconds of the exchange."""
+    r = gen["records"]["reward"].astype(np.float64)  # [popsize]
+    slowest = float(gen["eval_s"].max())
+    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "reward_max": float(r.max()),
+            "sigma": p.search.sigma,
+            "allgather_bytes": RECORD.itemsize * sum(record_counts(cfg.search.popsize, cfg.task.batch_size,
+                                                                    comm.size)),  # records of all ranks
+            "sent_bytes": sent,  # this rank's records and trailer
+            "eval_s": round(slowest, 4),  # the slowest rank's evaluation
+            "wait_s": round(slowest - float(gen["eval_s"][comm.rank]), 4),  # how long this rank waited for it
+            "exchange_s": round(gen["exchange_s"], 6),  # this rank's time in the collective, waiting included
+            **peak_memory()}
+
+
 def replay(p: Parts, state: checkpoint.RunState) -> None:
     """Rebuild the CMA-ES state from the checkpoint's (seed, reward) history and check its fingerprint."""
     for g in range(state.generation):
@@ -194,20 +209,10 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
             gen = step(p, cfg, comm, g)
         assert (gen["records"]["seed"] == p.search.seeds(g)).all(), "gathered seeds differ from this rank's"
         updated, nonfinite = update(p, gen)
-        records = gen["records"]
-        hist.add(records, gen["X"])
+        hist.add(gen["records"], gen["X"])
         if lead:
             checkpoint.save(os.path.join(out, checkpoint.FILENAME), hist.state(cfg, p.search, g + 1))
-        r = records["reward"].astype(np.float64)
-        log.log({"generation": g + 1, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                 "reward_max": float(r.max()), "sigma": p.search.sigma,
-                 "allgather_bytes": RECORD.itemsize * sum(record_counts(cfg.search.popsize, cfg.task.batch_size,
-                                                                         comm.size)),  # records, all ranks
-                 "sent_bytes": comm.bytes_sent - sent,  # this rank's records and trailer
-                 "eval_s": round(float(gen["eval_s"].max()), 4),  # the slowest rank's evaluation
-                 "wait_s": round(float(gen["eval_s"].max() - gen["eval_s"][comm.rank]), 4),  # rank 0 waited
-                 "exchange_s": round(gen["exchange_s"], 6),  # rank 0's time in the collective, waiting included
-                 **peak_memory(),
+        log.log({"generation": g + 1, **generation_metrics(p, cfg, comm, gen, comm.bytes_sent - sent),
                  **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
                  **({"nonfinite_candidates": nonfinite} if nonfinite else {})})
     if lead:
