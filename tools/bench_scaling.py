@@ -305,7 +305,7 @@ def main() -> None:
     if args.quick:  # the same parts, small; part c's curves come from part b's strong runs
         args.worlds, args.reps = [w for w in args.worlds if w <= 16], 50
         args.sizes = [8, 65536, 1 << 20, lora_grad_bytes()]
-        args.generations, args.batch, args.val_size = 3, 4, 16
+        args.generations, args.batch, args.val_size = 2, 4, 16
     parts = args.parts.split(",")
     t0 = time.time()
     result = {"settings": {k: v for k, v in vars(args).items() if k not in ("worker", "out")},
