@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from essa_mpi.config import TaskConfig
 from essa_mpi.tasks import Task
-from essa_mpi.tasks.answers import last_boxed
 from essa_mpi.tasks.data import load_rows, require_columns
 from essa_mpi.tasks.gsm8k import SYSTEM_PROMPT  # the paper's math system prompt (appendix H)
+from essa_mpi.tasks.math_answer import last_boxed_answer
 from essa_mpi.tasks.verify import math_equal
 
 DEFAULT_TRAIN = "DigitalLearningGmbH/MATH-lighteval"
@@ -42,11 +42,7 @@ def gold(row: dict) -> str | None:
     """
     if row.get("answer"):
         return str(row["answer"])
-    solution = row.get("solution") or ""
-    boxed = last_boxed(solution)
-    if boxed is None and "\\boxed " in solution:
-        boxed = solution.rsplit("\\boxed ", 1)[1].split("$")[0].strip()
-    return boxed
+    return last_boxed_answer(row.get("solution") or "")
 
 
 def with_gold(rows: list, where: str) -> list:

@@ -28,17 +28,15 @@ def last_boxed_answer(text: str) -> Optional[str]:
 
     >>> last_boxed_answer(r"first \\boxed{1}, then \\boxed{\\frac{2}{3}}.")
     '\\\\frac{2}{3}'
-    >>> last_boxed_answer(r"is $\\boxed 9$."), last_boxed_answer("no box") is None
-    ('9', True)
+    >>> last_boxed_answer(r"is $\\boxed 9$."), last_boxed_answer(r"= \\boxed {17}."), last_boxed_answer("no") is None
+    ('9', '17', True)
     """
     start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
     if start < 0:
         return None
-    rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox")
-    if rest.startswith(" "):
-        return rest.strip().split("$")[0].strip() or None
-    if not rest.startswith("{"):
-        return None
+    rest = text[start:].removeprefix("\\boxed").removeprefix("\\fbox").lstrip(" ")  # "\\boxed {17}" is braced too
+    if not rest.startswith("{"):  # "\\boxed 9$": up to the closing $
+        return rest.split("$")[0].strip() or None
     depth = 0
     for i, ch in enumerate(rest):
         depth += (ch == "{") - (ch == "}")
