@@ -74,15 +74,11 @@ def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> 
 
 
 def check_placement(cfg, comm: Comm) -> None:
-    """Ranks on this node x model.gpus_per_rank must fit the GPUs this process sees (ValueError naming both)."""
-    if cfg.model.device == "cpu":
-        return
-    import torch
+    """The devices load_model will use, decided before loading: ValueError when ranks on this node x
+    model.gpus_per_rank exceed the GPUs this process sees (naming both), or model.device=cuda has no CUDA."""
+    from essa_mpi.model import placement
 
-    from essa_mpi.launch import gpu_ids
-
-    if torch.cuda.is_available():
-        gpu_ids(comm.local_rank, comm.local_size, cfg.model.gpus_per_rank, torch.cuda.device_count())
+    placement(cfg.model, comm.local_rank, comm.local_size)
 
 
 def needs_sft(cfg, state, command: str) -> bool:

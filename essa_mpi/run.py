@@ -119,8 +119,10 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> dict:
     gathered, fingerprints, seconds = comm.exchange(local, record_counts(popsize, B, comm.size), fingerprint,
                                                     eval_s)  # Alg. 1, line 13
     exchange_s = time.perf_counter() - t
+    # seeds depend only on (search.seed, g, k), never on the CMA-ES state: they agree even across diverged ranks
+    expected = seeds.repeat(B) if per_prompt else seeds
+    assert (gathered["seed"] == expected).all(), "gathered seeds differ from this rank's seeds"
     if per_prompt:  # [popsize*B] prompt records, candidate-major → [popsize] candidate records
-        assert (gathered["seed"] == seeds.repeat(B)).all() or not (fingerprints == fingerprints[0]).all()
         records = np.empty(popsize, dtype=RECORD)
         records["seed"], records["reward"] = seeds, candidate_rewards(gathered["reward"].reshape(popsize, B))
     else:
@@ -207,7 +209,6 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         repaired = repair(p.search, comm, log, g + 1, gen["fingerprints"])
         if repaired:  # the candidates came from diverged states: evaluate this generation again
             gen = step(p, cfg, comm, g)
-        assert (gen["records"]["seed"] == p.search.seeds(g)).all(), "gathered seeds differ from this rank's"
         updated, nonfinite = update(p, gen)
         hist.add(gen["records"], gen["X"])
         if lead:

@@ -84,3 +84,14 @@ def test_placement_errors_before_loading(eight_gpus):
 
 def test_placement_cpu_ignores_gpus(eight_gpus):
     assert placement(ModelConfig(device="cpu", gpus_per_rank=64), 0, 8) == (torch.device("cpu"), None)
+
+
+def test_cuda_without_cuda_is_refused_before_loading(monkeypatch):
+    from essa_mpi.cli import check_placement
+    from essa_mpi.config import Config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = Config()
+    cfg.model.device = "cuda"
+    with pytest.raises(ValueError, match="model.device=cuda but CUDA is not available"):
+        check_placement(cfg, SimpleNamespace(local_rank=0, local_size=1))
