@@ -81,9 +81,11 @@ class SeededCMA:
         mean by an arbitrary step and inflate sigma ("flat fitness"). Deterministic, so all ranks agree.
         """
         rewards = np.asarray(rewards, dtype=np.float64)
+        # Rebuild first, flat or not: the live ranks called ask() this generation, which may run pycma's
+        # delayed eigendecomposition; a replay from the checkpoint must do the same to reach the same state.
+        X = self.ask(seeds)  # [popsize, dim]
         if np.all(rewards == rewards[0]):
             return False
-        X = self.ask(seeds)  # [popsize, dim]
         self.es.tell(list(X), (-rewards).tolist())  # maximise reward
         return True
 
