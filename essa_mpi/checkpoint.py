@@ -1,16 +1,21 @@
 """HDF5 checkpoint of an ESSA run, written atomically after every generation (rank 0).
 
-    save(path, state)            # temp file + os.replace: a crash never leaves a half-written checkpoint
-    state = load(path)
+    save(path, state)            # temp file, fsync, rename; the previous one kept as checkpoint.prev.h5
+    state, note = load_latest(out_dir)   # checkpoint.h5, or checkpoint.prev.h5 when the latest is damaged
 
 Layout of ``checkpoint.h5`` (no pickle anywhere)::
 
-    attrs: generation (completed), data_cursor, solution_length, popsize, fingerprint, config (YAML text)
+    attrs: generation (completed), data_cursor, solution_length, popsize, fingerprint, config (YAML text),
+           identity (JSON: model, adapter, task data, SVD bases digests), checksum (sha256 of all the rest)
     history/seeds   uint32  [generations, popsize]   the seeds of every evaluated candidate
     history/rewards float32 [generations, popsize]   their rewards (the gathered 8-byte records)
     cma/<name>      float64/int64                    SeededCMA.state_arrays(): mean, sigma, C or sigma_vec, ...
     solutions/mean  float64 [n]                      search mean (what export uses)
     solutions/best  float64 [n], attrs reward        best candidate seen (by mini-batch reward)
+
+A crash at any point leaves a complete checkpoint.h5 or checkpoint.prev.h5 (never only a temp file): the
+new file is fsynced before the rename and the directory after it. A file that fails its checksum, is
+truncated or is not an ESSA checkpoint is refused with one line (ValueError), never a traceback.
 
 Resume replays the (seed, reward) history through a fresh CMA-ES, which is exactly the computation every
 rank did, and checks the result against the stored fingerprint; the rest of the run is then bit-identical.
@@ -18,13 +23,15 @@ rank did, and checks the result against the stored fingerprint; the rest of the 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
-FILENAME = "checkpoint.h5"
+FILENAME, PREVIOUS = "checkpoint.h5", "checkpoint.prev.h5"
 
 
 @dataclass
@@ -38,32 +45,122 @@ class RunState:
     fingerprint: int = 0
     best: np.ndarray | None = None
     best_reward: float = -np.inf
+    identity: dict = field(default_factory=dict)
+
+
+class CheckpointWriteError(RuntimeError):
+    """The checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
+
+
+def _arrays(s: RunState) -> dict:
+    """Every dataset of the file, by HDF5 path."""
+    out = {"history/seeds": s.seeds.astype(np.uint32), "history/rewards": s.rewards.astype(np.float32),
+           **{f"cma/{k}": np.asarray(v) for k, v in s.cma.items()}, "solutions/mean": np.asarray(s.cma["mean"])}
+    if s.best is not None:
+        out["solutions/best"] = np.asarray(s.best)
+    return out
+
+
+def _attrs(s: RunState) -> dict:
+    return {"generation": int(s.generation), "data_cursor": int(s.data_cursor), "config": s.config_yaml,
+            "fingerprint": np.uint64(s.fingerprint), "popsize": int(s.seeds.shape[1]) if s.seeds.size else 0,
+            "solution_length": len(s.cma["mean"]), "best_reward": float(s.best_reward),
+            "identity": json.dumps(s.identity, sort_keys=True)}
+
+
+def checksum(attrs: dict, arrays: dict) -> str:
+    h = hashlib.sha256()
+    for key in sorted(attrs):
+        h.update(f"{key}={attrs[key]!s}".encode())
+    for key in sorted(arrays):
+        a = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(path: str, s: RunState) -> None:
-    tmp = path + ".tmp"
-    with h5py.File(tmp, "w") as f:
-        f.attrs.update(generation=s.generation, data_cursor=s.data_cursor, config=s.config_yaml,
-                       fingerprint=np.uint64(s.fingerprint), popsize=s.seeds.shape[1] if s.seeds.size else 0,
-                       solution_length=len(s.cma["mean"]))
-        f.create_dataset("history/seeds", data=s.seeds.astype(np.uint32))
-        f.create_dataset("history/rewards", data=s.rewards.astype(np.float32))
-        for key, value in s.cma.items():
-            f.create_dataset(f"cma/{key}", data=value)
-        f.create_dataset("solutions/mean", data=s.cma["mean"])
-        if s.best is not None:
-            f.create_dataset("solutions/best", data=s.best).attrs["reward"] = s.best_reward
-    os.replace(tmp, path)
+    """Write s to path atomically; the file it replaces becomes checkpoint.prev.h5 in the same directory."""
+    tmp, directory = path + ".tmp", os.path.dirname(os.path.abspath(path))
+    attrs, arrays = _attrs(s), _arrays(s)
+    for leftover in (tmp, os.path.join(directory, PREVIOUS + ".tmp")):  # from a process killed mid-save
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs)
+            f.attrs["checksum"] = checksum(attrs, arrays)
+            for key, value in arrays.items():
+                f.create_dataset(key, data=value)
+        _fsync(tmp)
+        if os.path.exists(path):  # keep the previous checkpoint: a hard link, so path itself never goes missing
+            prev = os.path.join(directory, PREVIOUS)
+            os.link(path, prev + ".tmp")
+            os.replace(prev + ".tmp", prev)
+        os.replace(tmp, path)
+        _fsync(directory)
+    except OSError as exc:
+        raise CheckpointWriteError(f"could not write the checkpoint {path}: {exc.strerror or exc} (disk full or "
+                                   f"quota?); the previous checkpoint is kept. Free space, then --resume "
+                                   f"{directory}.") from None
+    finally:
+        for leftover in (tmp, os.path.join(directory, PREVIOUS + ".tmp")):
+            if os.path.exists(leftover):
+                os.remove(leftover)
 
 
 def load(path: str) -> RunState:
+    """The checkpoint at path; ValueError (one line) when it is missing, damaged or not an ESSA checkpoint."""
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}; --resume takes the run's output_dir, which holds {FILENAME}.")
-    with h5py.File(path, "r") as f:
-        best = f["solutions/best"] if "solutions/best" in f else None
-        return RunState(
-            generation=int(f.attrs["generation"]), data_cursor=int(f.attrs["data_cursor"]),
-            config_yaml=str(f.attrs["config"]), seeds=f["history/seeds"][()], rewards=f["history/rewards"][()],
-            cma={k: v[()] for k, v in f["cma"].items()}, fingerprint=int(f.attrs["fingerprint"]),
-            best=None if best is None else best[()],
-            best_reward=-np.inf if best is None else float(best.attrs["reward"]))
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: f.attrs[k] for k in f.attrs if k != "checksum"}
+            arrays = {}
+            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset)
+                         else None)
+            stored = str(f.attrs.get("checksum", ""))
+        state = _state(attrs, arrays)
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a readable ESSA checkpoint ({type(exc).__name__}: {exc}); it is truncated, "
+                         f"corrupt or from another program.") from None
+    if checksum({k: attrs[k] for k in _attrs(state)}, _arrays(state)) != stored:
+        raise ValueError(f"{path} fails its checksum: it was edited or damaged after it was written.")
+    return state
+
+
+def _state(attrs: dict, arrays: dict) -> RunState:
+    cma = {k[4:]: v for k, v in arrays.items() if k.startswith("cma/")}
+    s = RunState(generation=int(attrs["generation"]), data_cursor=int(attrs["data_cursor"]),
+                 config_yaml=str(attrs["config"]), seeds=arrays["history/seeds"], rewards=arrays["history/rewards"],
+                 cma=cma, fingerprint=int(attrs["fingerprint"]), best=arrays.get("solutions/best"),
+                 best_reward=float(attrs["best_reward"]), identity=json.loads(str(attrs["identity"])))
+    if s.seeds.shape != s.rewards.shape or len(s.seeds) != s.generation or "mean" not in cma:
+        raise ValueError(f"history of {s.seeds.shape} seeds and {s.rewards.shape} rewards for {s.generation} "
+                         f"generations")
+    return s
+
+
+def load_latest(out_dir: str) -> tuple:
+    """→ (RunState, note): checkpoint.h5, or checkpoint.prev.h5 with a note saying why when the latest is
+    damaged (a crash or a full disk while it was written). ValueError when neither is usable."""
+    latest = os.path.join(out_dir, FILENAME)
+    try:
+        return load(latest), None
+    except ValueError as exc:
+        prev = os.path.join(out_dir, PREVIOUS)
+        if not os.path.isfile(latest) or not os.path.isfile(prev):
+            raise
+        try:
+            state = load(prev)
+        except ValueError:
+            raise exc from None
+        return state, f"WARNING: {exc} Resuming from {prev} (generation {state.generation}) instead."

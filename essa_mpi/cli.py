@@ -8,8 +8,10 @@
     mpiexec -n 4 python -m essa_mpi eval --config jobs/eval_math.yaml eval.adapters=base,runs/essa/adapter
 
 Every rank parses and validates the same input; a bad value stops all ranks with one message and exit
-code 2 before any model is loaded. An unexpected error on any rank stops all ranks (exit code 1); the
-last checkpoint is kept, so ``--resume`` continues after the fix.
+code 2 before any model is loaded. An unexpected error on any rank stops all ranks (exit code 1); a
+reward or collective past its timeout stops them with exit code 3; SIGINT/SIGTERM stop each rank with
+one line (exit 130/143). The last checkpoint is kept in every case, so ``--resume`` continues after the
+fix. Rank 0 holds ``run.output_dir/run.lock`` for the whole run: one run per directory.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import traceback
 
 import yaml
 
-from essa_mpi import checkpoint
-from essa_mpi.comm import Comm, default_threads, first_error
-from essa_mpi.config import apply_overrides, config_from_dict, help_text, load_config, validate
+from essa_mpi import checkpoint, rundir, watchdog
+from essa_mpi.comm import Comm, Refused, default_threads, first_error
+from essa_mpi.config import apply_overrides, config_from_dict, help_text, load_config
 from essa_mpi.launch import check_world
+from essa_mpi.preflight import check
 
 COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
             "sft": "Train (or find cached) the LoRA SFT warm start and print its directory.",
@@ -49,28 +52,45 @@ def parser(command: str = "run") -> argparse.ArgumentParser:
 
 
 def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> tuple:
-    """→ (validated Config, RunState or None). Raises ValueError with the fix on bad input."""
-    state = None
+    """→ (checked Config, RunState or None, note or None). Raises ValueError with the fix on bad input."""
+    state, note = None, None
     if getattr(args, "resume", None):
         if args.config:
             raise ValueError("--resume uses the config stored in the checkpoint; drop --config.")
         bad = [o for o in args.overrides if not o.startswith("run.")]
         if bad:
             raise ValueError(f"--resume accepts only run.* overrides (e.g. run.generations=200), got {bad}.")
-        state = checkpoint.load(os.path.join(args.resume, checkpoint.FILENAME))
+        state, note = checkpoint.load_latest(args.resume)
         data = apply_overrides(yaml.safe_load(state.config_yaml), args.overrides + [f"run.output_dir={args.resume}"])
         cfg = config_from_dict(data)
+        if cfg.search.popsize != state.seeds.shape[1]:
+            raise ValueError(f"{args.resume}: the stored search.popsize={cfg.search.popsize} does not match the "
+                             f"checkpoint's history ({state.seeds.shape[1]} per generation); it was not written "
+                             f"by this run.")
         if cfg.run.generations < state.generation:
             raise ValueError(f"run.generations={cfg.run.generations} but the checkpoint already has "
                              f"{state.generation} generations; raise run.generations.")
     else:
         cfg = load_config(args.config, args.overrides)
-        ckpt = os.path.join(cfg.run.output_dir, checkpoint.FILENAME)
-        if command == "run" and os.path.exists(ckpt):
-            raise ValueError(f"{cfg.run.output_dir} already holds a checkpoint; continue it with --resume "
-                             f"{cfg.run.output_dir}, or set run.output_dir to a new directory.")
-    validate(cfg, world_size, command)
-    return cfg, state
+    check(cfg, world_size, command)
+    return cfg, state, note
+
+
+def claim(cfg, state, task, command: str):
+    """Rank 0, before anything is written: lock run.output_dir, then refuse a directory a fresh run would
+    overwrite, or a resume whose model, adapter or data changed. → the lock (None for sft/eval)."""
+    if command != "run":
+        return None
+    lock = rundir.RunLock.acquire(cfg.run.output_dir)
+    try:
+        if state is None:
+            rundir.clear_for_fresh_run(cfg.run.output_dir, cfg.run.overwrite)
+        else:
+            rundir.check_identity(state.identity, rundir.identity(cfg, task), cfg.run.output_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def check_placement(cfg, comm: Comm) -> None:
@@ -104,10 +124,10 @@ def warm_start(cfg, comm: Comm, task) -> tuple:
 
     from essa_mpi import sft
 
-    out, info = sft.sft_dir(cfg), None
+    out, info = sft.sft_dir(cfg, task.sft), None
     if comm.rank == 0:
         try:
-            if sft.is_done(out):
+            if sft.is_done(out, task.sft):
                 print(f"SFT warm start: using cached {out}", flush=True)
             else:
                 torch.set_num_threads(cfg.model.threads or default_threads(1))  # all cores: the others sleep
@@ -127,11 +147,8 @@ def command_run(cfg, comm: Comm, task, state) -> dict:
 
     if needs_sft(cfg, state, "run"):
         cfg.adapter.path, _ = warm_start(cfg, comm, task)
-    if state is None and comm.rank == 0:
-        metrics = os.path.join(cfg.run.output_dir, "metrics.jsonl")
-        if os.path.exists(metrics):
-            os.remove(metrics)  # left by a run that died before its first checkpoint
-    return run(cfg, comm, task, state, start_label="SFT" if cfg.adapter.path else "start")
+    identity = rundir.identity(cfg, task) if comm.rank == 0 else {}  # stored in every checkpoint
+    return run(cfg, comm, task, state, start_label="SFT" if cfg.adapter.path else "start", identity=identity)
 
 
 def command_sft(cfg, comm: Comm, task, state) -> dict:
@@ -154,24 +171,50 @@ def main(argv: list | None = None) -> int:
         return latency_main(argv)
     args = parser(command).parse_args(argv)
     comm = Comm()
+    watchdog.configure(comm.rank, comm.abort if comm.size > 1 else None)
     try:  # every process of a launch that split into one-rank worlds says so (each is its own rank 0)
         check_world(os.environ, comm.size, comm.library)
     except ValueError as exc:
         print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    watchdog.install_signal_handlers()  # until the run starts: nothing to keep, nothing to say but the signal
+    lock = None
     try:
-        cfg, state = first_error(comm, lambda: prepare(args, comm.size, command))
+        cfg, state, note = first_error(comm, lambda: prepare(args, comm.size, command))
         first_error(comm, lambda: check_placement(cfg, comm))
         task = first_error(comm, lambda: load_task(cfg, state, command))
+        lock = first_error(comm, lambda: claim(cfg, state, task, command) if comm.rank == 0 else None)
     except ValueError as exc:
         if comm.rank == 0:
             print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if note and comm.rank == 0:
+        print(note, file=sys.stderr, flush=True)
+    try:
+        return execute(cfg, comm, task, state, command, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def execute(cfg, comm: Comm, task, state, command: str, lock) -> int:
+    """Run the command with the watchdogs armed; every failure ends every rank with one line."""
+    comm.stall_timeout_s = cfg.run.stall_timeout_s
+    if lock is not None:
+        watchdog.on_signal(lock.release)
+    out = cfg.run.output_dir
+    watchdog.install_signal_handlers(
+        (lambda: f"the last checkpoint is kept; continue with --resume {out}") if command == "run" else None)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)
+    except Refused as exc:  # found on every rank alike (first_error): no rank is left waiting
+        if comm.rank == 0:
+            print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     except Exception as exc:  # one rank's failure must stop all ranks, never leave them waiting
-        traceback.print_exc()
-        print(f"essa_mpi: error on rank {comm.rank}: {exc}", file=sys.stderr, flush=True)
+        if not isinstance(exc, checkpoint.CheckpointWriteError):  # its message says all there is
+            traceback.print_exc()
+        watchdog.say(str(exc))
         if comm.size > 1:
             comm.abort(1)
         return 1

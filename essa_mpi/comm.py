@@ -23,6 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from essa_mpi import watchdog
+
 RECORD = np.dtype([("seed", "<u4"), ("reward", "<f4")])
 assert RECORD.itemsize == 8
 
@@ -86,12 +88,14 @@ class Comm:
         node.Free()
         self.library = MPI.Get_library_version().strip()  # names the MPI actually loaded
         self.bytes_sent = 0  # bytes this rank sent through exchange (for the metrics)
+        self.stall_timeout_s = 0.0  # run.stall_timeout_s: the watchdog on collectives (0 = off)
 
     def share(self, popsize: int, batch: int) -> tuple:
         """(candidate slice, prompt slice) this rank evaluates."""
         return shares(popsize, batch, self.size)[self.rank]
 
-    def exchange(self, local: np.ndarray, counts: list, fingerprint: int, eval_s: float) -> tuple:
+    def exchange(self, local: np.ndarray, counts: list, fingerprint: int, eval_s: float,
+                 label: str = "the record exchange") -> tuple:
         """The generation's one collective (Alg. 1, line 13): Allgatherv of every rank's RECORDs (rank r sends
         counts[r]) followed by its 16-byte trailer → (records [sum(counts)] in rank order, fingerprints [world]
         uint64, evaluation seconds [world] float32), identical on every rank.
@@ -106,7 +110,8 @@ class Comm:
         sizes = [(c + 2) * RECORD.itemsize for c in counts]
         displs = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
         recv = np.empty(sum(sizes), dtype=np.uint8)  # [(sum(counts) + 2 * world) * 8] bytes
-        self.world.Allgatherv(send, [recv, sizes, displs, self.MPI.BYTE])
+        with self.watch(label):
+            self.world.Allgatherv(send, [recv, sizes, displs, self.MPI.BYTE])
         self.bytes_sent += send.nbytes
         chunks = [recv[d: d + n].view(RECORD) for d, n in zip(displs, sizes)]  # per rank: [counts[r] + 2]
         records = np.concatenate([c[:-2] for c in chunks])  # [sum(counts)]
@@ -114,10 +119,36 @@ class Comm:
         seconds = np.array([c[-1]["reward"] for c in chunks], dtype=np.float32)  # [world]
         return records, fingerprints, seconds
 
-    def allreduce_sum(self, values: np.ndarray) -> np.ndarray:
+    def allreduce_sum(self, values: np.ndarray, label: str = "validation") -> np.ndarray:
         out = np.empty_like(values, dtype=np.float64)
-        self.world.Allreduce(np.asarray(values, dtype=np.float64), out, op=self.MPI.SUM)
+        with self.watch(label):
+            self.world.Allreduce(np.asarray(values, dtype=np.float64), out, op=self.MPI.SUM)
         return out
+
+    def watch(self, label: str):
+        """Watchdog around one blocking collective: past stall_timeout_s, find out which ranks are missing,
+        say so in one line and abort the job (watchdog.deadline)."""
+        return watchdog.deadline(self.stall_timeout_s, lambda: self._missing_ranks(label))
+
+    def _missing_ranks(self, label: str, tag: int = 7077) -> str:
+        """Runs on the watchdog thread while the main thread is blocked in the collective (mpi4py initialises
+        MPI_THREAD_MULTIPLE). Every rank whose watchdog fired tells rank 0 it is waiting; rank 0 listens for
+        a grace period and names the ranks it did not hear from. Called only when the job is stopping."""
+        grace = min(10.0, max(2.0, self.stall_timeout_s / 10))
+        what = f"{label} did not complete within run.stall_timeout_s={self.stall_timeout_s:g} s"
+        if self.rank != 0:
+            self.world.isend(self.rank, dest=0, tag=tag)
+            time.sleep(grace)  # rank 0 names the missing ranks and aborts the job meanwhile
+            return f"{what} and rank 0 did not answer: rank 0 is stopped or hung; the last checkpoint is kept."
+        heard, end = {0}, time.time() + grace
+        while time.time() < end:
+            while self.world.iprobe(source=self.MPI.ANY_SOURCE, tag=tag):
+                heard.add(self.world.recv(source=self.MPI.ANY_SOURCE, tag=tag))
+            time.sleep(0.05)
+        missing = sorted(set(range(self.size)) - heard)
+        return (f"{what}: rank(s) {missing} did not arrive (stopped, hung, or on a frozen node or filesystem); "
+                f"the last checkpoint is kept: --resume after the fix, or raise run.stall_timeout_s if a "
+                f"generation really takes that long.")
 
     def bcast(self, obj: Any, root: int = 0) -> Any:
         return self.world.bcast(obj, root=root)
@@ -136,8 +167,12 @@ class Comm:
         self.world.Abort(code)
 
 
+class Refused(ValueError):
+    """Bad input found on some rank and raised on every rank by first_error: a clean exit 2, no abort."""
+
+
 def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
-    """Run fn on every rank; if it raises ValueError anywhere, raise the same message everywhere."""
+    """Run fn on every rank; if it raises ValueError anywhere, raise the same message everywhere (Refused)."""
     try:
         result, message = fn(), None
     except ValueError as exc:
@@ -145,7 +180,7 @@ def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
     messages = comm.world.allgather(message)
     failed = [m for m in messages if m is not None]
     if failed:
-        raise ValueError(failed[0])
+        raise Refused(failed[0])
     return result
 
 

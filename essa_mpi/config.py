@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -30,6 +31,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4", "gptq")
+# pycma refuses lambda=2 (its weights need mu >= 1 with a worse half); every rank draws the whole population
+# ([lambda, n] float64, one uint32 seed each) every generation, and the paper's largest is 1,536.
+POPSIZE_RANGE = (3, 65536)
+SIGMA0_MAX = 100.0  # offsets of singular values that are ~0.01-1 in an SFT adapter: larger is no search
 
 
 @dataclass
@@ -63,9 +68,11 @@ class AdapterConfig:
 
 @dataclass
 class SearchConfig:
-    popsize: int = _f(16, "CMA-ES population size lambda (>= 2). With more ranks than candidates, a group of ranks "
-                      "shares each candidate and splits its prompts (ranks <= popsize x task.batch_size).")
-    sigma0: float = _f(0.5, "Initial CMA-ES step size, in units of singular-value offsets.")
+    popsize: int = _f(16, f"CMA-ES population size lambda ({POPSIZE_RANGE[0]}..{POPSIZE_RANGE[1]}). With more ranks "
+                      "than candidates, a group of ranks shares each candidate and splits its prompts (ranks <= "
+                      "popsize x task.batch_size).")
+    sigma0: float = _f(0.5, f"Initial CMA-ES step size, in units of singular-value offsets (0 < sigma0 <= "
+                       f"{SIGMA0_MAX:g}).")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
     seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
 
@@ -91,6 +98,8 @@ class TaskConfig:
     val_size: int = _f(200, "Held-out validation prompts (0 = no validation).")
     val_every: int = _f(6, "Validate the search mean every K generations (and at the start and end).")
     max_new_tokens: int = _f(12, "Greedy generation length per prompt.")
+    reward_timeout_s: float = _f(900.0, "Seconds one reward call (a rank's completions of a generation) may take; "
+                                 "past it the run stops with the function's name. 0 = no limit.")
     system_prompt: Optional[str] = _f(None, "System message; None = the task's default.")
 
 
@@ -130,6 +139,11 @@ class RunConfig:
     output_dir: str = _f("runs/smollm2_arithmetic", "metrics.jsonl, checkpoint.h5 and adapter/ are written here.")
     max_rows: int = _f(256, "Most generation rows (candidates x prompts) in one batched generate call.")
     progress: bool = _f(True, "tqdm progress bar on rank 0.")
+    stall_timeout_s: float = _f(1800.0, "Watchdog: seconds a rank waits in a collective (the record exchange, "
+                                "validation) for the others; past it the job stops, naming the generation and "
+                                "the ranks that did not arrive. Must exceed the slowest generation; 0 = off.")
+    overwrite: bool = _f(False, "Allow a fresh run into an output_dir that already holds files (they are removed, "
+                         "a checkpoint included). Without it such a directory is refused.")
 
 
 @dataclass
@@ -167,13 +181,13 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
         if value not in choices:
             raise ValueError(f"{key}={value!r} is not one of {list(choices)}; set {key} to one of them.")
         return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
+    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+            value = float(value)
+        except (ValueError, OverflowError):
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key}={value} is not a finite number; write e.g. {key}=0.5.")
     if tp is list and isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
@@ -196,6 +210,9 @@ def _section_from_dict(name: str, data: dict) -> Any:
     cls = _SECTION_CLASSES[name]
     hints = typing.get_type_hints(cls)
     known = [f"{name}.{k}" for k in hints]
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"config section '{name}' must be a mapping of keys ({', '.join(sorted(hints))}), got "
+                         f"{type(data).__name__} {data!r}; write e.g. {name}:\n  key: value.")
     values = {}
     for key, value in (data or {}).items():
         if key not in hints:
@@ -231,11 +248,43 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
     """YAML file (or the embedded default when None) + overrides → validated-structure Config."""
     data: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"config file {path!r} does not exist; pass an existing YAML file to --config.")
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        data = read_yaml(path)
     return config_from_dict(apply_overrides(data, list(overrides or [])))
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str) -> dict:
+    """A YAML config file → its mapping (empty file → {}); ValueError naming the file and line otherwise."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist; pass an existing YAML file to --config.")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8.") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = f", line {where.line + 1}" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config file {path!r}{line}: {problem}; fix the YAML.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path!r} holds a {type(data).__name__}, not a mapping of sections "
+                         f"({', '.join(SECTIONS)}); write e.g. search:\n  popsize: 16.")
+    return data
 
 
 def searched_per_factor(cfg: Config) -> int:
@@ -244,9 +293,8 @@ def searched_per_factor(cfg: Config) -> int:
 
 
 def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
-    """All cross-field invariants in one place; cheap (reads small files only, never a model).
-
-    command (run, sft or eval) selects which sections must be usable."""
+    """All cross-field invariants of the values themselves, in one place (no file is read: ``preflight.check``
+    runs this, then checks the files the values name). command (run, sft or eval) selects the sections used."""
     a, s, t, r = cfg.adapter, cfg.search, cfg.task, cfg.run
     if a.rank < 1:
         raise ValueError(f"adapter.rank={a.rank} must be >= 1; set adapter.rank to e.g. 4.")
@@ -258,13 +306,18 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
                          f"{1.0 / a.rank:.3g} or raise adapter.rank.")
     if not a.target_modules:
         raise ValueError("adapter.target_modules is empty; list modules such as q_proj,k_proj,v_proj,o_proj.")
-    if s.popsize < 2:
-        raise ValueError(f"search.popsize={s.popsize} must be >= 2 (CMA-ES needs two candidates to rank).")
-    if s.sigma0 <= 0:
-        raise ValueError(f"search.sigma0={s.sigma0} must be > 0; set e.g. search.sigma0=0.3.")
+    low, high = POPSIZE_RANGE
+    if not low <= s.popsize <= high:
+        raise ValueError(f"search.popsize={s.popsize} must be in [{low}, {high}]: pycma needs at least {low} "
+                         f"candidates, and every rank draws the whole population each generation.")
+    if not 0 < s.sigma0 <= SIGMA0_MAX:
+        raise ValueError(f"search.sigma0={s.sigma0} must be in (0, {SIGMA0_MAX:g}] (an offset of singular values); "
+                         f"set e.g. search.sigma0=0.3.")
     if not 0 <= s.seed < 2**32:
         raise ValueError(f"search.seed={s.seed} must fit in uint32 (0 <= seed < 2**32).")
-    _at_least(("model.gpus_per_rank", cfg.model.gpus_per_rank, 1), ("task.batch_size", t.batch_size, 1),
+    _at_least(("model.gpus_per_rank", cfg.model.gpus_per_rank, 1), ("model.threads", cfg.model.threads, 0),
+              ("task.reward_timeout_s", t.reward_timeout_s, 0), ("run.stall_timeout_s", r.stall_timeout_s, 0),
+              ("task.batch_size", t.batch_size, 1),
               ("task.max_new_tokens", t.max_new_tokens, 1),
               ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
               ("run.generations", r.generations, 0), ("run.max_rows", r.max_rows, 1))
@@ -272,9 +325,6 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
         raise ValueError(f"{world_size} ranks but search.popsize={s.popsize} x task.batch_size={t.batch_size} = "
                          f"{s.popsize * t.batch_size} (candidate, prompt) pairs: ranks would sit idle; launch at most "
                          f"{s.popsize * t.batch_size} ranks or raise search.popsize or task.batch_size.")
-    _validate_model_path(cfg.model)
-    if a.path is not None:
-        _validate_adapter(cfg)
     _validate_task(t)
     if command == "sft" or (command == "run" and a.path is None and a.warm_start == "sft"):
         _validate_sft(cfg)
@@ -300,11 +350,6 @@ def split_label(entry: str) -> tuple:
 
 
 def _validate_task(t: TaskConfig) -> None:
-    for key in ("dataset", "val_dataset", "sft_dataset"):
-        src = getattr(t, key)
-        if src is not None and not _looks_like_hub_id(src) and not os.path.exists(src):
-            raise ValueError(f"task.{key}={src!r} does not exist; give a local JSONL path or a Hugging Face "
-                             f"dataset id such as openai/gsm8k.")
     if t.reward_fn is not None and not _REWARD_FN.fullmatch(t.reward_fn):
         raise ValueError(f"task.reward_fn={t.reward_fn!r} is not a dotted path; write it as "
                          f"package.module:function (e.g. my_rewards:length_penalty).")
@@ -331,76 +376,8 @@ def _validate_eval(e: EvalConfig) -> None:
         raise ValueError(f"eval.temperature={e.temperature} must be > 0 and eval.top_p={e.top_p} in (0, 1]: "
                          f"avg@k and pass@k need sampling.")
     _at_least(("eval.max_new_tokens", e.max_new_tokens, 1), ("eval.limit", e.limit, 0))
-    for b in e.benchmarks:
-        src = split_label(b)[1]
-        if src not in BENCHMARKS and not os.path.isfile(src):
-            raise ValueError(f"eval.benchmarks: {b!r} is neither a known benchmark ({', '.join(BENCHMARKS)}) nor "
-                             f"a JSONL file; fix the name or the path.")
     if not e.adapters:
         raise ValueError("eval.adapters is empty; list 'base' and/or adapter directories (LABEL=DIR).")
-    for entry in e.adapters:
-        path = split_label(entry)[1]
-        if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise ValueError(f"eval.adapters: {path!r} is not a PEFT adapter directory (no adapter_config.json); "
-                             f"give 'base', a directory written by essa_mpi (run or sft), or LABEL=DIR.")
-
-
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-_FILE_EXT = (".json", ".jsonl", ".gguf", ".yaml", ".yml", ".txt", ".csv", ".parquet", ".safetensors", ".bin")
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    """owner/name (dots allowed, as in Qwen/Qwen2.5-7B), not a missing local file such as data/x.jsonl.
-
-    >>> _looks_like_hub_id("Qwen/Qwen2.5-7B-Instruct"), _looks_like_hub_id("data/x.jsonl")
-    (True, False)
-    """
-    return bool(_HUB_ID.fullmatch(name)) and not name.lower().endswith(_FILE_EXT) and not os.path.exists(name)
-
-
-def _validate_precision(m: ModelConfig) -> None:
-    import importlib.util
-
-    if m.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
-        raise ValueError(f"model.precision={m.precision} needs bitsandbytes: pip install -e '.[quant]'.")
-    if m.precision == "gptq" and (m.name_or_path == EMBEDDED_MODEL or m.name_or_path.endswith(".gguf")):
-        raise ValueError(f"model.precision=gptq needs a GPTQ checkpoint, not {m.name_or_path!r}; make one with "
-                         f"python tools/quantize_gptq.py --model {m.name_or_path} --out DIR and set "
-                         f"model.name_or_path=DIR.")
-
-
-def _validate_model_path(m: ModelConfig) -> None:
-    _validate_precision(m)
-    p = m.name_or_path
-    if p == EMBEDDED_MODEL:
-        return
-    if p.endswith(".gguf") and not os.path.isfile(p):
-        raise ValueError(f"model.name_or_path={p!r}: GGUF file not found; fix the path.")
-    if os.path.isdir(p) and m.gguf_file and not os.path.isfile(os.path.join(p, m.gguf_file)):
-        raise ValueError(f"model.gguf_file={m.gguf_file!r} not found in {p!r}; fix model.gguf_file.")
-    if not os.path.exists(p) and not _looks_like_hub_id(p):
-        raise ValueError(f"model.name_or_path={p!r} is neither an existing path nor a Hugging Face id "
-                         f"(owner/name); fix the path or use '{EMBEDDED_MODEL}'.")
-
-
-def _validate_adapter(cfg: Config) -> None:
-    import json
-
-    path = cfg.adapter.path
-    conf = os.path.join(path, "adapter_config.json")
-    if not os.path.isfile(conf):
-        raise ValueError(f"adapter.path={path!r} has no adapter_config.json; point it at a PEFT adapter directory "
-                         f"(saved with save_pretrained) or leave adapter.path empty for a fresh init.")
-    with open(conf) as fh:
-        peft_cfg = json.load(fh)
-    if peft_cfg.get("r") != cfg.adapter.rank:
-        raise ValueError(f"adapter at {path!r} has rank r={peft_cfg.get('r')} but adapter.rank={cfg.adapter.rank}; "
-                         f"set adapter.rank={peft_cfg.get('r')}.")
-    theirs = peft_cfg.get("target_modules") or []
-    theirs = sorted([theirs] if isinstance(theirs, str) else theirs)
-    if theirs != sorted(cfg.adapter.target_modules):
-        raise ValueError(f"adapter at {path!r} targets {theirs} but adapter.target_modules="
-                         f"{sorted(cfg.adapter.target_modules)}; set adapter.target_modules={','.join(theirs)}.")
 
 
 def help_text() -> str:

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from essa_mpi import checkpoint
-from essa_mpi.comm import RECORD, Comm, default_threads, record_counts
+from essa_mpi import checkpoint, watchdog
+from essa_mpi.comm import RECORD, Comm, default_threads, first_error, record_counts
 from essa_mpi.config import Config, searched_per_factor
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog
 from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
 from essa_mpi.population import PopulationEvaluator, candidate_rewards
+from essa_mpi.rundir import check_identity
 from essa_mpi.search import SeededCMA
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors, load_lora_factors
 from essa_mpi.tasks import Task, batch_indices
@@ -59,14 +60,14 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     return Parts(task, adapter, ev, search)
 
 
-def validate(p: Parts, comm: Comm, solution: np.ndarray | None) -> dict:
+def validate(p: Parts, comm: Comm, solution: np.ndarray | None, generation: int = 0) -> dict:
     """Validation metrics of one solution (None = the base model) on the held-out prompts, split over ranks:
     {"val_reward": mean reward, "val_nonfinite": rows whose reward was NaN/inf, "val_<detail>": ...}."""
     keys = ["reward", "nonfinite"] + (sorted(p.task.details([], [])) if p.task.details else [])
     mine = p.task.val[comm.rank:: comm.size]
     sums = p.evaluator.score(solution, mine) if mine else {}
     local = np.array([v for k in keys for v in sums.get(k, (0.0, 0))], dtype=np.float64)  # [2*len(keys)]
-    total = comm.allreduce_sum(local).reshape(len(keys), 2)  # [keys, (sum, count)]
+    total = comm.allreduce_sum(local, f"validation at generation {generation}").reshape(len(keys), 2)  # [keys, 2]
     out = {f"val_{k}": float(num / max(den, 1)) for k, (num, den) in zip(keys, total)}
     out["val_nonfinite"] = int(total[1, 0])
     return out
@@ -117,7 +118,7 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> dict:
     local["reward"] = rows.reshape(-1) if per_prompt else candidate_rewards(rows)
     t = time.perf_counter()
     gathered, fingerprints, seconds = comm.exchange(local, record_counts(popsize, B, comm.size), fingerprint,
-                                                    eval_s)  # Alg. 1, line 13
+                                                    eval_s, f"generation {g + 1}'s record exchange")  # Alg. 1, l. 13
     exchange_s = time.perf_counter() - t
     # seeds depend only on (search.seed, g, k), never on the CMA-ES state: they agree even across diverged ranks
     expected = seeds.repeat(B) if per_prompt else seeds
@@ -177,28 +178,29 @@ def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> 
 
 
 def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None = None,
-        start_label: str = "start") -> dict:
+        start_label: str = "start", identity: dict | None = None) -> dict:
     """Alg. 1, lines 8-16. ``state`` continues a checkpointed run; ``start_label`` names the adapter the
-    search starts from in the summary ("SFT" for a warm start)."""
+    search starts from in the summary ("SFT" for a warm start); ``identity`` (rank 0) goes into every
+    checkpoint, with the SVD bases' digest added here."""
     out, lead = cfg.run.output_dir, comm.rank == 0
-    if lead:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.yaml"), "w") as fh:
-            fh.write(cfg.to_yaml())
+    val, base = past_validation(cfg, lead, state)
     p = build(cfg, comm, task)
+    identity = {**(identity or {}), "svd_bases": p.adapter.digest()}
+    if state is not None:  # every rank built its own bases: all must match the checkpoint's
+        first_error(comm, lambda: check_identity(state.identity, {"svd_bases": identity["svd_bases"]}, out))
     start = 0 if state is None else state.generation
     log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start)
     announce(p, cfg, comm, log, start)
     hist = History.fresh(cfg.search.popsize) if state is None else History.of(state)
     if state is not None:
         replay(p, state)
-    val, base, t0 = {}, None, time.time()
+    t0 = time.time()
     if cfg.task.val_size and cfg.task.val_base and state is None:
         base = validate(p, comm, None)["val_reward"]
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
         if cfg.task.val_size and (g % cfg.task.val_every == 0 or g == cfg.run.generations) and (g > start or g == 0):
-            metrics = validate(p, comm, p.search.mean)
+            metrics = validate(p, comm, p.search.mean, g)
             val[g] = metrics["val_reward"]
             log.log({"generation": g, **metrics})
         if g == cfg.run.generations:
@@ -212,23 +214,55 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         updated, nonfinite = update(p, gen)
         hist.add(gen["records"], gen["X"])
         if lead:
-            checkpoint.save(os.path.join(out, checkpoint.FILENAME), hist.state(cfg, p.search, g + 1))
+            with watchdog.critical():  # SIGINT/SIGTERM wait for a complete checkpoint
+                checkpoint.save(os.path.join(out, checkpoint.FILENAME), hist.state(cfg, p.search, g + 1, identity))
         log.log({"generation": g + 1, **generation_metrics(p, cfg, comm, gen, comm.bytes_sent - sent),
                  **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
                  **({"nonfinite_candidates": nonfinite} if nonfinite else {})})
-    if lead:
-        export_adapter(p.adapter, p.search.mean, os.path.join(out, "adapter"), cfg.adapter.alpha,
-                       cfg.model.name_or_path)
-    summary = {"generations": cfg.run.generations, "ranks": comm.size, "wall_s": round(time.time() - t0, 1),
-               "solution_length": p.adapter.solution_length, "val_reward": val}
-    if val and state is None:
-        summary["val_chain"] = {**({"base": base} if base is not None else {}), start_label: val[0],
-                                "ESSA": val[max(val)]}
-        log.message("validation reward: " + " -> ".join(f"{k} {v:.3f}" for k, v in summary["val_chain"].items()))
+    summary = finish(p, cfg, comm, log, val, base, start_label)
+    summary["wall_s"] = round(time.time() - t0, 1)
     if lead:
         with open(os.path.join(out, "summary.json"), "w") as fh:
             json.dump(summary, fh, indent=1)
     log.close()
+    return summary
+
+
+def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None) -> tuple:
+    """Rank 0 starts the run's files: config.yaml; on resume, metrics.jsonl cut back to the checkpoint's
+    generation (a fallback to checkpoint.prev.h5 repeats one) → (validation so far {generation: reward},
+    base-model reward or None), read from those lines, so summary.json keeps the whole history."""
+    val, base, out = {}, None, cfg.run.output_dir
+    if not lead:
+        return val, base
+    with open(os.path.join(out, "config.yaml"), "w") as fh:
+        fh.write(cfg.to_yaml())
+    path = os.path.join(out, "metrics.jsonl")
+    if state is None or not os.path.isfile(path):
+        return val, base
+    with open(path) as fh:
+        lines = [json.loads(line) for line in fh if line.strip()]
+    kept = [m for m in lines if m.get("generation", 0) <= state.generation]
+    with open(path, "w") as fh:
+        fh.writelines(json.dumps(m) + "\n" for m in kept)
+    for m in kept:
+        if "val_reward" in m:
+            val[m["generation"]] = m["val_reward"]
+        base = m.get("val_base_reward", base)
+    return val, base
+
+
+def finish(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, val: dict, base, start_label: str) -> dict:
+    """Rank 0 exports the adapter; every rank returns the summary (validation history and chain)."""
+    if comm.rank == 0:
+        export_adapter(p.adapter, p.search.mean, os.path.join(cfg.run.output_dir, "adapter"), cfg.adapter.alpha,
+                       cfg.model.name_or_path)
+    summary = {"generations": cfg.run.generations, "ranks": comm.size,
+               "solution_length": p.adapter.solution_length, "val_reward": val}
+    if val and 0 in val:
+        summary["val_chain"] = {**({"base": base} if base is not None else {}), start_label: val[0],
+                                "ESSA": val[max(val)]}
+        log.message("validation reward: " + " -> ".join(f"{k} {v:.3f}" for k, v in summary["val_chain"].items()))
     return summary
 
 
@@ -256,8 +290,8 @@ class History:
         self.seeds = np.vstack([self.seeds, records["seed"]])  # [g+1, popsize]
         self.rewards = np.vstack([self.rewards, records["reward"]])  # [g+1, popsize]
 
-    def state(self, cfg: Config, search: SeededCMA, generation: int) -> checkpoint.RunState:
+    def state(self, cfg: Config, search: SeededCMA, generation: int, identity: dict) -> checkpoint.RunState:
         return checkpoint.RunState(
             generation=generation, data_cursor=generation * cfg.task.batch_size, config_yaml=cfg.to_yaml(),
             seeds=self.seeds, rewards=self.rewards, cma=search.state_arrays(), fingerprint=search.fingerprint(),
-            best=self.best, best_reward=self.best_reward)
+            best=self.best, best_reward=self.best_reward, identity=identity)

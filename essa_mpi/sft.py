@@ -23,25 +23,35 @@ import numpy as np
 import torch
 
 from essa_mpi.config import Config
+from essa_mpi.rundir import digest
 from essa_mpi.tasks import Task
 
 
-def sft_dir(cfg: Config) -> str:
-    """sft.output_dir, or runs/sft/<task>-<12 hex digits of the config parts that shape the adapter>."""
+def sft_dir(cfg: Config, rows: list | None = None) -> str:
+    """sft.output_dir, or runs/sft/<task>-<12 hex digits of the config parts and SFT rows that shape the
+    adapter> (the rows' content, so an edited dataset file trains a new adapter)."""
     if cfg.sft.output_dir:
         return cfg.sft.output_dir
     d = cfg.to_dict()
     shaping = {"model": d["model"], "adapter": {k: d["adapter"][k] for k in ("rank", "alpha", "target_modules")},
                "task": {k: d["task"][k] for k in ("name", "dataset", "sft_dataset", "sft_size", "system_prompt")},
-               "sft": {k: v for k, v in d["sft"].items() if k != "output_dir"}, "seed": cfg.search.seed}
+               "sft": {k: v for k, v in d["sft"].items() if k != "output_dir"}, "seed": cfg.search.seed,
+               "rows": digest(rows) if rows is not None else None}
     for key in ("threads", "device", "gpus_per_rank"):  # where it runs, not what it learns
         shaping["model"].pop(key)
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
     return os.path.join("runs", "sft", f"{cfg.task.name}-{digest}")
 
 
-def is_done(out_dir: str) -> bool:
-    return os.path.isfile(os.path.join(out_dir, "adapter_config.json"))
+def is_done(out_dir: str, rows: list | None = None) -> bool:
+    """An adapter is there, and (when this program trained it) it was trained on these rows."""
+    if not os.path.isfile(os.path.join(out_dir, "adapter_config.json")):
+        return False
+    info = os.path.join(out_dir, "sft_info.json")
+    if rows is None or not os.path.isfile(info):
+        return True
+    with open(info) as fh:
+        return json.load(fh).get("data_digest") in (None, digest(rows))
 
 
 def check_rows(task: Task, cfg: Config) -> None:
@@ -109,7 +119,7 @@ def train(cfg: Config, task: Task, out_dir: str, log=print) -> dict:
             step += 1
             if step % max(1, steps // 10) == 0 or step == steps:
                 log(f"SFT step {step}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
-    info = {"rows": len(rows), "steps": steps, "final_loss": float(np.mean(losses[-10:])),
+    info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps, "final_loss": float(np.mean(losses[-10:])),
             "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -204,3 +204,14 @@ class SVDLoRA:
     def clear(self) -> None:
         for m in self.modules:
             m.folded = None
+
+    def digest(self) -> str:
+        """16 hex digits of sha256 over every module's frozen bases and singular values (what a resumed run
+        must share with the run that wrote the checkpoint)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for m in self.modules:
+            for name in ("V_A", "U_A", "Vh_B", "U_B_t", "s_A", "s_B"):
+                h.update(getattr(m, name).detach().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]

@@ -27,3 +27,104 @@ def test_roundtrip_without_pickle(tmp_path):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--resume takes the run's output_dir"):
         checkpoint.load(str(tmp_path / checkpoint.FILENAME))
+
+
+def state_at(generation, popsize=4):
+    rng = np.random.default_rng(generation)
+    return checkpoint.RunState(
+        generation=generation, data_cursor=8 * generation, config_yaml=f"search:\n  popsize: {popsize}\n",
+        seeds=rng.integers(0, 2**32, (generation, popsize), dtype=np.uint32),
+        rewards=rng.random((generation, popsize), dtype=np.float32),
+        cma={"mean": rng.random(3), "sigma": np.float64(0.2), "C": np.eye(3)}, fingerprint=generation,
+        identity={"model": "abc"})
+
+
+def test_previous_checkpoint_is_kept_and_no_temp_file_left(tmp_path):
+    path = str(tmp_path / checkpoint.FILENAME)
+    for g in (1, 2, 3):
+        checkpoint.save(path, state_at(g))
+    assert sorted(os.listdir(tmp_path)) == [checkpoint.FILENAME, checkpoint.PREVIOUS]
+    assert checkpoint.load(path).generation == 3
+    assert checkpoint.load(str(tmp_path / checkpoint.PREVIOUS)).generation == 2
+    assert checkpoint.load(path).identity == {"model": "abc"}
+
+
+def corrupt_truncate(path):
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) // 2)
+
+
+def corrupt_flip(path):
+    """Flip one byte inside the stored rewards (found by value, so the HDF5 structure stays readable)."""
+    data = bytearray(open(path, "rb").read())
+    target = checkpoint.load(path).rewards.tobytes()[:8]
+    at = data.find(target)
+    assert at > 0
+    data[at] ^= 0x40
+    open(path, "wb").write(bytes(data))
+
+
+def corrupt_empty(path):
+    open(path, "wb").close()
+
+
+def corrupt_foreign(path):
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        f["weights"] = np.zeros(3)
+
+
+def corrupt_edit_config(path):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f.attrs["config"] = "search:\n  popsize: 8\n"
+
+
+@pytest.mark.parametrize("damage,message", [
+    (corrupt_truncate, "not a readable ESSA checkpoint"), (corrupt_flip, "fails its checksum"),
+    (corrupt_empty, "not a readable ESSA checkpoint"), (corrupt_foreign, "not a readable ESSA checkpoint"),
+    (corrupt_edit_config, "fails its checksum")])
+def test_damaged_latest_falls_back_to_previous(tmp_path, damage, message):
+    path = str(tmp_path / checkpoint.FILENAME)
+    checkpoint.save(path, state_at(2))
+    checkpoint.save(path, state_at(3))
+    damage(path)
+    with pytest.raises(ValueError, match=message) as err:
+        checkpoint.load(path)
+    assert "\n" not in str(err.value)
+    state, note = checkpoint.load_latest(str(tmp_path))
+    assert state.generation == 2 and message in note and checkpoint.PREVIOUS in note
+
+
+def test_damaged_checkpoint_without_previous_is_one_clear_error(tmp_path):
+    path = str(tmp_path / checkpoint.FILENAME)
+    checkpoint.save(path, state_at(1))
+    corrupt_truncate(path)
+    with pytest.raises(ValueError, match="truncated, corrupt or from another program"):
+        checkpoint.load_latest(str(tmp_path))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 64 KiB tmpfs (needs root, as in CI); skipped elsewhere."""
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", str(mnt)])
+
+
+def test_disk_full_keeps_previous_and_leaves_no_temp_file(tiny_disk):
+    path = str(tiny_disk / checkpoint.FILENAME)
+    checkpoint.save(path, state_at(1))
+    big = state_at(2)
+    big.cma["C"] = np.eye(120)  # 115 KB: more than the disk holds
+    with pytest.raises(checkpoint.CheckpointWriteError, match="No space left on device.*previous checkpoint is kept"):
+        checkpoint.save(path, big)
+    assert sorted(os.listdir(tiny_disk)) == [checkpoint.FILENAME]
+    assert checkpoint.load(path).generation == 1

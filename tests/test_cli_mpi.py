@@ -120,7 +120,7 @@ def test_existing_checkpoint_needs_resume(runs_by_ranks, tiny_dir):
     (["search.popsze=8"], "did you mean 'search.popsize'"),
     (["search.popsize=one"], "expected int"),
     (["adapter.fraction=0.2"], "0 singular values to search"),
-    (["search.popsize=1"], "must be >= 2"),
+    (["search.popsize=2"], "must be in [3, 65536]"),
     (["model.name_or_path=/missing/model"], "neither an existing path"),
     (["adapter.path=/missing/adapter"], "has no adapter_config.json"),
     (["task.name=gsm8k", "task.dataset=/missing/gsm8k.jsonl"], "does not exist"),

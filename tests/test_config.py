@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from essa_mpi.config import Config, help_text, load_config, validate
+from essa_mpi.config import Config, help_text, load_config
+from essa_mpi.preflight import check as validate  # the values, then the files they name
 
 
 def test_defaults_are_valid_embedded_run():
@@ -38,9 +39,9 @@ def test_structural_errors(overrides, message):
 @pytest.mark.parametrize("overrides,world,message", [
     (["adapter.fraction=0.1", "adapter.rank=8"], 1, r"leaves floor\(0.1\*8\) = 0 singular values"),
     (["adapter.fraction=1.5"], 1, "must be in"),
-    (["search.popsize=1"], 1, "search.popsize=1 must be >= 2"),
+    (["search.popsize=1"], 1, r"search.popsize=1 must be in \[3, 65536\]"),
     (["search.popsize=4", "task.batch_size=2"], 9, "9 ranks but search.popsize=4 x task.batch_size=2"),
-    (["search.sigma0=0"], 1, "sigma0=0.0 must be > 0"),
+    (["search.sigma0=0"], 1, r"sigma0=0.0 must be in \(0, 100\]"),
     (["model.name_or_path=/no/such/model"], 1, "neither an existing path nor a Hugging Face id"),
     (["model.name_or_path=/no/such/model.gguf"], 1, "GGUF file not found"),
     (["adapter.path=/no/such/adapter"], 1, "has no adapter_config.json"),

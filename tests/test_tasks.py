@@ -70,7 +70,7 @@ def test_gsm8k_local_jsonl_splits_sft_search_and_validation(tmp_path):
 def test_dataset_without_needed_columns_is_an_error(tmp_path, name, columns):
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}] * 20)
     cfg = TaskConfig(name=name, dataset=path, val_dataset=path, val_size=4, batch_size=2, reward_fn="json:dumps")
-    with pytest.raises(ValueError, match=re.escape(f"lack the column(s) {columns}")):
+    with pytest.raises(ValueError, match=re.escape(f"row 1 lacks the column(s) {columns}")):
         build_task(cfg, seed=0)
 
 
@@ -137,3 +137,17 @@ def test_batches_cover_an_epoch_then_reshuffle():
 
 def test_toy_reward():
     assert alnum_fraction_reward(["ab", "--", ""]) == [1.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a"}\n{"text": "b"}\n' * 10, "row 2 lacks the column(s) ['prompt']"),
+    ('{"prompt": "a"}\n[1, 2]\n', "line 2: a JSON list, not an object"),
+    (b'{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n', "is not UTF-8 text"),
+])
+def test_every_jsonl_row_is_checked_and_the_file_named(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cfg = TaskConfig(name="custom", dataset=str(path), val_size=1, batch_size=1, reward_fn="json:dumps")
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        build_task(cfg, seed=0)
+    assert "d.jsonl" in str(err.value)

@@ -13,12 +13,14 @@ reward, since pycma minimises).
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 
+from essa_mpi import watchdog
 from essa_mpi.config import TaskConfig
 
 
@@ -81,6 +83,23 @@ def score_rows(task: Task, completions: list, rows: list) -> np.ndarray:
     return r
 
 
+def with_timeout(reward: Callable, seconds: float) -> Callable:
+    """reward, stopped (with the whole job: ``watchdog.deadline``) when one call takes over ``seconds``;
+    0 = no limit. A hung reward would otherwise leave every other rank waiting in the exchange forever."""
+    if not seconds:
+        return reward
+    name = getattr(reward, "__qualname__", type(reward).__name__)
+
+    @functools.wraps(reward)
+    def timed(completions: list, **columns) -> list:
+        message = lambda: (f"reward function {name} did not return within task.reward_timeout_s={seconds:g} s "  # noqa: E731
+                           f"({len(completions)} completions); fix it, or raise task.reward_timeout_s.")
+        with watchdog.deadline(seconds, message):
+            return reward(completions, **columns)
+
+    return timed
+
+
 def load_callable(path: str) -> Callable:
     """'package.module:function' or 'package.module.function' → the callable."""
     module, _, attr = path.partition(":") if ":" in path else path.rpartition(".")
@@ -89,6 +108,10 @@ def load_callable(path: str) -> Callable:
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"task.reward_fn={path!r} cannot be imported ({exc}); make sure {module!r} is on "
                          f"PYTHONPATH on every rank and defines {attr!r}.") from None
+    except BaseException as exc:  # the module itself is broken: SyntaxError, an exception at import time
+        where = f" ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else ""
+        raise ValueError(f"task.reward_fn={path!r}: importing {module!r} raised {type(exc).__name__}: "
+                         f"{getattr(exc, 'msg', None) or exc}{where}; fix that module.") from None
     if not callable(fn):
         raise ValueError(f"task.reward_fn={path!r} is not callable; point it at a function "
                          f"f(completions, **columns) -> list[float].")
@@ -104,6 +127,7 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
     task = registry[cfg.name](cfg, seed)
     if cfg.reward_fn:
         task.reward = load_callable(cfg.reward_fn)
+    task.reward = with_timeout(task.reward, cfg.reward_timeout_s)
     if cfg.sft_dataset:
         task.sft = sft_rows(cfg.sft_dataset)
     if cfg.system_prompt is not None:

@@ -16,14 +16,24 @@ from typing import Optional
 
 
 def read_jsonl(path: str) -> list:
-    with open(path) as fh:
-        rows = []
-        for n, line in enumerate(fh, 1):
-            if line.strip():
+    """Rows of a JSONL file; ValueError naming the file and line for bad JSON, non-objects or non-UTF-8."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg}); fix or remove that line.")
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; each line "
+                                     f"must be one row such as {{\"prompt\": \"...\"}}.")
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 text (byte {exc.start} of line {len(rows) + 1} or after); save "
+                         f"it as UTF-8.") from None
     return rows
 
 
@@ -45,13 +55,14 @@ def load_rows(src: str, split: str = "train", name: Optional[str] = None) -> lis
 
 
 def require_columns(rows: list, columns: list, where: str) -> None:
-    """Raise ValueError unless the rows are non-empty and the first row has every column."""
+    """Raise ValueError unless there are rows and every row has every column (the first bad row is named)."""
     if not rows:
         raise ValueError(f"{where} has no rows; give a dataset with at least one row.")
-    missing = [c for c in columns if c not in rows[0]]
-    if missing:
-        raise ValueError(f"{where} rows lack the column(s) {missing} (they have {sorted(rows[0])}); give a dataset "
-                         f"with {columns}.")
+    for n, row in enumerate(rows, 1):
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise ValueError(f"{where}: row {n} lacks the column(s) {missing} (it has {sorted(row)}); every row "
+                             f"needs {columns}.")
 
 
 def split_tail(rows: list, n_tail: int, where: str) -> tuple:

@@ -1,0 +1,252 @@
+"""Checks of the files a config names, before any rank loads a model: the model (path, context length,
+layer widths), the adapter (its config and tensor shapes), the datasets, the eval inputs.
+
+    check(cfg, world_size=2, command="run")   # config.validate, then the files; ValueError naming value and fix
+
+Everything here reads headers and small JSON files only (config.json, a GGUF's key-value header, a
+safetensors header), so a bad value costs a second, not a model load on every rank.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+
+from essa_mpi.config import BENCHMARKS, EMBEDDED_MODEL, Config, ModelConfig, split_label, validate
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FILE_EXT = (".json", ".jsonl", ".gguf", ".yaml", ".yml", ".txt", ".csv", ".parquet", ".safetensors", ".bin")
+
+
+def check(cfg: Config, world_size: int = 1, command: str = "run") -> None:
+    """config.validate, then every file the config names (ValueError with the fix on the first problem)."""
+    validate(cfg, world_size, command)
+    check_model_path(cfg.model)
+    facts = model_facts(cfg.model)
+    if facts:
+        check_model_shape(cfg, facts, command)
+    if cfg.adapter.path is not None and command != "eval":
+        check_adapter(cfg, facts)
+    check_datasets(cfg)
+    if command == "eval":
+        check_eval_files(cfg)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name (dots allowed, as in Qwen/Qwen2.5-7B), not a missing local file such as data/x.jsonl.
+
+    >>> looks_like_hub_id("Qwen/Qwen2.5-7B-Instruct"), looks_like_hub_id("data/x.jsonl")
+    (True, False)
+    """
+    return bool(_HUB_ID.fullmatch(name)) and not name.lower().endswith(_FILE_EXT) and not os.path.exists(name)
+
+
+def check_model_path(m: ModelConfig) -> None:
+    import importlib.util
+
+    if m.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"model.precision={m.precision} needs bitsandbytes: pip install -e '.[quant]'.")
+    p = m.name_or_path
+    if m.precision == "gptq" and (p == EMBEDDED_MODEL or p.endswith(".gguf")):
+        raise ValueError(f"model.precision=gptq needs a GPTQ checkpoint, not {p!r}; make one with python "
+                         f"tools/quantize_gptq.py --model {p} --out DIR and set model.name_or_path=DIR.")
+    if p == EMBEDDED_MODEL:
+        return
+    if p.endswith(".gguf") and not os.path.isfile(p):
+        raise ValueError(f"model.name_or_path={p!r}: GGUF file not found; fix the path.")
+    if os.path.isdir(p) and m.gguf_file and not os.path.isfile(os.path.join(p, m.gguf_file)):
+        raise ValueError(f"model.gguf_file={m.gguf_file!r} not found in {p!r}; fix model.gguf_file.")
+    if os.path.isdir(p) and not m.gguf_file and not os.path.isfile(os.path.join(p, "config.json")):
+        raise ValueError(f"model.name_or_path={p!r} is a directory without config.json; point it at a model saved "
+                         f"with save_pretrained (config.json, weights, tokenizer) or set model.gguf_file.")
+    if not os.path.exists(p) and not looks_like_hub_id(p):
+        raise ValueError(f"model.name_or_path={p!r} is neither an existing path nor a Hugging Face id "
+                         f"(owner/name); fix the path or use '{EMBEDDED_MODEL}'.")
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_scalars(path: str) -> dict:
+    """The scalar keys of a GGUF file's key-value header ({"llama.context_length": 8192, ...}); arrays and
+    strings other than general.architecture are skipped. Written here because gguf.GGUFReader parses every
+    field, the 49k-entry vocabulary included: 5.7 s per rank for the embedded model, for four integers."""
+    out: dict = {}
+    with open(path, "rb") as fh:
+        magic, _version, _tensors, count = struct.unpack("<4sIQQ", fh.read(24))
+        if magic != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (magic {magic!r}); fix model.name_or_path.")
+
+        def string() -> bytes:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            return fh.read(n)
+
+        def skip(kind: int) -> None:
+            if kind == 8:
+                fh.seek(struct.unpack("<Q", fh.read(8))[0], 1)
+            elif kind == 9:
+                inner, n = struct.unpack("<IQ", fh.read(12))
+                if inner in _GGUF_SCALARS:
+                    fh.seek(n * struct.calcsize(_GGUF_SCALARS[inner]), 1)
+                else:
+                    for _ in range(n):
+                        skip(inner)
+            else:
+                fh.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+
+        for _ in range(count):
+            key = string().decode()
+            (kind,) = struct.unpack("<I", fh.read(4))
+            if kind in _GGUF_SCALARS:
+                fmt = _GGUF_SCALARS[kind]
+                out[key] = struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+            elif kind == 8 and key == "general.architecture":
+                out[key] = string().decode()
+            else:
+                skip(kind)
+    return out
+
+
+def model_facts(m: ModelConfig) -> dict | None:
+    """{"context", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "source"} from the model's
+    config.json or GGUF header; None for a hub id not in the local cache (checked when it loads)."""
+    from essa_mpi.model import resolve
+
+    path, gguf = resolve(m)
+    if gguf:
+        file = os.path.join(path, gguf)
+        kv = gguf_scalars(file)
+        arch = kv.get("general.architecture", "llama")
+        get = lambda k: kv.get(f"{arch}.{k}")  # noqa: E731
+        raw = {"context": get("context_length"), "hidden": get("embedding_length"),
+               "heads": get("attention.head_count"), "kv_heads": get("attention.head_count_kv"),
+               "intermediate": get("feed_forward_length"), "head_dim": get("attention.key_length")}
+        return {**raw, "head_dim": raw["head_dim"] or _div(raw["hidden"], raw["heads"]), "source": file}
+    conf = os.path.join(path, "config.json")
+    if not os.path.isfile(conf):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        conf = try_to_load_from_cache(path, "config.json")
+        if not isinstance(conf, str):
+            return None
+    try:
+        with open(conf) as fh:
+            c = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{conf} is not readable JSON ({exc}); fix or replace the model's config.json.") from None
+    c = {**c, **(c.get("text_config") or {})}  # multimodal configs nest the language model's
+    heads = c.get("num_attention_heads")
+    return {"context": c.get("max_position_embeddings") or c.get("n_positions"), "hidden": c.get("hidden_size"),
+            "heads": heads, "kv_heads": c.get("num_key_value_heads") or heads, "intermediate": c.get("intermediate_size"),
+            "head_dim": c.get("head_dim") or _div(c.get("hidden_size"), heads), "source": conf}
+
+
+def _div(a, b):
+    return a // b if a and b else None
+
+
+def module_widths(f: dict) -> dict:
+    """{module name: (in_features, out_features)} of the Llama-family projections the facts determine.
+
+    >>> module_widths({"hidden": 576, "heads": 9, "kv_heads": 3, "head_dim": 64, "intermediate": 1536})["k_proj"]
+    (576, 192)
+    """
+    h, q, kv, ff = f["hidden"], (f["heads"] or 0) * (f["head_dim"] or 0), (f["kv_heads"] or 0) * (f["head_dim"] or 0), \
+        f["intermediate"]
+    widths = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+              "gate_proj": (h, ff), "up_proj": (h, ff), "down_proj": (ff, h)}
+    return {k: v for k, v in widths.items() if all(v)}
+
+
+def check_model_shape(cfg: Config, f: dict, command: str) -> None:
+    """Generation lengths against the context, adapter rank against the layer widths, NF4 block size."""
+    ctx = f.get("context")
+    key, tokens = ("eval.max_new_tokens", cfg.eval.max_new_tokens) if command == "eval" else \
+        ("task.max_new_tokens", cfg.task.max_new_tokens)
+    if ctx and tokens >= ctx:
+        raise ValueError(f"{key}={tokens} does not fit the model's context of {ctx} tokens ({f['source']}), which "
+                         f"must also hold the prompt; lower {key}.")
+    widths = module_widths(f)
+    for name in cfg.adapter.target_modules:
+        if name in widths and cfg.adapter.rank > min(widths[name]):
+            raise ValueError(f"adapter.rank={cfg.adapter.rank} exceeds the width of {name} {widths[name]} in "
+                             f"{f['source']}; lower adapter.rank to at most {min(widths[name])}.")
+    if cfg.model.precision == "int4" and f.get("hidden") and f["hidden"] % 64 and cfg.model.device != "cuda":
+        raise ValueError(f"model.precision=int4 on CPU needs layer widths divisible by 64 (bitsandbytes NF4 blocks); "
+                         f"hidden_size={f['hidden']} in {f['source']}: use int8 or bf16.")
+
+
+def check_adapter(cfg: Config, facts: dict | None) -> None:
+    """adapter.path is a PEFT adapter of this rank and these modules, whose tensors fit this model."""
+    path = cfg.adapter.path
+    conf = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(conf):
+        raise ValueError(f"adapter.path={path!r} has no adapter_config.json; point it at a PEFT adapter directory "
+                         f"(saved with save_pretrained) or leave adapter.path empty for a fresh init.")
+    try:
+        with open(conf) as fh:
+            peft_cfg = json.load(fh)
+        assert isinstance(peft_cfg, dict)
+    except (OSError, ValueError, AssertionError):
+        raise ValueError(f"{conf} is not a JSON object; re-save the adapter with save_pretrained.") from None
+    if peft_cfg.get("r") != cfg.adapter.rank:
+        raise ValueError(f"adapter at {path!r} has rank r={peft_cfg.get('r')} but adapter.rank={cfg.adapter.rank}; "
+                         f"set adapter.rank={peft_cfg.get('r')}.")
+    theirs = peft_cfg.get("target_modules") or []
+    theirs = sorted([theirs] if isinstance(theirs, str) else theirs)
+    if theirs != sorted(cfg.adapter.target_modules):
+        raise ValueError(f"adapter at {path!r} targets {theirs} but adapter.target_modules="
+                         f"{sorted(cfg.adapter.target_modules)}; set adapter.target_modules={','.join(theirs)}.")
+    check_adapter_tensors(path, module_widths(facts) if facts else {})
+
+
+def check_adapter_tensors(path: str, widths: dict) -> None:
+    """The adapter's safetensors header is readable and each lora_A [r, in] / lora_B [out, r] fits widths."""
+    file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(file):
+        raise ValueError(f"adapter.path={path!r} has no adapter_model.safetensors; re-save the adapter with "
+                         f"save_pretrained (safetensors).")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(file, "np") as st:
+            shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged header
+        raise ValueError(f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc}); re-save or "
+                         f"replace the adapter.") from None
+    for key, shape in shapes.items():
+        name = next((n for n in widths if f".{n}." in key), None)
+        if name is None or len(shape) != 2:
+            continue
+        want = widths[name][0] if ".lora_A." in key else widths[name][1]
+        got = shape[1] if ".lora_A." in key else shape[0]
+        if got != want:
+            raise ValueError(f"adapter {file}: {key} has shape {list(shape)}, but this model's {name} has "
+                             f"width {want}: the adapter was trained on another model; give its adapter or "
+                             f"leave adapter.path empty.")
+
+
+def check_datasets(cfg: Config) -> None:
+    for key in ("dataset", "val_dataset", "sft_dataset"):
+        src = getattr(cfg.task, key)
+        if src is not None and not looks_like_hub_id(src) and not os.path.exists(src):
+            raise ValueError(f"task.{key}={src!r} does not exist; give a local JSONL path or a Hugging Face "
+                             f"dataset id such as openai/gsm8k.")
+
+
+def check_eval_files(cfg: Config) -> None:
+    e = cfg.eval
+    for b in e.benchmarks:
+        src = split_label(b)[1]
+        if src not in BENCHMARKS and not os.path.isfile(src):
+            raise ValueError(f"eval.benchmarks: {b!r} is neither a known benchmark ({', '.join(BENCHMARKS)}) nor "
+                             f"a JSONL file; fix the name or the path.")
+    for entry in e.adapters:
+        path = split_label(entry)[1]
+        if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"eval.adapters: {path!r} is not a PEFT adapter directory (no adapter_config.json); "
+                             f"give 'base', a directory written by essa_mpi (run or sft), or LABEL=DIR.")

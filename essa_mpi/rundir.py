@@ -1,0 +1,211 @@
+"""One run per output directory: the lock, the overwrite policy, and the identity a resume must match.
+
+    lock = RunLock.acquire("runs/x")     # ValueError naming the holder when a live run has it
+    clear_for_fresh_run("runs/x", overwrite=False)   # refuses a directory that already holds files
+    ident = identity(cfg, task)          # {"model": hex, "adapter": hex, "task_data": hex}
+    check_identity(stored, ident, "runs/x")          # ValueError naming what changed
+    lock.release()
+
+The lock is a file created with ``link()`` (atomic on NFS, unlike O_EXCL on old clients; flock is not
+used because it is unreliable on shared filesystems), holding host, pid, process start time and SLURM
+job id. A heartbeat thread touches it every HEARTBEAT_S. A lock is stale when its process is gone (same
+host), when it belongs to an earlier attempt of this SLURM job (requeue), or when its heartbeat is older
+than STALE_S (another host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+
+LOCK = "run.lock"
+HEARTBEAT_S, STALE_S = 30.0, 300.0
+# What essa_mpi writes into run.output_dir: the only names run.overwrite=true removes.
+OUTPUTS = ("checkpoint.h5", "checkpoint.prev.h5", "checkpoint.h5.tmp", "metrics.jsonl", "summary.json", "config.yaml",
+           "adapter", "curves.png", "tensorboard")
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, ticks: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return ticks is None or _start_ticks(pid) in (None, ticks)  # a reused pid has another start time
+
+
+class RunLock:
+    """The lock file of one run directory, held by rank 0 for the whole run."""
+
+    def __init__(self, path: str, record: dict) -> None:
+        self.path, self.record = path, record
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, daemon=True)
+        self._beat.start()
+
+    @classmethod
+    def acquire(cls, out_dir: str) -> "RunLock":
+        os.makedirs(out_dir, exist_ok=True)
+        path = os.path.join(out_dir, LOCK)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
+              "job": os.environ.get("SLURM_JOB_ID"), "user": os.environ.get("USER"), "since": time.ctime()}
+        tmp = f"{path}.{me['host']}.{me['pid']}"
+        with open(tmp, "w") as fh:
+            json.dump(me, fh)
+        try:
+            for _ in range(2):  # the second try follows the removal of a stale lock
+                try:
+                    os.link(tmp, path)
+                    return cls(path, me)
+                except FileExistsError:
+                    if os.stat(tmp).st_nlink == 2:  # NFS: the link was made, its reply lost
+                        return cls(path, me)
+                holder = _read(path)
+                if not _stale(holder, path, me):
+                    raise ValueError(f"run.output_dir={out_dir} is in use by pid {holder.get('pid')} on "
+                                     f"{holder.get('host')} (since {holder.get('since')}; {path}); wait for that "
+                                     f"run, stop it, or choose another run.output_dir.")
+                _remove_stale(path)
+            raise ValueError(f"could not lock {path}: another run keeps taking it; choose another run.output_dir.")
+        finally:
+            os.unlink(tmp)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if _read(self.path) == self.record:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def _read(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _stale(holder: dict, path: str, me: dict) -> bool:
+    if holder.get("job") and holder.get("job") == me["job"] and holder.get("pid") != me["pid"]:
+        return True  # an earlier attempt of this SLURM job (requeued): SLURM ended it before the restart
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+        return not _alive(holder["pid"], holder.get("start"))
+    try:
+        return time.time() - os.stat(path).st_mtime > STALE_S  # another host: no heartbeat for STALE_S
+    except FileNotFoundError:
+        return True
+
+
+def _remove_stale(path: str) -> None:
+    """Rename, then delete: of two runs that found the same stale lock, only one removes it."""
+    aside = f"{path}.stale.{os.getpid()}"
+    try:
+        os.rename(path, aside)
+        os.unlink(aside)
+    except FileNotFoundError:
+        pass
+
+
+def clear_for_fresh_run(out_dir: str, overwrite: bool) -> None:
+    """A fresh run needs a directory without essa_mpi outputs or other files; run.overwrite=true removes
+    essa_mpi's own outputs (OUTPUTS) and leaves anything else."""
+    present = sorted(n for n in os.listdir(out_dir) if not n.startswith(LOCK))
+    if not present:
+        return
+    if not overwrite:
+        if "checkpoint.h5" in present:
+            raise ValueError(f"{out_dir} already holds a checkpoint; continue it with --resume {out_dir}, set "
+                             f"run.output_dir to a new directory, or run.overwrite=true to start over there.")
+        raise ValueError(f"run.output_dir={out_dir} already holds {', '.join(present[:5])}"
+                         f"{' ...' if len(present) > 5 else ''} but no checkpoint; choose a new run.output_dir, or "
+                         f"set run.overwrite=true to replace essa_mpi's outputs there.")
+    for name in present:
+        if name in OUTPUTS:
+            full = os.path.join(out_dir, name)
+            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+
+
+def digest(obj) -> str:
+    """16 hex digits of sha256 over JSON (sorted keys): rows, configs.
+
+    >>> digest([{"prompt": "1+1", "answer": "2"}])
+    'e555c92bd49d21ea'
+    """
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(paths: list, edge: int = 1 << 20) -> str:
+    """Cheap content hash of files: name, size and the first and last ``edge`` bytes of each (a model's
+    weight files are GBs; a changed checkpoint changes its header or its tail)."""
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        size = os.path.getsize(p)
+        h.update(f"{os.path.basename(p)}:{size}".encode())
+        with open(p, "rb") as fh:
+            h.update(fh.read(edge))
+            if size > 2 * edge:
+                fh.seek(-edge, os.SEEK_END)
+                h.update(fh.read(edge))
+    return h.hexdigest()[:16]
+
+
+WEIGHTS = (".safetensors", ".bin", ".gguf", ".pt", ".json", ".model")
+
+
+def model_digest(path: str, gguf: str | None) -> str:
+    """The model's config and weight files (a local directory or GGUF); a hub id by its name."""
+    if gguf:
+        return file_digest([os.path.join(path, gguf)])
+    if os.path.isdir(path):
+        return file_digest([os.path.join(path, n) for n in os.listdir(path) if n.endswith(WEIGHTS)])
+    return digest({"hub": path})
+
+
+def identity(cfg, task) -> dict:
+    """What defines the objective, besides the config: model files, SFT adapter files, task rows."""
+    from essa_mpi.model import resolve
+
+    adapter = cfg.adapter.path
+    return {"model": model_digest(*resolve(cfg.model)),
+            "adapter": file_digest([os.path.join(adapter, n) for n in ("adapter_config.json",
+                                                                       "adapter_model.safetensors")])
+            if adapter and os.path.isdir(adapter) else "none",
+            "task_data": digest([task.train, task.val])}
+
+
+WHAT = {"model": "the model files at model.name_or_path", "adapter": "the adapter files at adapter.path",
+        "task_data": "the task's training or validation rows", "svd_bases": "the SVD bases of the adapter "
+        "(another torch or LAPACK build?)"}
+
+
+def check_identity(stored: dict, current: dict, out_dir: str) -> None:
+    """ValueError naming everything that differs from what the checkpoint was written with."""
+    changed = [k for k in current if k in stored and stored[k] != current[k]]
+    if changed:
+        raise ValueError(f"--resume {out_dir}: {'; '.join(WHAT[k] for k in changed)} changed since the checkpoint "
+                         f"was written ({', '.join(f'{k} {stored[k]} -> {current[k]}' for k in changed)}); restore "
+                         f"them, or start fresh with a new run.output_dir.")

@@ -1,0 +1,104 @@
+"""Stop a run instead of letting it hang: deadlines on blocking work, clean exits on SIGINT and SIGTERM.
+
+    configure(rank=comm.rank, stop=comm.abort)       # how a deadline or signal ends the job
+    with deadline(60, lambda: "reward f did not return within 60 s"):
+        f(...)                                       # past 60 s: one line on stderr, then stop(3)
+    install_signal_handlers(lambda: "the last checkpoint is kept")   # SIGINT/SIGTERM: one line, exit
+    with critical():                                 # a signal arriving here waits for the block's end
+        checkpoint.save(...)
+
+A deadline fires on a timer thread, so it stops work that never returns to Python (a C call, a frozen
+peer in MPI) — by ending the process or the MPI job, not by raising: a hung call cannot be unwound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from typing import Callable
+
+TIMEOUT_EXIT = 3  # exit status of a job stopped by a deadline (reward or stall timeout)
+_state = {"rank": 0, "stop": None, "critical": 0, "pending": None, "on_signal": [], "describe": None}
+
+
+def configure(rank: int, stop: Callable[[int], None] | None = None) -> None:
+    """stop(code) ends the whole job (MPI Abort under mpiexec); default: this process, os._exit(code)."""
+    _state.update(rank=rank, stop=stop)
+
+
+def say(text: str) -> None:
+    """One line on stderr, prefixed like every essa_mpi error, flushed before anything is killed."""
+    sys.stderr.write(f"essa_mpi: error on rank {_state['rank']}: {text}\n")
+    sys.stderr.flush()
+
+
+def stop(code: int) -> None:
+    (_state["stop"] or os._exit)(code)
+    os._exit(code)  # a stop hook that returned (no MPI) must still end this process
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, message: Callable[[], str]):
+    """Run the block; if it has not finished after ``seconds`` (0 = never), say message() (which may take
+    a moment to find out more, e.g. which ranks are missing) and stop the job."""
+    if not seconds:
+        yield
+        return
+
+    def fire() -> None:
+        say(message())
+        stop(TIMEOUT_EXIT)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def on_signal(hook: Callable[[], None]) -> None:
+    """Register cleanup run before a signal ends the process (e.g. releasing the run lock)."""
+    _state["on_signal"].append(hook)
+
+
+def _exit_on(signum: int) -> None:
+    for hook in _state["on_signal"]:
+        with contextlib.suppress(Exception):
+            hook()
+    tail = _state["describe"]() if _state["describe"] else ""
+    sys.stderr.write(f"essa_mpi: rank {_state['rank']} stopped by {signal.Signals(signum).name}"
+                     f"{'; ' + tail if tail else ''}\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _handler(signum, _frame) -> None:
+    if _state["critical"]:
+        _state["pending"] = signum
+    else:
+        _exit_on(signum)
+
+
+def install_signal_handlers(describe: Callable[[], str] | None = None) -> None:
+    """SIGINT and SIGTERM end this rank with one line (describe() says what was kept), exit 128+signum;
+    no traceback, no half-written file. The launcher (mpiexec, srun) delivers them to every rank."""
+    _state["describe"] = describe
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _handler)
+
+
+@contextlib.contextmanager
+def critical():
+    """Defer SIGINT/SIGTERM until the block ends (a checkpoint write), then act on them."""
+    _state["critical"] += 1
+    try:
+        yield
+    finally:
+        _state["critical"] -= 1
+        if not _state["critical"] and _state["pending"] is not None:
+            _exit_on(_state["pending"])
