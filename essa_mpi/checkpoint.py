@@ -24,6 +24,7 @@ rank did, and checks the result against the stored fingerprint; the rest of the 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -94,13 +95,17 @@ def save(path: str, s: RunState) -> None:
     for leftover in (tmp, os.path.join(directory, PREVIOUS + ".tmp")):  # from a process killed mid-save
         if os.path.exists(leftover):
             os.remove(leftover)
+    buffer = io.BytesIO()  # HDF5 in memory, then one plain write: a full disk is a clean OSError, not h5py noise
+    with h5py.File(buffer, "w") as f:
+        f.attrs.update(attrs)
+        f.attrs["checksum"] = checksum(attrs, arrays)
+        for key, value in arrays.items():
+            f.create_dataset(key, data=value)
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(attrs)
-            f.attrs["checksum"] = checksum(attrs, arrays)
-            for key, value in arrays.items():
-                f.create_dataset(key, data=value)
-        _fsync(tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
+            fh.flush()
+            os.fsync(fh.fileno())
         if os.path.exists(path):  # keep the previous checkpoint: a hard link, so path itself never goes missing
             prev = os.path.join(directory, PREVIOUS)
             os.link(path, prev + ".tmp")
@@ -108,8 +113,8 @@ def save(path: str, s: RunState) -> None:
         os.replace(tmp, path)
         _fsync(directory)
     except OSError as exc:
-        raise CheckpointWriteError(f"could not write the checkpoint {path}: {exc.strerror or exc} (disk full or "
-                                   f"quota?); the previous checkpoint is kept. Free space, then --resume "
+        raise CheckpointWriteError(f"could not write the checkpoint {path}: {exc.strerror or exc}; the previous "
+                                   f"checkpoint (if any) is kept. Free space (disk full or quota?), then --resume "
                                    f"{directory}.") from None
     finally:
         for leftover in (tmp, os.path.join(directory, PREVIOUS + ".tmp")):

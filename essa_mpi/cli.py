@@ -201,7 +201,7 @@ def execute(cfg, comm: Comm, task, state, command: str, lock) -> int:
     """Run the command with the watchdogs armed; every failure ends every rank with one line."""
     comm.stall_timeout_s = cfg.run.stall_timeout_s
     if lock is not None:
-        watchdog.on_signal(lock.release)
+        watchdog.on_exit(lock.release)
     out = cfg.run.output_dir
     watchdog.install_signal_handlers(
         (lambda: f"the last checkpoint is kept; continue with --resume {out}") if command == "run" else None)
@@ -216,7 +216,7 @@ def execute(cfg, comm: Comm, task, state, command: str, lock) -> int:
             traceback.print_exc()
         watchdog.say(str(exc))
         if comm.size > 1:
-            comm.abort(1)
+            watchdog.stop(1)  # releases the lock, lets the line through, aborts every rank
         return 1
     if comm.rank == 0:
         print(json.dumps(result), flush=True)

@@ -211,14 +211,18 @@ def _section_from_dict(name: str, data: dict) -> Any:
     hints = typing.get_type_hints(cls)
     known = [f"{name}.{k}" for k in hints]
     if data is not None and not isinstance(data, dict):
-        raise ValueError(f"config section '{name}' must be a mapping of keys ({', '.join(sorted(hints))}), got "
-                         f"{type(data).__name__} {data!r}; write e.g. {name}:\n  key: value.")
+        raise _not_a_section(name, data)
     values = {}
     for key, value in (data or {}).items():
         if key not in hints:
             raise _unknown(f"{name}.{key}", known)
         values[key] = _check_type(f"{name}.{key}", value, hints[key])
     return cls(**values)
+
+
+def _not_a_section(name: str, data: Any) -> ValueError:
+    return ValueError(f"config section '{name}' must be a mapping of keys, got {type(data).__name__} {data!r}; "
+                      f"write e.g. '{name}: {{key: value}}'.")
 
 
 def config_from_dict(data: dict) -> Config:
@@ -237,9 +241,12 @@ def apply_overrides(data: dict, overrides: list) -> dict:
             raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. search.popsize=32).")
         key, raw = item.split("=", 1)
         section, name = key.split(".", 1)
-        data.setdefault(section, {})
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS))
+        if data.setdefault(section, {}) is None:
+            data[section] = {}
         if not isinstance(data[section], dict):
-            raise _unknown(key, list(SECTIONS))
+            raise _not_a_section(section, data[section])
         data[section][name] = yaml.safe_load(raw) if raw != "" else None
     return data
 
@@ -283,7 +290,7 @@ def read_yaml(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {path!r} holds a {type(data).__name__}, not a mapping of sections "
-                         f"({', '.join(SECTIONS)}); write e.g. search:\n  popsize: 16.")
+                         f"({', '.join(SECTIONS)}); write e.g. 'search: {{popsize: 16}}'.")
     return data
 
 

@@ -170,11 +170,11 @@ def check_model_shape(cfg: Config, f: dict, command: str) -> None:
     if ctx and tokens >= ctx:
         raise ValueError(f"{key}={tokens} does not fit the model's context of {ctx} tokens ({f['source']}), which "
                          f"must also hold the prompt; lower {key}.")
-    widths = module_widths(f)
-    for name in cfg.adapter.target_modules:
-        if name in widths and cfg.adapter.rank > min(widths[name]):
-            raise ValueError(f"adapter.rank={cfg.adapter.rank} exceeds the width of {name} {widths[name]} in "
-                             f"{f['source']}; lower adapter.rank to at most {min(widths[name])}.")
+    widths = {n: w for n, w in module_widths(f).items() if n in cfg.adapter.target_modules}
+    narrowest = min(widths, key=lambda n: min(widths[n]), default=None)
+    if narrowest and cfg.adapter.rank > min(widths[narrowest]):
+        raise ValueError(f"adapter.rank={cfg.adapter.rank} exceeds the width of {narrowest} {widths[narrowest]} in "
+                         f"{f['source']}; lower adapter.rank to at most {min(widths[narrowest])}.")
     if cfg.model.precision == "int4" and f.get("hidden") and f["hidden"] % 64 and cfg.model.device != "cuda":
         raise ValueError(f"model.precision=int4 on CPU needs layer widths divisible by 64 (bitsandbytes NF4 blocks); "
                          f"hidden_size={f['hidden']} in {f['source']}: use int8 or bf16.")

@@ -18,10 +18,11 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Callable
 
 TIMEOUT_EXIT = 3  # exit status of a job stopped by a deadline (reward or stall timeout)
-_state = {"rank": 0, "stop": None, "critical": 0, "pending": None, "on_signal": [], "describe": None}
+_state = {"rank": 0, "stop": None, "critical": 0, "pending": None, "on_exit": [], "describe": None}
 
 
 def configure(rank: int, stop: Callable[[int], None] | None = None) -> None:
@@ -36,6 +37,10 @@ def say(text: str) -> None:
 
 
 def stop(code: int) -> None:
+    """End the job: this rank's exit hooks (the run lock), a moment for the launcher to forward the line just
+    said, then the stop hook (MPI Abort takes every rank down)."""
+    _run_hooks()
+    time.sleep(0.5)
     (_state["stop"] or os._exit)(code)
     os._exit(code)  # a stop hook that returned (no MPI) must still end this process
 
@@ -61,15 +66,19 @@ def deadline(seconds: float, message: Callable[[], str]):
         timer.cancel()
 
 
-def on_signal(hook: Callable[[], None]) -> None:
-    """Register cleanup run before a signal ends the process (e.g. releasing the run lock)."""
-    _state["on_signal"].append(hook)
+def on_exit(hook: Callable[[], None]) -> None:
+    """Register cleanup run before a signal or a deadline ends the process (e.g. releasing the run lock)."""
+    _state["on_exit"].append(hook)
+
+
+def _run_hooks() -> None:
+    for hook in _state["on_exit"]:
+        with contextlib.suppress(Exception):
+            hook()
 
 
 def _exit_on(signum: int) -> None:
-    for hook in _state["on_signal"]:
-        with contextlib.suppress(Exception):
-            hook()
+    _run_hooks()
     tail = _state["describe"]() if _state["describe"] else ""
     sys.stderr.write(f"essa_mpi: rank {_state['rank']} stopped by {signal.Signals(signum).name}"
                      f"{'; ' + tail if tail else ''}\n")

@@ -18,7 +18,7 @@ class CountingComm:
     """Forwards everything to the real communicator, counting calls of collective methods by name."""
 
     def __init__(self, comm) -> None:
-        self._comm, self.counts = comm, {}
+        self._comm, self.counts, self.received = comm, {}, []
 
     def __getattr__(self, name):
         attr = getattr(self._comm, name)
@@ -27,6 +27,8 @@ class CountingComm:
 
         def counted(*args, **kwargs):
             self.counts[name] = self.counts.get(name, 0) + 1
+            if name == "Allgatherv":  # recvbuf spec [buffer, counts, displacements, type]: bytes received
+                self.received.append(int(sum(args[1][1])))
             return attr(*args, **kwargs)
 
         return counted
@@ -40,7 +42,7 @@ def main() -> int:
 
     rc = essa_main(args)
     with open(f"{prefix}.{world._comm.Get_rank()}.json", "w") as fh:
-        json.dump(world.counts, fh)
+        json.dump({"counts": world.counts, "allgatherv_received_bytes": world.received}, fh)
     return rc
 
 

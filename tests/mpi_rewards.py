@@ -18,31 +18,24 @@ def _rank() -> int:
     return int(os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
 
 
-def hangs_on_rank_1(completions, **_):
-    """Never returns on rank 1 (a reward server that stopped answering); alphanumeric fraction elsewhere."""
-    import time
-
-    while _rank() == 1:
-        time.sleep(1)
-    return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]
-
-
-def slow_after_marker(completions, **_):
-    """Sleeps 1 s per call once the file named by $ESSA_SLOW exists (lets a test stop a rank mid-run)."""
-    import os
-    import time
-
-    if os.path.exists(os.environ.get("ESSA_SLOW", "/nonexistent")):
-        time.sleep(1)
-    return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]
-
-
 def exits_process(completions, **_):
     import os
 
     os._exit(3)
 
 
-def zero_one(completions, **_):
-    """0/1 reward that is mostly 0 (flat generations are common): 1 when the completion has a digit."""
-    return [float(any(ch.isdigit() for ch in c)) for c in completions]
+def rare_one(completions, **_):
+    """0/1 reward, 1 for about one completion in 20 (by a hash of its text): flat generations are common."""
+    import zlib
+
+    return [float(zlib.crc32(c.encode()) % 20 == 0) for c in completions]
+
+
+def hangs_on_rank_1_after_marker(completions, **_):
+    """Never returns on rank 1 once the file named by $ESSA_HANG exists; alphanumeric fraction otherwise."""
+    import os
+    import time
+
+    while _rank() == 1 and os.path.exists(os.environ.get("ESSA_HANG", "/nonexistent")):
+        time.sleep(1)
+    return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]

@@ -1,0 +1,309 @@
+"""Faults and bad input under a real mpiexec: nothing hangs, nothing a user made is overwritten, a resume
+never continues the wrong run and never refuses a valid one.
+
+The bad-input corpus is ``tests/bad_inputs.py``; ``tools/fault_table.py`` prints both tables with timings.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from bad_inputs import CASES, make_files
+from test_cli_mpi import ENV, HERE, history, launch, metrics, mpirun, tiny_args
+
+from essa_mpi import checkpoint
+
+
+@pytest.fixture(scope="module")
+def files(tiny_dir, tmp_path_factory):
+    return make_files(str(tmp_path_factory.mktemp("bad")), tiny_dir)
+
+
+def record(kind: str, name: str, code: int, seconds: float, text: str, kept: str = "") -> None:
+    """One row of tools/fault_table.py's tables (only when $ESSA_FAULT_TABLE names a JSONL file)."""
+    path = os.environ.get("ESSA_FAULT_TABLE")
+    if path:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"kind": kind, "name": name, "exit": code, "seconds": round(seconds, 2),
+                                 "message": text, "kept": kept}) + "\n")
+
+
+def error_line(err: str) -> str:
+    return next((line for line in err.splitlines() if line.startswith("essa_mpi:")), err.strip()[-200:])
+
+
+def leftover_ranks(marker: str) -> list:
+    """PIDs of processes whose command line mentions marker (a run's unique directory)."""
+    out = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    return [p for p in out if int(p) != os.getpid()]
+
+
+def run_case(args: list, files: dict, timeout: int = 120) -> tuple:
+    env = {**ENV, "PYTHONPATH": f"{HERE}:{files['root']}"}
+    t = time.time()
+    res = subprocess.run(launch(2, args), capture_output=True, text=True, timeout=timeout, env=env)
+    return res, time.time() - t
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_corpus(case, files, tiny_dir, tmp_path):
+    make_args, fragment = CASES[case]
+    out = tmp_path / "run"
+    extra = make_args(files)
+    args = extra if extra[0] == "--resume" else tiny_args(tiny_dir, out) + extra
+    res, seconds = run_case(args, files)
+    lines = res.stderr.strip().splitlines()
+    record("corpus", case, res.returncode, seconds, lines[0] if lines else "")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("essa_mpi: error: ") and fragment in lines[0], res.stderr[-2000:]
+    assert "solution_length" not in res.stdout, "a model was loaded"
+    assert not leftover_ranks(str(out)), "a rank outlived mpiexec"
+    if case == "output_dir holds files":
+        assert open(os.path.join(files["root"], "has_files", "notes.txt")).read() == "my notes\n"
+
+
+def start(args: list, env=None) -> subprocess.Popen:
+    return subprocess.Popen(launch(2, args), env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+
+
+def wait_for_generation(out, generation: int, proc: subprocess.Popen, limit: float = 120) -> None:
+    deadline = time.time() + limit
+    path = os.path.join(out, checkpoint.FILENAME)
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if os.path.exists(path) and history(str(out)).generation >= generation:
+                return
+        except ValueError:  # caught mid-rename
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of generation {generation}: {proc.poll()}")
+
+
+def rank_pid(marker: str, rank: int) -> int:
+    """PID of MPI rank ``rank`` of the run whose command line mentions marker (its output directory)."""
+    for pid in leftover_ranks(marker):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as fh:
+                if f"PMI_RANK={rank}".encode() in fh.read().split(b"\0"):
+                    return int(pid)
+        except OSError:
+            continue
+    raise AssertionError(f"rank {rank} not found")
+
+
+def test_hung_reward_stops_the_job_naming_the_function(tiny_dir, tmp_path):
+    out, marker = tmp_path / "hang", tmp_path / "hang_now"
+    env = {**ENV, "ESSA_HANG": str(marker)}
+    proc = start(tiny_args(tiny_dir, out, 200) + ["task.reward_fn=mpi_rewards:hangs_on_rank_1_after_marker",
+                                                  "task.reward_timeout_s=3"], env)
+    wait_for_generation(out, 2, proc)
+    marker.touch()
+    t = time.time()
+    _, err = proc.communicate(timeout=60)
+    record("fault", "reward never returns on rank 1 (reward_timeout_s=3)", proc.returncode, time.time() - t,
+           error_line(err), f"checkpoint at generation {history(str(out)).generation}; resumed to the end")
+    assert proc.returncode == 3 and time.time() - t < 30
+    assert "reward function hangs_on_rank_1_after_marker did not return within task.reward_timeout_s=3 s" in err
+    assert "Traceback" not in err and not leftover_ranks(str(out))
+    kept = history(str(out)).generation
+    assert kept >= 2
+    res = mpirun(2, ["--resume", str(out), f"run.generations={kept + 2}"])  # without ESSA_HANG: no hang
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert history(str(out)).generation == kept + 2
+
+
+def test_stopped_rank_is_named_by_the_stall_watchdog(tiny_dir, tmp_path):
+    out = tmp_path / "stop"
+    proc = start(tiny_args(tiny_dir, out, 2000) + ["run.stall_timeout_s=4"])
+    wait_for_generation(out, 2, proc)
+    os.kill(rank_pid(str(out), 1), signal.SIGSTOP)
+    t = time.time()
+    _, err = proc.communicate(timeout=60)
+    seconds = time.time() - t
+    record("fault", "rank 1 SIGSTOPped (stall_timeout_s=4)", proc.returncode, seconds, error_line(err),
+           f"checkpoint at generation {history(str(out)).generation}; stale lock taken over on resume")
+    assert proc.returncode == 3 and seconds < 20, (proc.returncode, seconds, err[-2000:])
+    assert "did not complete within run.stall_timeout_s=4 s: rank(s) [1] did not arrive" in err, err[-2000:]
+    assert not leftover_ranks(str(out))
+    res = mpirun(2, ["--resume", str(out), "run.generations=" + str(history(str(out)).generation + 1)])
+    assert res.returncode == 0, res.stderr[-2000:]  # the stale lock of the killed rank 0 is taken over
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_every_rank_with_one_line_and_keeps_the_checkpoint(tiny_dir, tmp_path, sig, code):
+    out = tmp_path / "sig"
+    proc = start(tiny_args(tiny_dir, out, 2000))
+    wait_for_generation(out, 2, proc)
+    t = time.time()
+    proc.send_signal(sig)  # mpiexec forwards it to every rank, as srun does for scancel
+    _, err = proc.communicate(timeout=60)
+    record("fault", f"{signal.Signals(sig).name} to mpiexec", proc.returncode, time.time() - t, error_line(err),
+           f"checkpoint at generation {history(str(out)).generation} (+ previous); lock released")
+    assert proc.returncode == code and time.time() - t < 10
+    lines = [line for line in err.splitlines() if "stopped by" in line]
+    assert 1 <= len(lines) <= 2 and "Traceback" not in err, err[-2000:]
+    assert f"stopped by {signal.Signals(sig).name}; the last checkpoint is kept; continue with --resume {out}" in err
+    assert sorted(os.listdir(out)) == ["checkpoint.h5", "checkpoint.prev.h5", "config.yaml", "metrics.jsonl"]
+    stopped_at = history(str(out)).generation
+    assert 2 <= stopped_at < 2000
+    assert mpirun(2, ["--resume", str(out), f"run.generations={stopped_at + 1}"]).returncode == 0
+
+
+def test_one_run_per_directory(tiny_dir, tmp_path):
+    out = tmp_path / "live"
+    proc = start(tiny_args(tiny_dir, out, 2000))
+    try:
+        wait_for_generation(out, 1, proc)
+        for args in (tiny_args(tiny_dir, out), ["--resume", str(out)]):
+            t = time.time()
+            res = mpirun(2, args, timeout=120)
+            record("fault", f"second {'resume' if args[0] == '--resume' else 'run'} into a live run's directory",
+                   res.returncode, time.time() - t, error_line(res.stderr), "the live run untouched")
+            assert res.returncode == 2 and f"run.output_dir={out} is in use by pid" in res.stderr, res.stderr[-2000:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert not os.path.exists(out / "run.lock"), "the lock outlived its run"
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tiny_dir, tmp_path):
+    out = tmp_path / "stale"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / "run.lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}, "start": null}}')
+    res = mpirun(2, tiny_args(tiny_dir, out, 1))
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_overwrite_replaces_only_essa_outputs(tiny_dir, tmp_path):
+    out = tmp_path / "ow"
+    assert mpirun(2, tiny_args(tiny_dir, out, 1)).returncode == 0
+    (out / "notes.txt").write_text("mine")
+    res = mpirun(2, tiny_args(tiny_dir, out, 1))
+    assert res.returncode == 2 and "already holds a checkpoint" in res.stderr
+    res = mpirun(2, tiny_args(tiny_dir, out, 2) + ["run.overwrite=true"])
+    assert res.returncode == 0 and (out / "notes.txt").read_text() == "mine"
+    assert history(str(out)).generation == 2 and len([m for m in metrics(str(out)) if "reward_mean" in m]) == 2
+
+
+def test_resume_refuses_a_changed_model(tiny_dir, tmp_path):
+    from tiny import save_tiny
+
+    model, out = tmp_path / "model", tmp_path / "run"
+    shutil.copytree(tiny_dir, model)
+    assert mpirun(2, tiny_args(str(model), out, 2)).returncode == 0
+    save_tiny(str(model))  # same shapes, same config: other weights (a different seed would do the same)
+    with open(model / "model.safetensors", "r+b") as fh:
+        fh.seek(-8, os.SEEK_END)
+        fh.write(b"\x01" * 8)
+    t = time.time()
+    res = mpirun(2, ["--resume", str(out), "run.generations=3"])
+    record("fault", "resume after the model's weights changed", res.returncode, time.time() - t,
+           error_line(res.stderr), "checkpoint untouched")
+    assert res.returncode == 2 and "the model files at model.name_or_path changed" in res.stderr, res.stderr[-2000:]
+
+
+def test_resume_refuses_changed_task_data(tiny_dir, tmp_path):
+    data, out = tmp_path / "d.jsonl", tmp_path / "run"
+    data.write_text("".join(f'{{"prompt": "Write words: p{i}"}}\n' for i in range(30)))
+    args = tiny_args(tiny_dir, out, 2) + ["task.name=custom", f"task.dataset={data}",
+                                          "task.reward_fn=mpi_rewards:nan_for_some"]
+    assert mpirun(2, args).returncode == 0
+    data.write_text(data.read_text().replace("p7", "p8"))
+    t = time.time()
+    res = mpirun(2, ["--resume", str(out), "run.generations=3"])
+    record("fault", "resume after the dataset was edited", res.returncode, time.time() - t, error_line(res.stderr),
+           "checkpoint untouched")
+    assert res.returncode == 2 and "the task's training or validation rows changed" in res.stderr
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_resumes_bit_identically(tiny_dir, tmp_path):
+    full, broken = tmp_path / "full", tmp_path / "broken"
+    assert mpirun(2, tiny_args(tiny_dir, full, 5)).returncode == 0
+    assert mpirun(2, tiny_args(tiny_dir, broken, 3)).returncode == 0
+    with open(broken / checkpoint.FILENAME, "r+b") as fh:
+        fh.truncate(1000)
+    t = time.time()
+    res = mpirun(2, ["--resume", str(broken), "run.generations=5"])
+    record("fault", "resume with a truncated checkpoint.h5", res.returncode, time.time() - t,
+           next(line for line in res.stderr.splitlines() if "WARNING" in line), "fell back to checkpoint.prev.h5 "
+           "(generation 2); final state bit-identical to an uninterrupted run")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Resuming from" in res.stderr and "generation 2" in res.stderr
+    a, b = history(str(full)), history(str(broken))
+    assert np.array_equal(a.seeds, b.seeds) and np.array_equal(a.rewards, b.rewards)
+    assert all(np.array_equal(a.cma[k], b.cma[k]) for k in a.cma)
+    gens = [m["generation"] for m in metrics(str(broken)) if "reward_mean" in m]
+    assert gens == [1, 2, 3, 4, 5], "metrics.jsonl cut back to the checkpoint used, no generation twice"
+
+
+def test_resume_after_a_flat_last_generation_with_full_covariance(tiny_dir, tmp_path):
+    """Issue 11 item 8 end to end: 0/1 reward, full covariance, the checkpoint's last generation flat."""
+    args = ["task.reward_fn=mpi_rewards:rare_one", "search.covariance=full", "task.val_size=0"]
+    ref = tmp_path / "ref"
+    assert mpirun(2, tiny_args(tiny_dir, ref, 12) + args).returncode == 0
+    flat = [m["generation"] for m in metrics(str(ref)) if m.get("flat_skipped")]
+    moved = [m["generation"] for m in metrics(str(ref)) if "reward_mean" in m and not m.get("flat_skipped")]
+    stops = [g for g in flat if any(m < g for m in moved) and g < 12]
+    assert stops, f"need a flat generation after an update: flat {flat}"
+    cut = tmp_path / "cut"
+    assert mpirun(2, tiny_args(tiny_dir, cut, stops[0]) + args).returncode == 0
+    res = mpirun(2, ["--resume", str(cut), "run.generations=12"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = history(str(ref)), history(str(cut))
+    assert all(np.array_equal(a.cma[k], b.cma[k]) for k in a.cma)
+
+
+def test_disk_full_is_one_clear_line(tiny_dir, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        t = time.time()
+        res = mpirun(2, tiny_args(tiny_dir, disk / "run", 50) + ["search.covariance=full"])
+        record("fault", "disk full (24 KiB tmpfs)", res.returncode, time.time() - t, error_line(res.stderr),
+               f"{sorted(os.listdir(disk / 'run'))}, no temp file")
+        assert res.returncode == 1
+        assert "No space left on device; the previous checkpoint (if any) is kept" in res.stderr
+        assert "Traceback" not in res.stderr and "Segmentation" not in res.stderr, res.stderr[-3000:]
+        assert not [n for n in os.listdir(disk / "run") if n.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_reward_that_exits_the_process_ends_every_rank(tiny_dir, tmp_path):
+    out = tmp_path / "exit"
+    t = time.time()
+    res = mpirun(2, tiny_args(tiny_dir, out) + ["task.reward_fn=mpi_rewards:exits_process"], timeout=60)
+    record("fault", "reward calls os._exit(3) on every rank", res.returncode, time.time() - t,
+           error_line(res.stderr), "nothing to keep (before generation 1)")
+    assert res.returncode != 0 and not leftover_ranks(str(out))
+
+
+def test_stall_watchdog_unit(monkeypatch):
+    """The deadline stops a block that never returns (here: this process's stop hook records it)."""
+    from essa_mpi import watchdog
+
+    stopped = []
+    monkeypatch.setitem(watchdog._state, "stop", stopped.append)
+    monkeypatch.setattr(watchdog.os, "_exit", lambda code: stopped.append(("exit", code)))
+    with watchdog.deadline(0.2, lambda: "took too long"):
+        time.sleep(0.6)
+    assert stopped and stopped[0] == watchdog.TIMEOUT_EXIT
+    with watchdog.deadline(5, lambda: "never"):
+        pass
+    time.sleep(0.1)
+    assert len([s for s in stopped if s == watchdog.TIMEOUT_EXIT]) == 1, "a finished block must not fire"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))

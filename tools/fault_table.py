@@ -1,0 +1,55 @@
+"""The bad-input corpus and the fault tests, timed: tools/results/faults.json and faults.md.
+
+    python tools/fault_table.py                 # ~5 min on 2 cores; runs tests/test_faults.py under pytest
+
+Each row comes from the test that asserts it (tests/test_faults.py records exit code, seconds from the
+launch or the fault to the last rank's exit, the error line and what was kept), so the table and the
+tests cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def markdown(rows: list) -> str:
+    corpus = [r for r in rows if r["kind"] == "corpus"]
+    faults = [r for r in rows if r["kind"] == "fault"]
+    out = [f"## Bad-input corpus ({len(corpus)} cases, `mpiexec -n 2`, tiny model)", "",
+           "| case | exit | seconds | message |", "|---|---|---|---|"]
+    out += [f"| {r['name']} | {r['exit']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')} |" for r in corpus]
+    out += ["", f"## Faults ({len(faults)})", "", "| fault | exit | seconds to exit | message | kept |",
+            "|---|---|---|---|---|"]
+    out += [f"| {r['name']} | {r['exit']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')} | {r['kept']} |"
+            for r in faults]
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "tools", "results", "faults"))
+    args = ap.parse_args()
+    table = tempfile.mktemp(suffix=".jsonl")
+    env = {**os.environ, "ESSA_FAULT_TABLE": table}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "tests", "test_faults.py")],
+                         env=env, cwd=ROOT)
+    with open(table) as fh:
+        rows = [json.loads(line) for line in fh]
+    os.remove(table)
+    with open(args.out + ".json", "w") as fh:
+        json.dump({"tests_passed": res.returncode == 0, "rows": rows}, fh, indent=1)
+    with open(args.out + ".md", "w") as fh:
+        fh.write(markdown(rows))
+    print(f"{len(rows)} rows -> {args.out}.json, {args.out}.md (pytest exit {res.returncode})")
+    return res.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
