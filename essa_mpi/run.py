@@ -189,7 +189,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     if state is not None:  # every rank built its own bases: all must match the checkpoint's
         first_error(comm, lambda: check_identity(state.identity, {"svd_bases": identity["svd_bases"]}, out))
     start = 0 if state is None else state.generation
-    log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start)
+    log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start, cfg.run.report_to)
     announce(p, cfg, comm, log, start)
     hist = History.fresh(cfg.search.popsize) if state is None else History.of(state)
     if state is not None:

@@ -22,6 +22,7 @@ import time
 from typing import Callable
 
 TIMEOUT_EXIT = 3  # exit status of a job stopped by a deadline (reward or stall timeout)
+_guard = threading.Lock()  # critical() against the signal thread
 _state = {"rank": 0, "stop": None, "critical": 0, "pending": None, "on_exit": [], "describe": None}
 
 
@@ -86,28 +87,49 @@ def _exit_on(signum: int) -> None:
     os._exit(128 + signum)
 
 
-def _handler(signum, _frame) -> None:
-    if _state["critical"]:
-        _state["pending"] = signum
-    else:
-        _exit_on(signum)
+def _handle(signum: int) -> None:
+    with _guard:
+        if _state["critical"]:
+            _state["pending"] = signum
+            return
+    _exit_on(signum)
+
+
+def _listen(fd: int) -> None:
+    """Helper thread: the C-level signal handler writes each signal number to the wakeup pipe at once,
+    even while the main thread is blocked inside an MPI call (where Python handlers cannot run)."""
+    while True:
+        for signum in os.read(fd, 64):
+            if signum in (signal.SIGINT, signal.SIGTERM):
+                _handle(signum)
 
 
 def install_signal_handlers(describe: Callable[[], str] | None = None) -> None:
     """SIGINT and SIGTERM end this rank with one line (describe() says what was kept), exit 128+signum;
-    no traceback, no half-written file. The launcher (mpiexec, srun) delivers them to every rank."""
+    no traceback, no half-written file. The launcher (mpiexec, srun) delivers them to every rank. Main
+    thread only (signal.set_wakeup_fd); calling it again only changes describe."""
     _state["describe"] = describe
+    if _state.get("listening"):
+        return
+    read, write = os.pipe()
+    os.set_blocking(write, False)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _handler)
+        signal.signal(sig, lambda *_: None)  # the Python-level handler does nothing: _listen acts
+    signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    threading.Thread(target=_listen, args=(read,), daemon=True, name="essa-signals").start()
+    _state["listening"] = True
 
 
 @contextlib.contextmanager
 def critical():
     """Defer SIGINT/SIGTERM until the block ends (a checkpoint write), then act on them."""
-    _state["critical"] += 1
+    with _guard:
+        _state["critical"] += 1
     try:
         yield
     finally:
-        _state["critical"] -= 1
-        if not _state["critical"] and _state["pending"] is not None:
-            _exit_on(_state["pending"])
+        with _guard:
+            _state["critical"] -= 1
+            pending = _state["pending"] if not _state["critical"] else None
+        if pending is not None:
+            _exit_on(pending)

@@ -80,7 +80,8 @@ def test_allgather_payload_is_8_bytes_per_candidate(runs_by_ranks):
 
 def test_outputs_exist_and_summary_printed(runs_by_ranks):
     out = runs_by_ranks[2]
-    for name in ("config.yaml", "summary.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in ("config.yaml", "summary.json", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+                 "curves.png"):
         assert os.path.isfile(os.path.join(out, name)), name
 
 
