@@ -291,7 +291,7 @@ def read_yaml(path: str) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path!r} holds a {type(data).__name__}, not a mapping of sections "
+        raise ValueError(f"config file {path!r} is a YAML {type(data).__name__}, not a mapping of sections "
                          f"({', '.join(SECTIONS)}); write e.g. 'search: {{popsize: 16}}'.")
     return data
 

@@ -36,7 +36,7 @@ def series(rows: list) -> dict:
         if "val_reward" in m:
             val.append((m["generation"], last, m["val_reward"]))
         if "reward_mean" in m:
-            gen.append((m["generation"], m["reward_mean"], m["reward_max"], m.get("sigma")))
+            gen.append((m["generation"], m["reward_mean"], m.get("reward_max"), m.get("sigma")))
     return {"val": val, "gen": gen}
 
 
@@ -59,7 +59,8 @@ def plot(run_dirs: list, out: str, labels: list | None = None, title: str | None
         if s["gen"]:
             g, mean, best, sigma = zip(*s["gen"])
             line = ax[1, 0].plot(g, mean, label=f"{label} mean")[0]
-            ax[1, 0].plot(g, best, ls="--", color=line.get_color(), label=f"{label} max")
+            if all(b is not None for b in best):  # GRPO logs have no population maximum
+                ax[1, 0].plot(g, best, ls="--", color=line.get_color(), label=f"{label} max")
             if any(x is not None for x in sigma):
                 ax[1, 1].plot(g, sigma, label=label)
     for a, (x, y) in zip(ax.flat, [("wall clock (min)", "validation reward"), ("generation", "validation reward"),

@@ -200,9 +200,10 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
         if cfg.task.val_size and (g % cfg.task.val_every == 0 or g == cfg.run.generations) and (g > start or g == 0):
+            t = time.perf_counter()
             metrics = validate(p, comm, p.search.mean, g)
             val[g] = metrics["val_reward"]
-            log.log({"generation": g, **metrics})
+            log.log({"generation": g, **metrics, "val_s": round(time.perf_counter() - t, 2)})
         if g == cfg.run.generations:
             break
         trim_host_memory()  # keeps the peak resident memory from creeping up generation by generation

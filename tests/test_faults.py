@@ -35,7 +35,7 @@ def record(kind: str, name: str, code: int, seconds: float, text: str, kept: str
 
 
 def error_line(err: str) -> str:
-    return next((line for line in err.splitlines() if line.startswith("essa_mpi:")), err.strip()[-200:])
+    return next((line for line in err.splitlines() if line.startswith("essa_mpi:")), "(no line from essa_mpi)")
 
 
 def leftover_ranks(marker: str) -> list:
