@@ -150,8 +150,9 @@ class Comm:
                 f"the last checkpoint is kept: --resume after the fix, or raise run.stall_timeout_s if a "
                 f"generation really takes that long.")
 
-    def bcast(self, obj: Any, root: int = 0) -> Any:
-        return self.world.bcast(obj, root=root)
+    def bcast(self, obj: Any, root: int = 0, label: str = "the state repair broadcast") -> Any:
+        with self.watch(label):
+            return self.world.bcast(obj, root=root)
 
     def idle_bcast(self, value: int = 0, root: int = 0, poll_s: float = 0.5) -> int:
         """Broadcast a small int from root while the other ranks sleep between polls: a blocking MPI call

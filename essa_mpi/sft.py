@@ -39,8 +39,8 @@ def sft_dir(cfg: Config, rows: list | None = None) -> str:
                "rows": digest(rows) if rows is not None else None}
     for key in ("threads", "device", "gpus_per_rank"):  # where it runs, not what it learns
         shaping["model"].pop(key)
-    digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
-    return os.path.join("runs", "sft", f"{cfg.task.name}-{digest}")
+    key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join("runs", "sft", f"{cfg.task.name}-{key}")
 
 
 def is_done(out_dir: str, rows: list | None = None) -> bool:

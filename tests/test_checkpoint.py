@@ -128,3 +128,13 @@ def test_disk_full_keeps_previous_and_leaves_no_temp_file(tiny_disk):
         checkpoint.save(path, big)
     assert sorted(os.listdir(tiny_disk)) == [checkpoint.FILENAME]
     assert checkpoint.load(path).generation == 1
+
+
+def test_dense_gguf_copies_go_to_a_private_per_user_cache(tmp_path, monkeypatch):
+    from essa_mpi.model import dense_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = dense_cache_dir()
+    assert root == str(tmp_path / "essa_mpi" / "dense") and os.stat(root).st_mode & 0o777 == 0o700
+    os.chmod(root, 0o777)  # loosened by someone: tightened again before use
+    assert os.stat(dense_cache_dir()).st_mode & 0o777 == 0o700

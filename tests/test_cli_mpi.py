@@ -110,6 +110,9 @@ def test_killed_run_resumes_bit_identically(tiny_dir, tmp_path):
     with open(full / "adapter/adapter_model.safetensors", "rb") as x, \
             open(killed / "adapter/adapter_model.safetensors", "rb") as y:
         assert x.read() == y.read()
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (full, killed)]
+    assert summaries[1]["val_reward"] == summaries[0]["val_reward"] and len(summaries[0]["val_reward"]) == 4
+    assert summaries[1]["val_chain"] == summaries[0]["val_chain"], "a resume keeps the validation history"
 
 
 def test_existing_checkpoint_needs_resume(runs_by_ranks, tiny_dir):

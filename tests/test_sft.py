@@ -1,6 +1,7 @@
 """LoRA SFT warm start: completion-only loss, a loss that falls, a PEFT adapter ESSA can load, caching key."""
 
 import dataclasses
+import json
 
 import torch
 
@@ -67,3 +68,13 @@ def test_cache_directory_depends_on_what_shapes_the_adapter():
     assert len({sft.sft_dir(c) for c in other} | {sft.sft_dir(base)}) == 6
     assert sft.sft_dir(load_config(None, ["sft.output_dir=/x"])) == "/x"
     assert isinstance(ModelConfig().threads, int)
+
+
+def test_cache_key_and_reuse_follow_the_sft_rows_content(tmp_path):
+    cfg = load_config(None, [])
+    rows = [{"prompt": "1+1", "completion": "2"}]
+    edited = [{"prompt": "1+1", "completion": "3"}]
+    assert sft.sft_dir(cfg, rows) != sft.sft_dir(cfg, edited) and sft.sft_dir(cfg, rows) == sft.sft_dir(cfg, list(rows))
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "sft_info.json").write_text(json.dumps({"data_digest": sft.digest(rows)}))
+    assert sft.is_done(str(tmp_path), rows) and not sft.is_done(str(tmp_path), edited)
