@@ -199,7 +199,8 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         base = validate(p, comm, None)["val_reward"]
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
-        if cfg.task.val_size and (g % cfg.task.val_every == 0 or g == cfg.run.generations) and (g > start or g == 0):
+        due = g % cfg.task.val_every == 0 or g == cfg.run.generations
+        if cfg.task.val_size and due and g not in val:  # a resume measures what the killed run had not logged
             t = time.perf_counter()
             metrics = validate(p, comm, p.search.mean, g)
             val[g] = metrics["val_reward"]

@@ -30,13 +30,19 @@ OUTPUTS = ("checkpoint.h5", "checkpoint.prev.h5", "checkpoint.h5.tmp", "metrics.
            "adapter", "curves.png", "tensorboard")
 
 
-def _start_ticks(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if unknown."""
+def _stat(pid: int) -> list:
+    """Fields 3.. of /proc/PID/stat (state, ppid, ...; start time at index 19), [] if unknown (no procfs)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[19]
+            return fh.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
-        return None
+        return []
+
+
+def _start_ticks(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), None if unknown."""
+    fields = _stat(pid)
+    return fields[19] if len(fields) > 19 else None
 
 
 def _alive(pid: int, ticks: str | None) -> bool:
@@ -46,6 +52,9 @@ def _alive(pid: int, ticks: str | None) -> bool:
         return False
     except PermissionError:  # exists, another user's
         return True
+    fields = _stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # killed, not yet reaped (containers whose init does not reap)
+        return False
     return ticks is None or _start_ticks(pid) in (None, ticks)  # a reused pid has another start time
 
 

@@ -312,3 +312,22 @@ def test_deadline_fires_once_for_a_block_that_overruns(monkeypatch):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_lock_of_a_killed_unreaped_process_is_stale(tmp_path):
+    """A SIGKILLed rank 0 can linger as a zombie (a container's init that does not reap): not a live holder."""
+    from essa_mpi import rundir
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run.lock").write_text(json.dumps({"host": os.uname().nodename, "pid": child.pid,
+                                                       "start": rundir._start_ticks(child.pid)}))
+        with pytest.raises(ValueError, match=f"in use by pid {child.pid}"):
+            rundir.RunLock.acquire(str(tmp_path))
+        child.kill()
+        time.sleep(0.2)  # killed, not waited for: a zombie
+        assert rundir._stat(child.pid)[0] == "Z"
+        rundir.RunLock.acquire(str(tmp_path)).release()
+    finally:
+        child.kill()
+        child.wait()

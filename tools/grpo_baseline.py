@@ -12,9 +12,10 @@ searches (one vector of the same length as ESSA's solution), everything else fro
 
 The reward is the task's own reward function (essa_mpi.tasks.score_rows) behind TRL's signature. Validation
 is ESSA's: essa_mpi.population.PopulationEvaluator.score on the task's held-out rows, greedy, task.max_new_tokens,
-the task's grader. The training clock stops during validation (validation seconds are logged beside it as
-val_s), the rule bench_vs_grpo.py applies to ESSA too. Output: OUT/metrics.jsonl in ESSA's format
-(generation = optimizer step, wall_s = training seconds), plottable with python -m essa_mpi plot.
+the task's grader. The budget counts training seconds only (validation excluded); metrics.jsonl lines carry
+the wall clock and each validation's seconds (val_s), exactly as ESSA's lines do, so bench_vs_grpo.py
+subtracts validation the same way for every method. Output: OUT/metrics.jsonl in ESSA's format
+(generation = optimizer step), plottable with python -m essa_mpi plot.
 """
 
 from __future__ import annotations
@@ -83,6 +84,8 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
             return time.time() - self.t0 - self.paused
 
         def log(self, record: dict) -> None:
+            """A metrics.jsonl line; wall_s is the wall clock (validation included) as in ESSA's lines."""
+            record = {"wall_s": round(time.time() - self.t0, 3), **record}
             with open(os.path.join(out, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps(record) + "\n")
 
@@ -94,8 +97,7 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
             val_s = time.time() - t
             self.paused += val_s
             reward = sums["reward"][0] / max(sums["reward"][1], 1)
-            self.log({"wall_s": round(self.train_s(), 3), "generation": step, "val_reward": reward,
-                      "val_s": round(val_s, 1)})
+            self.log({"generation": step, "val_reward": reward, "val_s": round(val_s, 2)})
             print(f"step {step}: val_reward {reward:.3f} at {self.train_s():.0f} s of training", flush=True)
             self.next_val = self.train_s() + val_every_s
 
@@ -105,8 +107,7 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "reward" in logs:
-                self.log({"wall_s": round(self.train_s(), 3), "generation": state.global_step,
-                          "reward_mean": logs["reward"], "reward_std": logs.get("reward_std", 0.0),
+                self.log({"generation": state.global_step, "reward_mean": logs["reward"], "reward_std": logs.get("reward_std", 0.0),
                           "loss": logs.get("loss")})
 
         def on_step_end(self, args, state, control, model=None, **kw):

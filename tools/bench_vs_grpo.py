@@ -1,0 +1,154 @@
+"""ESSA against GRPO and SVD-GRPO: the embedded model, arithmetic, one SFT start, one training-time budget.
+
+    python tools/bench_vs_grpo.py                                  # 20 min per run: about 2.5 h on 2 cores
+    python tools/bench_vs_grpo.py --budget-s 480 --name bench_vs_grpo_quick --runs runs/vs_grpo_quick  # a look
+    python tools/bench_vs_grpo.py --replot                         # JSON and PNG from the run directories
+
+1. The SFT adapter every method starts from: ``python -m essa_mpi sft`` with task.sft_size (1,500 by default,
+   the strong start at which ESSA stalled before).
+2. ESSA: ``mpiexec -n 2 python -m essa_mpi`` from that adapter, 1 thread per rank; stopped with SIGTERM (a
+   clean stop that keeps the checkpoint) once its training clock passes the budget.
+3. GRPO (TRL, PEFT LoRA) and SVD-GRPO: ``tools/grpo_baseline.py``, 2 threads, one run per learning rate.
+Every method is validated by essa_mpi's evaluator on the same 200 held-out problems (greedy, same tokens,
+same grader); the training clock excludes validation for all of them (wall_s minus the val_s logged so far).
+Output: tools/results/bench_vs_grpo.json (curves, best accuracy, time to reach the other side's best) and
+bench_vs_grpo.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "tools", "results")
+
+
+def curve(run_dir: str) -> list:
+    """[(training seconds, validation reward)] of a run: wall_s minus the validation seconds so far."""
+    out, paused = [], 0.0
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        for m in map(json.loads, fh):
+            if "val_reward" in m:
+                paused += m.get("val_s", 0.0)  # logged when validation ended: its own seconds count too
+                out.append((round(m["wall_s"] - paused, 1), m["val_reward"]))
+    return out
+
+
+def time_to(points: list, target: float) -> float | None:
+    return next((t for t, v in points if v >= target - 1e-9), None)
+
+
+def essa(args, sft_dir: str, out: str) -> None:
+    """Run ESSA until its training clock passes the budget, then SIGTERM (keeps the checkpoint)."""
+    cmd = ["mpiexec", "-n", "2", sys.executable, "-m", "essa_mpi", f"task.sft_size={args.sft_size}",
+           f"adapter.path={sft_dir}", "model.threads=1", f"task.val_every={args.essa_val_every}", "task.val_base=false",
+           "run.generations=100000", "run.progress=false", f"run.output_dir={out}", *args.essa]
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    while proc.poll() is None:
+        time.sleep(5)
+        metrics = os.path.join(out, "metrics.jsonl")
+        if not os.path.exists(metrics):
+            continue
+        with open(metrics) as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+        trained = rows[-1]["wall_s"] - sum(m.get("val_s", 0.0) for m in rows) if rows else 0.0
+        if trained >= args.budget_s and "val_reward" in rows[-1]:
+            proc.send_signal(signal.SIGTERM)
+    proc.wait()
+
+
+def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "grpo_baseline.py"), "--method", method,
+                    "--adapter", sft_dir, "--lr", str(lr), "--budget-s", str(args.budget_s), "--threads", "2",
+                    "--prompts", str(args.prompts), "--group", str(args.group), "--val-every-s",
+                    str(args.val_every_s), "--out", out, f"task.sft_size={args.sft_size}"], cwd=ROOT, check=True)
+
+
+def summarize(runs: dict, args) -> dict:
+    curves = {name: curve(d) for name, d in runs.items() if os.path.exists(os.path.join(d, "metrics.jsonl"))}
+    best = {name: max(v for _, v in c) for name, c in curves.items() if c}
+    grpo_names = [n for n in best if n.startswith("GRPO")]
+    essa_best, out = best.get("ESSA"), {}
+    if grpo_names and essa_best is not None:
+        g = max(grpo_names, key=best.get)
+        t_essa, t_grpo = time_to(curves["ESSA"], best[g]), time_to(curves[g], best[g])
+        out = {"best_grpo_run": g, "essa_time_to_grpo_best_s": t_essa, "grpo_time_to_its_best_s": t_grpo,
+               "grpo_time_to_essa_best_s": time_to(curves[g], essa_best),
+               "target_essa_within_half_grpo_time": t_essa is not None and t_grpo is not None and t_essa <= 0.5 * t_grpo,
+               "target_essa_best_at_least_grpo_best": essa_best >= best[g]}
+    start = curves.get("ESSA", [(0, None)])[0][1]
+    return {"budget_s": args.budget_s, "sft_size": args.sft_size, "grpo": {"prompts_per_step": args.prompts,
+            "group_size": args.group, "threads": 2, "beta": 0.0, "temperature": 1.0},
+            "essa": {"ranks": 2, "threads_per_rank": 1, "overrides": args.essa}, "start_val_reward": start,
+            "curves": curves, "best": best, **out,
+            "target_plus_5_points": None if start is None or essa_best is None else essa_best - start >= 0.05}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget-s", type=float, default=1200.0)
+    ap.add_argument("--sft-size", type=int, default=1500)
+    ap.add_argument("--lrs", default="1e-5,1e-4,3e-4", help="GRPO learning rates (the sweep)")
+    ap.add_argument("--svd-lrs", default="1e-2", help="SVD-GRPO learning rates")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--val-every-s", type=float, default=120.0)
+    ap.add_argument("--essa-val-every", type=int, default=3)
+    ap.add_argument("--essa", nargs="*", default=[], metavar="section.key=value", help="ESSA overrides")
+    ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "vs_grpo"))
+    ap.add_argument("--replot", action="store_true")
+    ap.add_argument("--name", default="bench_vs_grpo", help="results file stem under tools/results/")
+    args = ap.parse_args()
+    runs = {"ESSA": os.path.join(args.runs, "essa")}
+    runs.update({f"GRPO lr={lr}": os.path.join(args.runs, f"grpo_lr{lr}") for lr in args.lrs.split(",") if lr})
+    runs.update({f"SVD-GRPO lr={lr}": os.path.join(args.runs, f"svd_grpo_lr{lr}") for lr in args.svd_lrs.split(",")
+                 if lr})
+    if not args.replot:
+        res = subprocess.run([sys.executable, "-m", "essa_mpi", "sft", f"task.sft_size={args.sft_size}"], cwd=ROOT,
+                             capture_output=True, text=True, check=True)
+        sft_dir = json.loads(res.stdout.strip().splitlines()[-1])["adapter"]
+        for name, out in runs.items():
+            if os.path.exists(os.path.join(out, "metrics.jsonl")):
+                continue  # measured already: --runs keeps finished runs, delete one to measure it again
+            if name == "ESSA":
+                essa(args, sft_dir, out)
+            else:
+                grpo(args, sft_dir, "svd-grpo" if name.startswith("SVD") else "grpo", float(name.split("=")[1]), out)
+    summary = summarize(runs, args)
+    with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as fh:
+        json.dump(summary, fh, indent=1)
+    plot_curves(summary, os.path.join(RESULTS, f"{args.name}.png"))
+    print(json.dumps({k: v for k, v in summary.items() if k != "curves"}, indent=1))
+    return 0
+
+
+def plot_curves(summary: dict, out: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for name, points in summary["curves"].items():
+        if points:
+            t, v = zip(*points)
+            ax.plot([x / 60 for x in t], v, marker="o", ms=3, label=f"{name} (best {max(v):.3f})",
+                    lw=2.5 if name == "ESSA" else 1.2)
+    ax.set_xlabel("training wall clock, validation excluded (min)")
+    ax.set_ylabel("validation accuracy (200 problems)")
+    ax.set_title(f"SmolLM2-135M arithmetic from a {summary['sft_size']}-problem SFT start, 2 CPU cores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
