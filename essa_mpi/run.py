@@ -199,8 +199,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         base = validate(p, comm, None)["val_reward"]
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
-        due = g % cfg.task.val_every == 0 or g == cfg.run.generations
-        if cfg.task.val_size and due and g not in val:  # a resume measures what the killed run had not logged
+        if cfg.task.val_size and (g % cfg.task.val_every == 0 or g == cfg.run.generations):  # same on every rank
             t = time.perf_counter()
             metrics = validate(p, comm, p.search.mean, g)
             val[g] = metrics["val_reward"]
@@ -232,7 +231,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
 
 def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None) -> tuple:
     """Rank 0 starts the run's files: config.yaml; on resume, metrics.jsonl cut back to the checkpoint's
-    generation (a fallback to checkpoint.prev.h5 repeats one) → (validation so far {generation: reward},
+    generation (a fallback to checkpoint.prev.h5 repeats one) → (validation before it {generation: reward},
     base-model reward or None), read from those lines, so summary.json keeps the whole history."""
     val, base, out = {}, None, cfg.run.output_dir
     if not lead:
@@ -244,7 +243,10 @@ def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None) 
         return val, base
     with open(path) as fh:
         lines = [json.loads(line) for line in fh if line.strip()]
-    kept = [m for m in lines if m.get("generation", 0) <= state.generation]
+    # the resume validates its first generation again when one is due (every rank decides alike, without
+    # reading this file); the same state gives the same value, so that line is dropped, not duplicated
+    kept = [m for m in lines if m.get("generation", 0) < state.generation or
+            (m.get("generation") == state.generation and "val_reward" not in m)]
     with open(path, "w") as fh:
         fh.writelines(json.dumps(m) + "\n" for m in kept)
     for m in kept:
