@@ -151,6 +151,10 @@ def main(argv: list | None = None) -> int:
         print(f"{args.out} already holds metrics.jsonl; choose another --out", file=sys.stderr)
         return 2
     model, tok = load_model(cfg.model)
+    if getattr(model, "hf_quantizer", None) is not None and cfg.model.precision in ("fp32", "bf16"):
+        model.hf_quantizer, model.is_quantized = None, False  # a GGUF is dequantized while loading; only
+        if hasattr(model.config, "quantization_config"):   # its markers make Trainer refuse to train
+            del model.config.quantization_config
     if args.method == "grpo":
         from peft import PeftModel
 
