@@ -12,7 +12,6 @@ sleep until it is done (a warm start is short; use a dedicated trainer for a lon
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,7 +38,7 @@ def sft_dir(cfg: Config, rows: list | None = None) -> str:
                "rows": digest(rows) if rows is not None else None}
     for key in ("threads", "device", "gpus_per_rank"):  # where it runs, not what it learns
         shaping["model"].pop(key)
-    key = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:12]
+    key = digest(shaping)[:12]
     return os.path.join("runs", "sft", f"{cfg.task.name}-{key}")
 
 
