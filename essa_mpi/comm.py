@@ -178,7 +178,8 @@ def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
         result, message = fn(), None
     except ValueError as exc:
         result, message = None, str(exc)
-    messages = comm.world.allgather(message)
+    with comm.watch("a check every rank makes (first_error)"):  # armed once run.stall_timeout_s is known
+        messages = comm.world.allgather(message)
     failed = [m for m in messages if m is not None]
     if failed:
         raise Refused(failed[0])
