@@ -74,6 +74,14 @@ class SearchConfig:
     sigma0: float = _f(0.5, f"Initial CMA-ES step size, in units of singular-value offsets (0 < sigma0 <= "
                        f"{SIGMA0_MAX:g}).")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
+    step_scale: Literal["uniform", "singular"] = _f("uniform", "uniform: sigma0 is one absolute step for every "
+                                                    "singular-value offset (the paper). singular: coordinate i's "
+                                                    "initial step is sigma0 x its SFT singular value (pycma CMA_stds), "
+                                                    "so sigma0=0.2 means +-20% of each value; needs an SFT start.")
+    mean_lr: float = _f(1.0, "Learning rate of the CMA-ES mean, pycma's CMA_cmean in (0, 1]: 1 is the standard "
+                        "update; below 1 the mean takes that fraction of each step, averaging noisy rankings.")
+    diagonal_decoding: bool = _f(False, "pycma's CMA_diagonal_decoding: learn per-coordinate scales on top of a full "
+                                 "covariance (covariance=full, or auto at <= 500 values).")
     seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
 
 
@@ -322,6 +330,16 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
     if not 0 < s.sigma0 <= SIGMA0_MAX:
         raise ValueError(f"search.sigma0={s.sigma0} must be in (0, {SIGMA0_MAX:g}] (an offset of singular values); "
                          f"set e.g. search.sigma0=0.3.")
+    if s.step_scale == "singular" and a.path is None and a.warm_start == "none":
+        raise ValueError("search.step_scale=singular scales each step by its SFT singular value, but "
+                         "adapter.warm_start=none starts from a fresh adapter whose B values are all 0; set "
+                         "search.step_scale=uniform or adapter.warm_start=sft.")
+    if not 0 < s.mean_lr <= 1:
+        raise ValueError(f"search.mean_lr={s.mean_lr} must be in (0, 1] (the fraction of each step the mean takes); "
+                         f"set e.g. search.mean_lr=1.")
+    if s.diagonal_decoding and s.covariance == "diagonal":
+        raise ValueError("search.diagonal_decoding=true needs a full covariance; set search.covariance=full "
+                         "(or auto) or search.diagonal_decoding=false.")
     if not 0 <= s.seed < 2**32:
         raise ValueError(f"search.seed={s.seed} must fit in uint32 (0 <= seed < 2**32).")
     _at_least(("model.gpus_per_rank", cfg.model.gpus_per_rank, 1), ("model.threads", cfg.model.threads, 0),

@@ -55,7 +55,12 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     assert adapter.k == searched_per_factor(cfg)
     n = adapter.solution_length
     diagonal = cfg.search.covariance == "diagonal" or (cfg.search.covariance == "auto" and n > DIAGONAL_ABOVE)
-    search = SeededCMA(n, cfg.search.popsize, cfg.search.sigma0, diagonal, cfg.search.seed)
+    stds = None
+    if cfg.search.step_scale == "singular":
+        values = adapter.searched_values()  # [n]
+        stds = np.maximum(values, 1e-3 * values.max())  # a rank-deficient SFT factor's zero values still move
+    search = SeededCMA(n, cfg.search.popsize, cfg.search.sigma0, diagonal, cfg.search.seed, stds,
+                       cfg.search.diagonal_decoding and not diagonal, cfg.search.mean_lr)
     ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, cfg.run.max_rows)
     return Parts(task, adapter, ev, search)
 

@@ -42,7 +42,13 @@ class SeededNormal:
 class SeededCMA:
     """pycma CMAEvolutionStrategy whose samples are functions of (state, seeds) only."""
 
-    def __init__(self, dim: int, popsize: int, sigma0: float, diagonal: bool, seed: int) -> None:
+    def __init__(self, dim: int, popsize: int, sigma0: float, diagonal: bool, seed: int,
+                 stds: np.ndarray | None = None, diagonal_decoding: bool = False, mean_lr: float = 1.0) -> None:
+        """stds [dim]: per-coordinate multipliers of sigma0 (pycma ``CMA_stds``; None = 1 everywhere).
+        diagonal_decoding: pycma's ``CMA_diagonal_decoding`` (learns per-coordinate scales on top of a full C).
+        mean_lr: pycma's ``CMA_cmean``, the mean's learning rate c_m (1 = the standard update, Alg. 1 line 14);
+        below 1 the mean moves that fraction of the way to the selected candidates ("mutate large, inherit
+        small", the standard remedy for noisy rankings)."""
         self.dim, self.popsize, self.seed = dim, popsize, seed
         self.randn = SeededNormal()
         opts = {
@@ -58,7 +64,12 @@ class SeededCMA:
             "verb_log": 0,
             "verb_disp": 0,
             "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolstagnation": int(1e9),  # the run decides when to stop
+            "CMA_diagonal_decoding": float(diagonal_decoding),
+            "CMA_cmean": float(mean_lr),
         }
+        if stds is not None:
+            assert np.shape(stds) == (dim,) and np.all(np.asarray(stds) > 0), "stds must be [dim] and positive"
+            opts["CMA_stds"] = np.asarray(stds, dtype=np.float64)  # [dim]
         # Alg. 1, line 7: same initial state on every rank (mean = zero offsets from the SFT values).
         self.es = cma.CMAEvolutionStrategy(np.zeros(dim), sigma0, opts)
 

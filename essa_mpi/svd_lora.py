@@ -192,6 +192,12 @@ class SVDLoRA:
         s_B = m.s_B + nn.functional.pad(offsets[:, base + k: base + 2 * k], pad)  # [C, r]
         return s_A, s_B
 
+    def searched_values(self):
+        """The SFT singular values the offsets move, in solution layout: [solution_length] float64 numpy."""
+        k = self.k
+        parts = [torch.cat([m.s_A[:k], m.s_B[:k]]) for m in self.modules]  # num_matrices x [2k]
+        return torch.cat(parts).double().cpu().numpy()  # [num_matrices * 2k]
+
     @torch.no_grad()
     def set_candidates(self, offsets) -> None:
         """offsets [C, solution_length] (numpy or torch); batch rows c*P..c*P+P-1 use candidate c."""

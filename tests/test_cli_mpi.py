@@ -168,10 +168,24 @@ def test_adapter_rank_mismatch(tiny_dir, tmp_path, runs_by_ranks):
     assert res.returncode != 0 and "has rank r=2 but adapter.rank=4" in res.stderr
 
 
-def test_warm_start_from_exported_adapter(tiny_dir, tmp_path, runs_by_ranks):
-    exported = os.path.join(runs_by_ranks[1], "adapter")
-    res = mpirun(2, tiny_args(tiny_dir, tmp_path / "warm", generations=1) + [f"adapter.path={exported}"])
+@pytest.mark.parametrize("step_scale", ["uniform", "singular"])
+def test_warm_start_from_exported_adapter(tiny_dir, tmp_path, runs_by_ranks, step_scale):
+    """From an adapter, search.step_scale=singular gives coordinate i the step sigma0 x its singular value
+    (pycma's sigma_vec in the checkpoint), recomputed here from the adapter file itself."""
+    from essa_mpi.config import ModelConfig
+    from essa_mpi.model import load_model
+    from essa_mpi.svd_lora import SVDLoRA, load_lora_factors
+
+    exported, out = os.path.join(runs_by_ranks[1], "adapter"), tmp_path / "warm"
+    res = mpirun(2, tiny_args(tiny_dir, out, generations=1) + [f"adapter.path={exported}",
+                                                                f"search.step_scale={step_scale}"])
     assert res.returncode == 0, res.stderr[-3000:]
+    model = load_model(ModelConfig(name_or_path=tiny_dir, device="cpu"))[0]
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    values = SVDLoRA.attach(model, load_lora_factors(model, exported, targets, 2), 1.0).searched_values()  # [n]
+    scales = history(str(out)).cma["sigma_vec"]  # [n]
+    expect = np.maximum(values, 1e-3 * values.max()) if step_scale == "singular" else np.ones_like(values)
+    np.testing.assert_allclose(scales, expect, rtol=1e-6)
 
 
 def test_state_repair_under_mpiexec():

@@ -81,3 +81,32 @@ def test_replay_reproduces_live_state_after_flat_generations():
             assert replay.fingerprint() == live.fingerprint(), f"generation {g + 1}"
             flat_checked += 1
     assert flat_checked >= 10
+
+
+@pytest.mark.parametrize("diagonal,decoding", [(True, False), (False, False), (False, True)])
+def test_per_coordinate_stds_scale_each_step_and_replay(diagonal, decoding):
+    """search.step_scale=singular: coordinate i's initial spread is sigma0 * stds[i] (pycma CMA_stds); the
+    state (sigma_vec included) still follows from the seeds alone, with or without diagonal decoding."""
+    stds = np.array([0.01, 0.1, 1.0, 0.5])
+    a = SeededCMA(4, 200, 0.2, diagonal, seed=0, stds=stds, diagonal_decoding=decoding)
+    b = SeededCMA(4, 200, 0.2, diagonal, seed=0, stds=stds, diagonal_decoding=decoding)
+    spread = a.ask(a.seeds(0)).std(axis=0)  # [4]
+    np.testing.assert_allclose(spread / (0.2 * stds), 1.0, rtol=0.15)
+    for g in range(5):
+        r = quadratic_reward(a.ask(a.seeds(g)))
+        a.tell(a.seeds(g), r)
+        b.tell(a.seeds(g), r)
+    assert a.fingerprint() == b.fingerprint()
+    assert not np.allclose(a.state_arrays()["sigma_vec"], 1.0), "the checkpoint must hold the scales"
+
+
+def test_mean_lr_moves_the_mean_that_fraction_of_the_standard_step():
+    """search.mean_lr (pycma CMA_cmean): same population, same ranking; the mean takes c_m of the step."""
+    full, damped = SeededCMA(12, 8, 0.5, True, seed=2), SeededCMA(12, 8, 0.5, True, seed=2, mean_lr=0.25)
+    seeds = full.seeds(0)
+    X = full.ask(seeds)  # [8, 12]
+    assert np.array_equal(X, damped.ask(seeds))
+    full.tell(seeds, quadratic_reward(X))
+    damped.tell(seeds, quadratic_reward(X))
+    np.testing.assert_allclose(damped.mean, 0.25 * full.mean, rtol=1e-12, atol=1e-15)
+    assert np.abs(full.mean).max() > 0.01

@@ -83,3 +83,19 @@ def test_adapter_changes_outputs_and_clear_restores_base(fresh_model):
     torch.testing.assert_close(fresh_model(ids).logits, base)
     for n, p in fresh_model.named_parameters():
         assert torch.equal(p, weights[n]), f"base weight {n} was modified"
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5])
+def test_searched_values_follow_the_solution_layout(fresh_model, fraction):
+    """Offsets equal to minus searched_values() zero exactly the searched singular values and nothing else."""
+    adapter = SVDLoRA.attach(fresh_model, sft_like_factors(fresh_model, 4), fraction=fraction)
+    values = adapter.searched_values()  # [solution_length]
+    assert values.shape == (adapter.solution_length,) and np.all(values > 0)
+    off = -torch.as_tensor(values, dtype=torch.float32)[None]  # [1, solution_length]
+    k = adapter.k
+    for i, m in enumerate(adapter.modules):
+        s_A, s_B = adapter.values(off, i)  # [1, r] each
+        torch.testing.assert_close(s_A[0, :k], torch.zeros(k), atol=1e-6, rtol=0)
+        torch.testing.assert_close(s_B[0, :k], torch.zeros(k), atol=1e-6, rtol=0)
+        torch.testing.assert_close(s_A[0, k:], m.s_A[k:])
+        torch.testing.assert_close(s_B[0, k:], m.s_B[k:])
