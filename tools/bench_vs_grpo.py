@@ -44,6 +44,13 @@ def time_to(points: list, target: float) -> float | None:
     return next((t for t, v in points if v >= target - 1e-9), None)
 
 
+def sft_adapter(sft_size: int) -> str:
+    """The SFT adapter every method starts from: ``python -m essa_mpi sft`` (trained once, then cached)."""
+    res = subprocess.run([sys.executable, "-m", "essa_mpi", "sft", f"task.sft_size={sft_size}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["adapter"]
+
+
 def essa(args, sft_dir: str, out: str) -> None:
     """Run ESSA until its training clock passes the budget, then SIGTERM (keeps the checkpoint)."""
     cmd = ["mpiexec", "-n", "2", sys.executable, "-m", "essa_mpi", f"task.sft_size={args.sft_size}",
@@ -110,9 +117,7 @@ def main() -> int:
     runs.update({f"SVD-GRPO lr={lr}": os.path.join(args.runs, f"svd_grpo_lr{lr}") for lr in args.svd_lrs.split(",")
                  if lr})
     if not args.replot:
-        res = subprocess.run([sys.executable, "-m", "essa_mpi", "sft", f"task.sft_size={args.sft_size}"], cwd=ROOT,
-                             capture_output=True, text=True, check=True)
-        sft_dir = json.loads(res.stdout.strip().splitlines()[-1])["adapter"]
+        sft_dir = sft_adapter(args.sft_size)
         for name, out in runs.items():
             if os.path.exists(os.path.join(out, "metrics.jsonl")):
                 continue  # measured already: --runs keeps finished runs, delete one to measure it again
