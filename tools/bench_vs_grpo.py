@@ -74,7 +74,8 @@ def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "grpo_baseline.py"), "--method", method,
                     "--adapter", sft_dir, "--lr", str(lr), "--budget-s", str(args.budget_s), "--threads", "2",
                     "--prompts", str(args.prompts), "--group", str(args.group), "--val-every-s",
-                    str(args.val_every_s), "--out", out, f"task.sft_size={args.sft_size}"], cwd=ROOT, check=True)
+                    str(args.val_every_s), "--out", out, f"task.sft_size={args.sft_size}"], cwd=ROOT, check=True,
+                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
 
 
 def summarize(runs: dict, args) -> dict:
