@@ -56,10 +56,14 @@ def requeue_mid_run(job: str, out) -> int:
         assert time.time() < deadline and squeue_state(job) != "", "the job never reached generation 2"
         time.sleep(0.1)
     subprocess.run(["scontrol", "requeue", job], check=True)
+    requeued_at = time.time()
     stopped_at = generation(out)
     while squeue_state(job) != "PENDING":
         assert time.time() < deadline, f"requeued job {job} is {squeue_state(job)}, never PENDING"
         time.sleep(0.2)
+    # Credentials revoked by the requeue are compared in whole seconds: a restart within the same second
+    # was killed ("Killing non-startable batch JobId=61: Job credential revoked", slurmctld 22.05, a CI run).
+    time.sleep(max(0.0, requeued_at + 2.0 - time.time()))
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     return stopped_at
 
