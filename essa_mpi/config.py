@@ -71,8 +71,8 @@ class SearchConfig:
     popsize: int = _f(16, f"CMA-ES population size lambda ({POPSIZE_RANGE[0]}..{POPSIZE_RANGE[1]}). With more ranks "
                       "than candidates, a group of ranks shares each candidate and splits its prompts (ranks <= "
                       "popsize x task.batch_size).")
-    sigma0: float = _f(0.5, f"Initial CMA-ES step size, in units of singular-value offsets (0 < sigma0 <= "
-                       f"{SIGMA0_MAX:g}).")
+    sigma0: float = _f(0.5, f"Initial CMA-ES step size (0 < sigma0 <= {SIGMA0_MAX:g}): an absolute singular-value "
+                       "offset with step_scale=uniform, a fraction of each singular value with step_scale=singular.")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
     step_scale: Literal["uniform", "singular"] = _f("uniform", "uniform: sigma0 is one absolute step for every "
                                                     "singular-value offset (the paper). singular: coordinate i's "
