@@ -44,10 +44,15 @@ def time_to(points: list, target: float) -> float | None:
     return next((t for t, v in points if v >= target - 1e-9), None)
 
 
+def wall_limit(budget_s: float) -> float:
+    """Wall seconds a run of this training budget may take at most: loading, validation and slack included."""
+    return 2 * budget_s + 1200
+
+
 def sft_adapter(sft_size: int) -> str:
     """The SFT adapter every method starts from: ``python -m essa_mpi sft`` (trained once, then cached)."""
     res = subprocess.run([sys.executable, "-m", "essa_mpi", "sft", f"task.sft_size={sft_size}"], cwd=ROOT,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, timeout=3600)  # 1,500 rows: ~6 min here
     return json.loads(res.stdout.strip().splitlines()[-1])["adapter"]
 
 
@@ -57,8 +62,13 @@ def essa(args, sft_dir: str, out: str) -> None:
            f"adapter.path={sft_dir}", "model.threads=1", f"task.val_every={args.essa_val_every}", "task.val_base=false",
            "run.generations=100000", "run.progress=false", f"run.output_dir={out}", *args.essa]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    hard_stop = time.time() + wall_limit(args.budget_s)
     while proc.poll() is None:
         time.sleep(5)
+        if time.time() > hard_stop:  # never reached the budget (stuck loading, say): do not wait forever
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise RuntimeError(f"ESSA run {out} exceeded {wall_limit(args.budget_s):.0f} s of wall clock; see its log")
         metrics = os.path.join(out, "metrics.jsonl")
         if not os.path.exists(metrics):
             continue
@@ -75,6 +85,7 @@ def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
                     "--adapter", sft_dir, "--lr", str(lr), "--budget-s", str(args.budget_s), "--threads", "2",
                     "--prompts", str(args.prompts), "--group", str(args.group), "--val-every-s",
                     str(args.val_every_s), "--out", out, f"task.sft_size={args.sft_size}"], cwd=ROOT, check=True,
+                   timeout=wall_limit(args.budget_s),
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
 
 
