@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -208,6 +209,8 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
             t = time.perf_counter()
             metrics = validate(p, comm, p.search.mean, g)
             val[g] = metrics["val_reward"]
+            if lead:
+                keep_best(p, cfg, val, g)
             log.log({"generation": g, **metrics, "val_s": round(time.perf_counter() - t, 2)})
         if g == cfg.run.generations:
             break
@@ -246,6 +249,7 @@ def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None) 
     path = os.path.join(out, "metrics.jsonl")
     if state is None or not os.path.isfile(path):
         return val, base
+    restore_best(out)
     with open(path) as fh:
         lines = [json.loads(line) for line in fh if line.strip()]
     # the resume validates its first generation again when one is due (every rank decides alike, without
@@ -261,6 +265,32 @@ def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None) 
     return val, base
 
 
+def keep_best(p: Parts, cfg: Config, val: dict, g: int) -> None:
+    """Rank 0: when generation g's validation beats every earlier one, export the mean to best_adapter/ (like
+    TRL's load_best_model_at_end, but kept beside the final adapter/). Ties keep the earlier generation. The
+    directory is swapped in whole, so a kill leaves the previous best or the new one, never half of one."""
+    if val[g] <= max((v for k, v in val.items() if k < g), default=-np.inf):
+        return
+    out = cfg.run.output_dir
+    new, old, best = (os.path.join(out, name) for name in ("best_adapter.new", "best_adapter.old", "best_adapter"))
+    shutil.rmtree(new, ignore_errors=True)
+    export_adapter(p.adapter, p.search.mean, new, cfg.adapter.alpha, cfg.model.name_or_path)
+    with open(os.path.join(new, "essa_best.json"), "w") as fh:
+        json.dump({"generation": g, "val_reward": val[g]}, fh)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(best):
+        os.rename(best, old)
+    os.rename(new, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_best(out: str) -> None:
+    """A kill between keep_best's two renames leaves only best_adapter.old: put it back (on resume)."""
+    old, best = os.path.join(out, "best_adapter.old"), os.path.join(out, "best_adapter")
+    if os.path.isdir(old) and not os.path.isdir(best):
+        os.rename(old, best)
+
+
 def finish(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, val: dict, base, start_label: str) -> dict:
     """Rank 0 exports the adapter; every rank returns the summary (validation history and chain)."""
     if comm.rank == 0:
@@ -272,6 +302,10 @@ def finish(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, val: dict, base, 
         summary["val_chain"] = {**({"base": base} if base is not None else {}), start_label: val[0],
                                 "ESSA": val[max(val)]}
         log.message("validation reward: " + " -> ".join(f"{k} {v:.3f}" for k, v in summary["val_chain"].items()))
+    if val:
+        g = max(sorted(val), key=lambda k: val[k])  # the first generation with the highest validation
+        summary["best_val"] = {"generation": g, "val_reward": val[g], "adapter": "best_adapter"}
+        log.message(f"best validation {val[g]:.3f} at generation {g}: best_adapter/ (the final mean: adapter/)")
     return summary
 
 

@@ -245,3 +245,32 @@ def test_validation_adds_one_reduction(tiny_dir, tmp_path):
     base = collective_counts(tiny_dir, tmp_path, 0, ["task.val_every=2", "task.val_base=false"])  # val at 0
     extra = {k: run[0].get(k, 0) - base[0].get(k, 0) for k in {*run[0], *base[0]}}
     assert {k: v for k, v in extra.items() if v} == {"Allgatherv": 4, "Allreduce": 2}
+
+
+def _lora_tensors(adapter_dir):
+    from safetensors.numpy import load_file
+    return load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+
+
+def test_best_validated_mean_is_exported(runs_by_ranks, tiny_dir, tmp_path):
+    out = runs_by_ranks[1]
+    val = {m["generation"]: m["val_reward"] for m in metrics(out) if "val_reward" in m}  # {0, 2, 3}
+    best = min(g for g in val if val[g] == max(val.values()))  # ties: the earlier generation
+    with open(os.path.join(out, "best_adapter", "essa_best.json")) as fh:
+        assert json.load(fh) == {"generation": best, "val_reward": val[best]}
+    with open(os.path.join(out, "summary.json")) as fh:
+        assert json.load(fh)["best_val"]["generation"] == best
+    assert sorted(os.listdir(out)).count("best_adapter.old") == 0
+    # the same mean again, from outside: a run that stops at the best generation exports it as its adapter/;
+    # at generation 0 that is the start, whose offsets are zero: B of a fresh adapter is zero
+    got = _lora_tensors(os.path.join(out, "best_adapter"))
+    if best == 0:
+        assert all(not v.any() for k, v in got.items() if "lora_B" in k)
+        want = None
+    else:
+        short = tmp_path / "short"
+        assert mpirun(1, tiny_args(tiny_dir, short, generations=best)).returncode == 0
+        want = _lora_tensors(str(short / "adapter"))
+    for key in (want or {}):
+        assert np.array_equal(got[key], want[key]), key
+    assert val[best] > val[0] or best == 0
