@@ -190,8 +190,10 @@ def test_overwrite_replaces_only_essa_outputs(tiny_dir, tmp_path):
     (out / "notes.txt").write_text("mine")
     res = mpirun(2, tiny_args(tiny_dir, out, 1))
     assert res.returncode == 2 and "already holds a checkpoint" in res.stderr
-    res = mpirun(2, tiny_args(tiny_dir, out, 2) + ["run.overwrite=true"])
+    assert (out / "best_adapter").is_dir()
+    res = mpirun(2, tiny_args(tiny_dir, out, 2) + ["run.overwrite=true", "task.val_size=0"])
     assert res.returncode == 0 and (out / "notes.txt").read_text() == "mine"
+    assert not (out / "best_adapter").exists(), "a best adapter of the replaced run must not survive"
     assert history(str(out)).generation == 2 and len([m for m in metrics(str(out)) if "reward_mean" in m]) == 2
 
 
