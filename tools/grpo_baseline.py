@@ -108,7 +108,8 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "reward" in logs:
                 self.log({"generation": state.global_step, "reward_mean": logs["reward"], "reward_std": logs.get("reward_std", 0.0),
-                          "loss": logs.get("loss")})
+                          "loss": logs.get("loss"),  # groups whose 8 rewards are equal have no advantage to learn from
+                          "frac_reward_zero_std": logs.get("frac_reward_zero_std")})
 
         def on_step_end(self, args, state, control, model=None, **kw):
             done = self.train_s() >= budget_s
