@@ -77,8 +77,8 @@ class SearchConfig:
     step_scale: Literal["uniform", "singular"] = _f("uniform", "uniform: sigma0 is one absolute step for every "
                                                     "singular-value offset (the paper). singular: coordinate i's "
                                                     "initial step is sigma0 x its SFT singular value (pycma CMA_stds), "
-                                                    "so sigma0=0.2 means +-20% of each value; needs an SFT start. It keeps a strong "
-                                                    "SFT adapter intact but slows a weak one (README).")
+                                                    "so sigma0=0.2 means +-20% of each value; needs an SFT start. "
+                                                    "It keeps a strong SFT adapter intact but slows a weak one.")
     mean_lr: float = _f(1.0, "Learning rate of the CMA-ES mean, pycma's CMA_cmean in (0, 1]: 1 is the standard "
                         "update; below 1 the mean takes that fraction of each step, averaging noisy rankings.")
     diagonal_decoding: bool = _f(False, "pycma's CMA_diagonal_decoding: learn per-coordinate scales on top of a full "
