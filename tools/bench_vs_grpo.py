@@ -92,7 +92,10 @@ def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
 
 
 def summarize(runs: dict, args) -> dict:
-    curves = {name: curve(d) for name, d in runs.items() if os.path.exists(os.path.join(d, "metrics.jsonl"))}
+    # a run stops at its first validation past the budget; with slow generations that can be minutes later,
+    # so points beyond budget + 5% are dropped: every method is judged on the same clock
+    curves = {name: [(t, v) for t, v in curve(d) if t <= 1.05 * args.budget_s]
+              for name, d in runs.items() if os.path.exists(os.path.join(d, "metrics.jsonl"))}
     best = {name: max(v for _, v in c) for name, c in curves.items() if c}
     grpo_names = [n for n in best if "GRPO" in n]  # GRPO and SVD-GRPO: every gradient run counts
     essa_names = [n for n in best if n.startswith("ESSA")]  # the main run and each --variant
@@ -161,7 +164,11 @@ def plot_curves(summary: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    p = summary["start_val_reward"]
+    if p is not None:  # one validation pass's binomial standard error around the start: the noise floor
+        se = (p * (1 - p) / 200) ** 0.5
+        ax.axhspan(p - se, p + se, color="grey", alpha=0.15, label=f"start ± 1 SE ({se:.3f})")
     for name, points in summary["curves"].items():
         if points:
             t, v = zip(*points)
@@ -171,7 +178,7 @@ def plot_curves(summary: dict, out: str) -> None:
     ax.set_ylabel("validation accuracy (200 problems)")
     ax.set_title(f"SmolLM2-135M arithmetic from a {summary['sft_size']}-problem SFT start, 2 CPU cores")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
