@@ -104,10 +104,11 @@ def summarize(runs: dict, args) -> dict:
         g = max(grpo_names, key=best.get)
         reached = [t for t in (time_to(curves[n], best[g]) for n in essa_names) if t is not None]
         t_essa, t_grpo = min(reached, default=None), time_to(curves[g], best[g])
+        rose = t_grpo is not None and t_grpo > 0  # a best at t = 0 is the start: no time to compare
         out = {"best_grpo_run": g, "best_essa_run": max(essa_names, key=best.get),
                "essa_time_to_grpo_best_s": t_essa, "grpo_time_to_its_best_s": t_grpo,
                "grpo_time_to_essa_best_s": time_to(curves[g], essa_best),
-               "target_essa_within_half_grpo_time": t_essa is not None and t_grpo is not None and t_essa <= 0.5 * t_grpo,
+               "target_essa_within_half_grpo_time": (t_essa is not None and t_essa <= 0.5 * t_grpo) if rose else None,
                "target_essa_best_at_least_grpo_best": essa_best >= best[g]}
     start = curves.get("ESSA", [(0, None)])[0][1]
     return {"budget_s": args.budget_s, "sft_size": args.sft_size, "grpo": {"prompts_per_step": args.prompts,
