@@ -50,7 +50,8 @@ class RunState:
 
 
 class CheckpointWriteError(RuntimeError):
-    """The checkpoint could not be written (disk full, quota, permissions); the previous one is intact."""
+    """The checkpoint (or best_adapter/) could not be written (disk full, quota, permissions); the previous
+    checkpoint is intact."""
 
 
 def _arrays(s: RunState) -> dict:

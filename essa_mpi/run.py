@@ -271,12 +271,20 @@ def keep_best(p: Parts, cfg: Config, val: dict, g: int) -> None:
     directory is swapped in whole, so a kill leaves the previous best or the new one, never half of one."""
     if val[g] <= max((v for k, v in val.items() if k < g), default=-np.inf):
         return
+    from safetensors import SafetensorError  # a full disk inside save_file is not an OSError
+
     out = cfg.run.output_dir
     new, old, best = (os.path.join(out, name) for name in ("best_adapter.new", "best_adapter.old", "best_adapter"))
     shutil.rmtree(new, ignore_errors=True)
-    export_adapter(p.adapter, p.search.mean, new, cfg.adapter.alpha, cfg.model.name_or_path)
-    with open(os.path.join(new, "essa_best.json"), "w") as fh:
-        json.dump({"generation": g, "val_reward": val[g]}, fh)
+    try:
+        export_adapter(p.adapter, p.search.mean, new, cfg.adapter.alpha, cfg.model.name_or_path)
+        with open(os.path.join(new, "essa_best.json"), "w") as fh:
+            json.dump({"generation": g, "val_reward": val[g]}, fh)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(new, ignore_errors=True)
+        raise checkpoint.CheckpointWriteError(
+            f"could not write {new}: {getattr(exc, 'strerror', None) or exc}; the previous checkpoint (if any) "
+            f"is kept. Free space (disk full or quota?), then --resume {out}.") from None
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(best):
         os.rename(best, old)

@@ -151,7 +151,8 @@ def test_signal_stops_every_rank_with_one_line_and_keeps_the_checkpoint(tiny_dir
     assert sorted(line.split(" stopped")[0] for line in lines) == ["essa_mpi: rank 0", "essa_mpi: rank 1"], err
     assert "Traceback" not in err
     assert f"stopped by {signal.Signals(sig).name}; the last checkpoint is kept; continue with --resume {out}" in err
-    assert sorted(os.listdir(out)) == ["checkpoint.h5", "checkpoint.prev.h5", "config.yaml", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == ["best_adapter", "checkpoint.h5", "checkpoint.prev.h5", "config.yaml",
+                                       "metrics.jsonl"]
     stopped_at = history(str(out)).generation
     assert 2 <= stopped_at < 2000
     assert mpirun(2, ["--resume", str(out), f"run.generations={stopped_at + 1}"]).returncode == 0
@@ -278,7 +279,7 @@ def test_disk_full_is_one_clear_line(tiny_dir, tmp_path):
         assert res.returncode == 1
         assert "No space left on device; the previous checkpoint (if any) is kept" in res.stderr
         assert "Traceback" not in res.stderr and "Segmentation" not in res.stderr, res.stderr[-3000:]
-        assert not [n for n in os.listdir(disk / "run") if n.endswith(".tmp")]
+        assert not [n for n in os.listdir(disk / "run") if n.endswith((".tmp", ".new"))]
     finally:
         subprocess.run(["umount", str(disk)])
 
