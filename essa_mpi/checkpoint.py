@@ -54,6 +54,13 @@ class CheckpointWriteError(RuntimeError):
     checkpoint is intact."""
 
 
+def write_failed(what: str, exc: Exception, run_dir: str) -> CheckpointWriteError:
+    """The one line for a run output that could not be written (checkpoint, best_adapter/)."""
+    return CheckpointWriteError(f"could not write {what}: {getattr(exc, 'strerror', None) or exc}; the previous "
+                                f"checkpoint (if any) is kept. Free space (disk full or quota?), then --resume "
+                                f"{run_dir}.")
+
+
 def _arrays(s: RunState) -> dict:
     """Every dataset of the file, by HDF5 path."""
     out = {"history/seeds": s.seeds.astype(np.uint32), "history/rewards": s.rewards.astype(np.float32),
@@ -114,9 +121,7 @@ def save(path: str, s: RunState) -> None:
         os.replace(tmp, path)
         _fsync(directory)
     except OSError as exc:
-        raise CheckpointWriteError(f"could not write the checkpoint {path}: {exc.strerror or exc}; the previous "
-                                   f"checkpoint (if any) is kept. Free space (disk full or quota?), then --resume "
-                                   f"{directory}.") from None
+        raise write_failed(f"the checkpoint {path}", exc, directory) from None
     finally:
         for leftover in (tmp, os.path.join(directory, PREVIOUS + ".tmp")):
             if os.path.exists(leftover):

@@ -282,9 +282,7 @@ def keep_best(p: Parts, cfg: Config, val: dict, g: int) -> None:
             json.dump({"generation": g, "val_reward": val[g]}, fh)
     except (OSError, SafetensorError) as exc:
         shutil.rmtree(new, ignore_errors=True)
-        raise checkpoint.CheckpointWriteError(
-            f"could not write {new}: {getattr(exc, 'strerror', None) or exc}; the previous checkpoint (if any) "
-            f"is kept. Free space (disk full or quota?), then --resume {out}.") from None
+        raise checkpoint.write_failed(new, exc, out) from None
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(best):
         os.rename(best, old)
