@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+import yaml
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "tools", "results")
 
@@ -91,6 +93,18 @@ def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
                    env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
 
 
+def start_adapter(run_dir: str) -> dict | None:
+    """The SFT adapter a run started from: its path, row count and the digest of its SFT rows."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as fh:
+            path = yaml.safe_load(fh)["adapter"]["path"]
+        with open(os.path.join(ROOT, path, "sft_info.json")) as fh:
+            info = json.load(fh)
+    except (OSError, KeyError, TypeError):
+        return None
+    return {"path": path, "rows": info.get("rows"), "data_digest": info.get("data_digest")}
+
+
 def summarize(runs: dict, args) -> dict:
     # a run stops at its first validation past the budget; with slow generations that can be minutes later,
     # so points beyond budget + 5% are dropped: every method is judged on the same clock
@@ -111,7 +125,8 @@ def summarize(runs: dict, args) -> dict:
                "target_essa_within_half_grpo_time": (t_essa is not None and t_essa <= 0.5 * t_grpo) if rose else None,
                "target_essa_best_at_least_grpo_best": essa_best >= best[g]}
     start = curves.get("ESSA", [(0, None)])[0][1]
-    return {"budget_s": args.budget_s, "sft_size": args.sft_size, "grpo": {"prompts_per_step": args.prompts,
+    return {"budget_s": args.budget_s, "sft_size": args.sft_size, "sft_adapter": start_adapter(runs["ESSA"]),
+            "grpo": {"prompts_per_step": args.prompts,
             "group_size": args.group, "threads": 2, "beta": 0.0, "temperature": 1.0},
             "essa": {"ranks": 2, "threads_per_rank": 1, "overrides": args.essa,
                      "variants": {label: o.split() for label, o in args.variant or []}}, "start_val_reward": start,
