@@ -28,6 +28,17 @@ def test_arithmetic_answers_are_correct():
         assert str(eval(q)) == e["answer"]  # noqa: S307 - our own generated "a op b"
 
 
+def test_arithmetic_sft_gold_restates_the_problem_and_scores_full_reward():
+    task = build_task(TaskConfig(val_size=8, sft_size=40), seed=0)
+    answers = []
+    for row in task.sft:
+        lhs, rhs = row["completion"].split(" = ")
+        assert row["prompt"] == f"What is {lhs}? Answer with just the number."
+        answers.append(str(eval(lhs)))  # noqa: S307 - our own generated "a op b"
+        assert rhs == answers[-1]
+    assert arithmetic_reward([r["completion"] for r in task.sft], answer=answers) == [1.0] * 40
+
+
 @pytest.mark.parametrize("completion,answer,reward", [
     ("85", "85", 1.0), ("47 + 38 = 85", "85", 1.0), ("-12", "-12", 1.0), ("12", "-12", 0.0),
     ("85 is wrong, 86", "85", 0.0), ("", "85", 0.0), ("eighty-five", "85", 0.0),

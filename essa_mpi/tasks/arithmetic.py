@@ -1,7 +1,10 @@
 """Built-in arithmetic task: two-digit +, -, and x by one digit, procedurally generated and seeded.
 
 The embedded default. The prompt asks for just the number; reward 1 when the last integer of the
-response equals the answer (``answers.last_integer``), else 0.
+response equals the answer (``answers.last_integer``), else 0. The SFT gold restates the problem before
+the answer ("56 + 28 = 84"), the format this model computes in: SmolLM2-135M trained on 1,500 bare-number
+golds validates at 0.255 (1/65 products right), on the same 1,500 problems restated at 0.390 (20/65;
+tools/results/scale_sweep_*.md, issue 12).
 """
 
 from __future__ import annotations
@@ -49,5 +52,6 @@ def build(cfg: TaskConfig, seed: int) -> Task:
         return rows
 
     val, train, sft = draw(cfg.val_size), draw(TRAIN_POOL), draw(cfg.sft_size)
-    sft = [{"prompt": r["prompt"], "completion": r["answer"]} for r in sft]  # gold = just the number
+    sft = [{"prompt": r["prompt"], "completion": f"{r['prompt'][8:].split('?')[0]} = {r['answer']}"}
+           for r in sft]  # "What is 56 + 28? ..." → gold "56 + 28 = 84"
     return Task(train=train, val=val, system_prompt=SYSTEM_PROMPT, reward=arithmetic_reward, sft=sft)
