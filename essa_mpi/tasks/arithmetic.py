@@ -20,19 +20,24 @@ SYSTEM_PROMPT = "You are a calculator."
 
 
 def problem(rng: np.random.Generator) -> tuple:
-    """One (question, answer) pair: a+b, a-b with a, b two-digit, or a*d with d one-digit."""
+    """One (expression, answer) pair: a+b, a-b with a, b two-digit, or a*d with d one-digit."""
     op = int(rng.integers(3))
     a = int(rng.integers(10, 100))
     b = int(rng.integers(10, 100)) if op < 2 else int(rng.integers(2, 10))
     sym, ans = [("+", a + b), ("-", a - b), ("*", a * b)][op]
-    return f"What is {a} {sym} {b}? Answer with just the number.", str(ans)
+    return f"{a} {sym} {b}", str(ans)
+
+
+def question(expression: str) -> str:
+    """The prompt for "a op b"."""
+    return f"What is {expression}? Answer with just the number."
 
 
 def arithmetic_reward(completions: list, answer: list, **_) -> list:
     """1.0 when the last integer of the completion equals the answer, else 0.0.
 
-    >>> arithmetic_reward(["85", "The answer is 84.", "none"], answer=["85", "85", "85"])
-    [1.0, 0.0, 0.0]
+    >>> arithmetic_reward(["85", "57 + 28 = 85", "The answer is 84.", "none"], answer=["85"] * 4)
+    [1.0, 1.0, 0.0, 0.0]
     """
     return [float(last_integer(c) == a) for c, a in zip(completions, answer)]
 
@@ -43,15 +48,15 @@ def build(cfg: TaskConfig, seed: int) -> Task:
     seen: set = set()
 
     def draw(n: int) -> list:
-        rows = []
-        while len(rows) < n:
-            q, a = problem(rng)
-            if q not in seen:
-                seen.add(q)
-                rows.append({"prompt": q, "answer": a})
-        return rows
+        pairs = []
+        while len(pairs) < n:
+            expr, ans = problem(rng)
+            if expr not in seen:
+                seen.add(expr)
+                pairs.append((expr, ans))
+        return pairs
 
     val, train, sft = draw(cfg.val_size), draw(TRAIN_POOL), draw(cfg.sft_size)
-    sft = [{"prompt": r["prompt"], "completion": f"{r['prompt'][8:].split('?')[0]} = {r['answer']}"}
-           for r in sft]  # "What is 56 + 28? ..." → gold "56 + 28 = 84"
+    val, train = ([{"prompt": question(e), "answer": a} for e, a in rows] for rows in (val, train))
+    sft = [{"prompt": question(e), "completion": f"{e} = {a}"} for e, a in sft]  # gold "56 + 28 = 84"
     return Task(train=train, val=val, system_prompt=SYSTEM_PROMPT, reward=arithmetic_reward, sft=sft)
