@@ -5,8 +5,8 @@
 
 Draws generation 0's population exactly as a run does (same config, seeds and search), scores every
 candidate on the validation rows and on a pool of training prompts, then draws --draws random mini-batches
-of each size in --batch-sizes from the pool and selects the top mu = popsize // 2 candidates by mini-batch
-reward, as CMA-ES does. Reported per batch size:
+of each size in --batch-sizes from the pool and selects the top mu candidates (pycma's parent number) by
+mini-batch reward, as CMA-ES does. Reported per batch size:
 
 - ``selection_gain``: mean validation reward of the selected candidates minus the population's mean,
 - ``oracle_gain``: the same when the validation rewards themselves pick the top mu,
@@ -94,7 +94,7 @@ def main() -> None:
     val = p.evaluator.row_rewards(X, task.val).mean(axis=1)  # [popsize]
     pool_rows = [task.train[i] for i in np.random.default_rng(1).choice(len(task.train), args.pool, replace=False)]
     pool = p.evaluator.row_rewards(X, pool_rows)  # [popsize, pool]
-    mu = cfg.search.popsize // 2
+    mu = p.search.es.sp.weights.mu  # the parents pycma recombines (popsize // 2 by default)
     out = {"overrides": args.overrides, "popsize": cfg.search.popsize, "mu": mu, "pool": args.pool,
            "val_problems": len(task.val), "start_val_reward": float(start), "candidate_val_rewards": val.tolist(),
            "candidates_above_start": int((val > start).sum()), "scoring_s": round(time.time() - t0, 1),
