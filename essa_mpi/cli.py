@@ -133,7 +133,7 @@ def warm_start(cfg, comm: Comm, task) -> tuple:
             else:
                 torch.set_num_threads(cfg.model.threads or default_threads(1))  # all cores: the others sleep
                 print(f"SFT warm start: training {len(task.sft)} rows -> {out}", flush=True)
-                info = sft.train(cfg, task, out, log=lambda m: print(m, flush=True))
+                info = sft.train(cfg, task, out, log=lambda m: print(m, flush=True), tick=comm.beat)
         except BaseException:
             comm.idle_bcast(1)
             raise

@@ -27,6 +27,16 @@ from essa_mpi import watchdog
 
 RECORD = np.dtype([("seed", "<u4"), ("reward", "<f4")])
 assert RECORD.itemsize == 8
+BEAT_TAG = 7078  # point-to-point tag of beat() (7077 is the stall watchdog's)
+
+
+def _beat_interval(stall_timeout_s: float) -> float:
+    """Seconds between beats: several per stall timeout, so one late poll never reads as a stall.
+
+    >>> _beat_interval(1800), _beat_interval(4), _beat_interval(0)
+    (60.0, 0.5, 60.0)
+    """
+    return min(60.0, max(0.5, stall_timeout_s / 8)) if stall_timeout_s else 60.0
 
 
 def split_counts(popsize: int, world: int) -> list:
@@ -89,6 +99,7 @@ class Comm:
         self.library = MPI.Get_library_version().strip()  # names the MPI actually loaded
         self.bytes_sent = 0  # bytes this rank sent through exchange (for the metrics)
         self.stall_timeout_s = 0.0  # run.stall_timeout_s: the watchdog on collectives (0 = off)
+        self._beats, self._beat_reqs, self._last_beat = 0, [], 0.0  # beat() since the last idle_bcast
 
     def share(self, popsize: int, batch: int) -> tuple:
         """(candidate slice, prompt slice) this rank evaluates."""
@@ -154,14 +165,51 @@ class Comm:
         with self.watch(label):
             return self.world.bcast(obj, root=root)
 
-    def idle_bcast(self, value: int = 0, root: int = 0, poll_s: float = 0.5) -> int:
+    def beat(self) -> None:
+        """A sign of progress from the rank doing single-rank work while the others wait in idle_bcast (called
+        by that work, e.g. once per SFT step): at most one empty message to every other rank per interval."""
+        now = time.time()
+        if self.size == 1 or now - self._last_beat < _beat_interval(self.stall_timeout_s):
+            return
+        self._last_beat, self._beats = now, self._beats + 1
+        self._beat_reqs += [self.world.issend(None, dest=r, tag=BEAT_TAG) for r in range(self.size) if r != self.rank]
+
+    def idle_bcast(self, value: int = 0, root: int = 0, poll_s: float = 0.5, label: str = "the SFT warm start") -> int:
         """Broadcast a small int from root while the other ranks sleep between polls: a blocking MPI call
-        spins a core, which would slow the root's single-rank work (e.g. the SFT warm start)."""
-        buf = np.array([value], dtype=np.int64)
+        spins a core, which would slow the root's single-rank work (``label``, e.g. the SFT warm start).
+
+        The waiting ranks count root's beat()s: none for run.stall_timeout_s stops the job with one line (a hung
+        or stopped root would otherwise leave every rank waiting forever). Root also sends how many beats it
+        sent, so each waiting rank receives every one and no message is left unmatched."""
+        buf = np.array([value, self._beats], dtype=np.int64)  # [2]: value, beats root sent
         req = self.world.Ibcast(buf, root=root)
+        if self.rank == root:
+            req.Wait()
+            self.MPI.Request.waitall(self._beat_reqs)  # every waiting rank has received its beats
+            self._beat_reqs, self._beats, self._last_beat = [], 0, 0.0
+            return value
+        heard, last = 0, time.time()
         while not req.Test():
+            while self.world.iprobe(source=root, tag=BEAT_TAG):
+                self.world.recv(source=root, tag=BEAT_TAG)
+                heard, last = heard + 1, time.time()
+            if self.stall_timeout_s and time.time() - last > self.stall_timeout_s:
+                self._stalled_root(root, label)
             time.sleep(poll_s)
+        for _ in range(int(buf[1]) - heard):  # beats sent before the broadcast, still in flight
+            self.world.recv(source=root, tag=BEAT_TAG)
         return int(buf[0])
+
+    def _stalled_root(self, root: int, label: str) -> None:
+        """No beat from root for stall_timeout_s: the first waiting rank says so and stops the job; the others
+        follow after a grace period in case that rank is gone too."""
+        first = 1 if root == 0 else 0
+        if self.rank != first:
+            time.sleep(min(10.0, max(2.0, self.stall_timeout_s / 10)))
+        watchdog.say(f"rank {root} showed no progress in {label} for run.stall_timeout_s={self.stall_timeout_s:g} s "
+                     f"(stopped, hung, or on a frozen node or filesystem); nothing of it was saved: rerun after the "
+                     f"fix, or raise run.stall_timeout_s if one step or the model load really takes that long.")
+        watchdog.stop(watchdog.TIMEOUT_EXIT)
 
     def abort(self, code: int = 1) -> None:
         """Stop every rank (an unexpected error on one rank must not leave the others waiting)."""

@@ -151,8 +151,9 @@ class RunConfig:
     report_to: Literal["none", "tensorboard"] = _f("none", "Also log metrics to TensorBoard (output_dir/tensorboard; "
                                                     "pip install tensorboard). curves.png is written either way.")
     stall_timeout_s: float = _f(1800.0, "Watchdog: seconds a rank waits in a collective (the record exchange, "
-                                "validation) for the others; past it the job stops, naming the generation and "
-                                "the ranks that did not arrive. Must exceed the slowest generation; 0 = off.")
+                                "validation) for the others, or for a sign of progress from rank 0's SFT warm "
+                                "start; past it the job stops, naming the ranks that did not arrive. Must exceed "
+                                "the slowest generation, SFT step and model load; 0 = off.")
     overwrite: bool = _f(False, "Allow a fresh run into an output_dir that already holds files (they are removed, "
                          "a checkpoint included). Without it such a directory is refused.")
 

@@ -81,15 +81,19 @@ def collate(batch: list, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def train(cfg: Config, task: Task, out_dir: str, log=print) -> dict:
-    """Train the LoRA adapter on task.sft and save it to out_dir (atomically: temp dir + rename)."""
+def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -> dict:
+    """Train the LoRA adapter on task.sft and save it to out_dir (atomically: temp dir + rename). tick() is
+    called between the stages and after every step (the waiting ranks' sign of progress, Comm.beat)."""
+    tick()
     from peft import LoraConfig, get_peft_model
 
     from essa_mpi.model import load_model
 
     check_rows(task, cfg)
     t0 = time.time()
+    tick()
     model, tok = load_model(cfg.model)
+    tick()
     if cfg.model.precision == "gptq":  # the GPTQ base, dequantized: PEFT cannot wrap our GPTQLinear
         from essa_mpi.gptq import densify
 
@@ -116,12 +120,14 @@ def train(cfg: Config, task: Task, out_dir: str, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             step += 1
+            tick()
             if step % max(1, steps // 10) == 0 or step == steps:
                 log(f"SFT step {step}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
     info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps, "final_loss": float(np.mean(losses[-10:])),
             "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    tick()
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "sft_info.json"), "w") as fh:
         json.dump(info, fh, indent=1)

@@ -136,6 +136,41 @@ def test_stopped_rank_is_named_by_the_stall_watchdog(tiny_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]  # the stale lock of the killed rank 0 is taken over
 
 
+def test_stopped_rank_0_during_the_sft_warm_start_is_named(tiny_dir, tmp_path):
+    """Rank 1 sleeps in idle_bcast while rank 0 trains the SFT adapter; rank 0 stopped mid-training must not
+    leave it waiting forever (a long SFT: many epochs of the toy rows)."""
+    out, sft_dir = tmp_path / "sftstop", tmp_path / "sftstop_adapter"
+    args = [a for a in tiny_args(tiny_dir, out) if a != "adapter.warm_start=none"]
+    proc = start(args + ["adapter.warm_start=sft", f"sft.output_dir={sft_dir}", "sft.epochs=1000",
+                         "run.stall_timeout_s=10"])
+    for line in proc.stdout:  # rank 0 says it starts training (flushed; mpiexec forwards it)
+        if "SFT warm start: training" in line:
+            break
+    time.sleep(3)  # into the SFT steps (imports and load take a few seconds): rank 1 has heard beats by now
+    os.kill(rank_pid(str(out), 0), signal.SIGSTOP)
+    t = time.time()
+    _, err = proc.communicate(timeout=60)
+    seconds = time.time() - t
+    record("fault", "rank 0 SIGSTOPped during the SFT warm start (stall_timeout_s=10)", proc.returncode, seconds,
+           error_line(err), "nothing (the SFT adapter is written only when complete)")
+    assert proc.returncode == 3 and seconds < 30, (proc.returncode, seconds, err[-2000:])
+    assert "rank 0 showed no progress in the SFT warm start for run.stall_timeout_s=10 s" in err, err[-2000:]
+    assert error_line(err).startswith("essa_mpi: error on rank 1:") and not sft_dir.exists()
+    assert not leftover_ranks(str(out))
+
+
+def test_sft_beats_leave_no_message_unmatched(tiny_dir, tmp_path):
+    """A healthy SFT warm start that sends many beats (stall_timeout_s=10: one every 1.25 s) ends, and the run
+    after it completes: every beat was received (an unmatched one would leave rank 0 in waitall). The SFT
+    must outlast the timeout, or rank 1 would not know whether it heard the beats."""
+    out, sft_dir = tmp_path / "beats", tmp_path / "beats_adapter"
+    args = [a for a in tiny_args(tiny_dir, out) if a != "adapter.warm_start=none"]
+    res = mpirun(2, args + ["adapter.warm_start=sft", f"sft.output_dir={sft_dir}", "sft.epochs=300",
+                            "run.stall_timeout_s=10"], timeout=240)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (sft_dir / "adapter_config.json").exists() and history(str(out)).generation == 3
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_every_rank_with_one_line_and_keeps_the_checkpoint(tiny_dir, tmp_path, sig, code):
     out = tmp_path / "sig"
