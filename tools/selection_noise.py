@@ -2,6 +2,7 @@
 
     python tools/selection_noise.py adapter.path=runs/sft/arithmetic-fee7ac7b774f search.step_scale=singular \\
         --name selection_noise_worked_singular
+    python tools/selection_noise.py --table selection_noise_worked_singular selection_noise_worked_uniform
 
 Draws generation 0's population exactly as a run does (same config, seeds and search), scores every
 candidate on the validation rows and on a pool of training prompts, then draws --draws random mini-batches
@@ -12,7 +13,10 @@ mini-batch reward, as CMA-ES does. Reported per batch size:
 - ``oracle_gain``: the same when the validation rewards themselves pick the top mu,
 - ``spearman``: rank correlation of mini-batch and validation rewards (mean over draws),
 
-plus the validation reward of the search mean (the start) and how many candidates beat it. A ratio
+plus the validation reward of the search mean (the start), how many candidates beat it, the rank correlation
+of the whole pool with validation (``pool_val_spearman``: near 0 means two disjoint prompt sets disagree on which
+candidates are better, so the differences are below what either set can resolve), and how many pool prompts
+separate the candidates at all (``informative_prompts``). A ratio
 selection_gain / oracle_gain near 0 means the generation's ranking is chance. Writes
 tools/results/NAME.json (one process, no MPI needed).
 """
@@ -71,14 +75,36 @@ def selection_stats(pool: np.ndarray, val: np.ndarray, batch: int, draws: int, m
             "spearman": float(np.mean(rhos))}
 
 
+def table(names: list, results: str = os.path.join(ROOT, "tools", "results")) -> str:
+    """Markdown: one row per results file (the step-size trade-off: larger steps, more separable, worse)."""
+    lines = ["| overrides | candidates' val (min / mean / max) | above start | prompts that separate (of pool) "
+             "| pool vs val Spearman | Spearman, gain / oracle gain at 48 prompts (points) |", "|---|---|---|---|---|---|"]
+    for name in names:
+        with open(os.path.join(results, f"{name}.json")) as fh:
+            d = json.load(fh)
+        val = np.array(d["candidate_val_rewards"])  # [popsize]
+        pool = np.array(d["pool_rewards"])  # [popsize, pool]
+        b = next(x for x in d["by_batch"] if x["batch"] == 48)
+        lines.append(f"| {' '.join(o for o in d['overrides'] if not o.startswith('adapter.path'))} "
+                     f"| {val.min():.3f} / {val.mean():.3f} / {val.max():.3f} (start {d['start_val_reward']:.3f}) "
+                     f"| {d['candidates_above_start']} of {len(val)} | {int((pool.std(axis=0) > 0).sum())} of {d['pool']} "
+                     f"| {spearman(pool.mean(axis=1), val):+.2f} | {b['spearman']:+.2f}, "
+                     f"{100 * b['selection_gain']:+.2f} / {100 * b['oracle_gain']:+.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pool", type=int, default=96, help="training prompts every candidate is scored on")
     ap.add_argument("--batch-sizes", default="12,24,48")
     ap.add_argument("--draws", type=int, default=2000)
     ap.add_argument("--name", default="selection_noise")
+    ap.add_argument("--table", nargs="+", metavar="NAME", help="print the markdown table of these results files")
     ap.add_argument("overrides", nargs="*", help="essa_mpi key=value overrides (adapter.path, search.*, task.*)")
     args = ap.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     sys.path.insert(0, ROOT)
     from essa_mpi import run
     from essa_mpi.comm import Comm
@@ -98,6 +124,8 @@ def main() -> None:
     out = {"overrides": args.overrides, "popsize": cfg.search.popsize, "mu": mu, "pool": args.pool,
            "val_problems": len(task.val), "start_val_reward": float(start), "candidate_val_rewards": val.tolist(),
            "candidates_above_start": int((val > start).sum()), "scoring_s": round(time.time() - t0, 1),
+           "pool_val_spearman": spearman(pool.mean(axis=1), val),  # the whole pool's ranking against validation's
+           "informative_prompts": int((pool.std(axis=0) > 0).sum()),  # pool prompts on which candidates differ
            "pool_rewards": pool.tolist(),  # [popsize, pool]: recompute the statistics without regenerating
            "by_batch": [selection_stats(pool, val, b, args.draws, mu, seed=b)
                         for b in (int(x) for x in args.batch_sizes.split(","))]}
