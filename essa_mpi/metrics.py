@@ -4,7 +4,8 @@ TensorBoard scalars (``run.report_to=tensorboard``), and ``curves.png`` when the
 Each line: generation, wall_s (since start of this process), reward_mean/std/max over the population,
 sigma, allgather_bytes (this generation's record payload, all ranks, computed locally), sent_bytes (this
 rank's records and trailer), eval_s / wait_s / exchange_s (slowest evaluation, this rank's wait for it, its
-time in the collective), and val_reward (with val_s, the seconds validation took) when measured.
+time in the collective), and val_reward (with val_s, the seconds validation took, best_adapter/ export
+excluded) when measured.
 """
 
 from __future__ import annotations

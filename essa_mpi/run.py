@@ -208,10 +208,11 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         if cfg.task.val_size and (g % cfg.task.val_every == 0 or g == cfg.run.generations):  # same on every rank
             t = time.perf_counter()
             metrics = validate(p, comm, p.search.mean, g)
+            val_s = time.perf_counter() - t  # validation alone: exporting best_adapter/ is run time, not val_s
             val[g] = metrics["val_reward"]
             if lead:
                 keep_best(p, cfg, val, g)
-            log.log({"generation": g, **metrics, "val_s": round(time.perf_counter() - t, 2)})
+            log.log({"generation": g, **metrics, "val_s": round(val_s, 2)})
         if g == cfg.run.generations:
             break
         trim_host_memory()  # keeps the peak resident memory from creeping up generation by generation
