@@ -85,7 +85,8 @@ def table(names: list, results: str = os.path.join(ROOT, "tools", "results")) ->
         val = np.array(d["candidate_val_rewards"])  # [popsize]
         pool = np.array(d["pool_rewards"])  # [popsize, pool]
         b = next(x for x in d["by_batch"] if x["batch"] == 48)
-        lines.append(f"| {' '.join(o for o in d['overrides'] if not o.startswith('adapter.path'))} "
+        shown = " ".join(o for o in d["overrides"] if not o.startswith("adapter.path")) or "(defaults)"
+        lines.append(f"| {shown} "
                      f"| {val.min():.3f} / {val.mean():.3f} / {val.max():.3f} (start {d['start_val_reward']:.3f}) "
                      f"| {d['candidates_above_start']} of {len(val)} | {int((pool.std(axis=0) > 0).sum())} of {d['pool']} "
                      f"| {spearman(pool.mean(axis=1), val):+.2f} | {b['spearman']:+.2f}, "
