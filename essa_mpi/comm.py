@@ -141,11 +141,15 @@ class Comm:
         say so in one line and abort the job (watchdog.deadline)."""
         return watchdog.deadline(self.stall_timeout_s, lambda: self._missing_ranks(label))
 
+    def _grace_s(self) -> float:
+        """Seconds a stopping rank waits for the others' word before it acts alone."""
+        return min(10.0, max(2.0, self.stall_timeout_s / 10))
+
     def _missing_ranks(self, label: str, tag: int = 7077) -> str:
         """Runs on the watchdog thread while the main thread is blocked in the collective (mpi4py initialises
         MPI_THREAD_MULTIPLE). Every rank whose watchdog fired tells rank 0 it is waiting; rank 0 listens for
         a grace period and names the ranks it did not hear from. Called only when the job is stopping."""
-        grace = min(10.0, max(2.0, self.stall_timeout_s / 10))
+        grace = self._grace_s()
         what = f"{label} did not complete within run.stall_timeout_s={self.stall_timeout_s:g} s"
         if self.rank != 0:
             self.world.isend(self.rank, dest=0, tag=tag)
@@ -205,7 +209,7 @@ class Comm:
         follow after a grace period in case that rank is gone too."""
         first = 1 if root == 0 else 0
         if self.rank != first:
-            time.sleep(min(10.0, max(2.0, self.stall_timeout_s / 10)))
+            time.sleep(self._grace_s())
         watchdog.say(f"rank {root} showed no progress in {label} for run.stall_timeout_s={self.stall_timeout_s:g} s "
                      f"(stopped, hung, or on a frozen node or filesystem); nothing of it was saved: rerun after the "
                      f"fix, or raise run.stall_timeout_s if one step or the model load really takes that long.")

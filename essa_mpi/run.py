@@ -54,16 +54,20 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
         factors = fresh_lora_factors(model, a.target_modules, a.rank, a.alpha, cfg.search.seed)
     adapter = SVDLoRA.attach(model, factors, a.fraction, seed=cfg.search.seed)
     assert adapter.k == searched_per_factor(cfg)
-    n = adapter.solution_length
-    diagonal = cfg.search.covariance == "diagonal" or (cfg.search.covariance == "auto" and n > DIAGONAL_ABOVE)
     stds = None
     if cfg.search.step_scale == "singular":
         values = adapter.searched_values()  # [n]
         stds = np.maximum(values, 1e-3 * values.max())  # a rank-deficient SFT factor's zero values still move
-    search = SeededCMA(n, cfg.search.popsize, cfg.search.sigma0, diagonal, cfg.search.seed, stds,
-                       cfg.search.diagonal_decoding and not diagonal, cfg.search.mean_lr)
+    search = make_search(cfg, adapter.solution_length, stds)
     ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, cfg.run.max_rows)
     return Parts(task, adapter, ev, search)
+
+
+def make_search(cfg: Config, n: int, stds: np.ndarray | None) -> SeededCMA:
+    """The CMA-ES of cfg.search over n values (Alg. 1, line 7); stds [n]: per-coordinate step multipliers."""
+    s = cfg.search
+    diagonal = s.covariance == "diagonal" or (s.covariance == "auto" and n > DIAGONAL_ABOVE)
+    return SeededCMA(n, s.popsize, s.sigma0, diagonal, s.seed, stds, s.diagonal_decoding and not diagonal, s.mean_lr)
 
 
 def validate(p: Parts, comm: Comm, solution: np.ndarray | None, generation: int = 0) -> dict:

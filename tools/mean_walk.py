@@ -31,36 +31,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def walk(run_dir: str) -> dict:
     """Replay run_dir's checkpoint history → {"ratio": [G] |mean_g| / (sigma0 ||stds||), "val": [[g, reward]],
     "exact": bool}."""
-    import h5py
-
     from essa_mpi import checkpoint
-    from essa_mpi.run import DIAGONAL_ABOVE
-    from essa_mpi.search import SeededCMA
+    from essa_mpi.config import config_from_dict
+    from essa_mpi.run import make_search
 
     state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME))
-    with open(os.path.join(run_dir, "config.yaml")) as fh:
-        s = yaml.safe_load(fh)["search"]
-    with h5py.File(os.path.join(run_dir, checkpoint.FILENAME), "r") as f:
-        sigma_vec = f["cma/sigma_vec"][()]  # [n]: the final per-coordinate scales
+    cfg = config_from_dict(yaml.safe_load(state.config_yaml))  # the config the checkpoint was written with
+    sigma_vec = state.cma["sigma_vec"]  # [n]: the final per-coordinate scales
     n = len(sigma_vec)
-    stds = sigma_vec if s["step_scale"] == "singular" else None  # uniform starts from ones: exact
-    diagonal = s["covariance"] == "diagonal" or (s["covariance"] == "auto" and n > DIAGONAL_ABOVE)
-    es = SeededCMA(n, s["popsize"], s["sigma0"], diagonal, s["seed"], stds,
-                   s["diagonal_decoding"] and not diagonal, s["mean_lr"])
-    first = s["sigma0"] * np.linalg.norm(np.ones(n) if stds is None else stds)  # one gen-0 offset's expected norm
+    stds = sigma_vec if cfg.search.step_scale == "singular" else None  # uniform starts from ones: exact
+    es = make_search(cfg, n, stds)
+    first = cfg.search.sigma0 * np.linalg.norm(np.ones(n) if stds is None else stds)  # one gen-0 offset's norm
     ratio = []
     for g in range(state.generation):
         es.tell(state.seeds[g], state.rewards[g])  # Alg. 1, line 14, as the run did
         ratio.append(float(np.linalg.norm(es.mean) / first))  # the start is the zero offset
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         val = [[m["generation"], m["val_reward"]] for m in map(json.loads, fh) if "val_reward" in m]
-    return {"run": run_dir, "step_scale": s["step_scale"], "ratio": [round(r, 3) for r in ratio], "val": val,
+    return {"run": run_dir, "step_scale": cfg.search.step_scale, "ratio": [round(r, 3) for r in ratio], "val": val,
             "exact": es.fingerprint() == state.fingerprint}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", help="run directories (each with checkpoint.h5, config.yaml, metrics.jsonl)")
+    ap.add_argument("runs", nargs="+", help="run directories (each with checkpoint.h5 and metrics.jsonl)")
     args = ap.parse_args()
     sys.path.insert(0, ROOT)
     for run in args.runs:
