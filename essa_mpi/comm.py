@@ -188,8 +188,9 @@ class Comm:
         buf = np.array([value, self._beats], dtype=np.int64)  # [2]: value, beats root sent
         req = self.world.Ibcast(buf, root=root)
         if self.rank == root:
-            req.Wait()
-            self.MPI.Request.waitall(self._beat_reqs)  # every waiting rank has received its beats
+            with self.watch(f"the end of {label}"):  # a stopped waiting rank never receives its beats
+                req.Wait()
+                self.MPI.Request.waitall(self._beat_reqs)  # every waiting rank has received its beats
             self._beat_reqs, self._beats, self._last_beat = [], 0, 0.0
             return value
         heard, last = 0, time.time()

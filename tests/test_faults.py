@@ -159,6 +159,23 @@ def test_stopped_rank_0_during_the_sft_warm_start_is_named(tiny_dir, tmp_path):
     assert not leftover_ranks(str(out))
 
 
+def test_stopped_waiting_rank_does_not_hang_rank_0_after_the_sft(tiny_dir, tmp_path):
+    """Rank 1 stopped while rank 0 trains: rank 0's beats are never received, and rank 0 must not wait for them
+    (or for the broadcast) past run.stall_timeout_s once its SFT is done."""
+    out, sft_dir = tmp_path / "sftwait", tmp_path / "sftwait_adapter"
+    args = [a for a in tiny_args(tiny_dir, out) if a != "adapter.warm_start=none"]
+    proc = start(args + ["adapter.warm_start=sft", f"sft.output_dir={sft_dir}", "sft.epochs=60",
+                         "run.stall_timeout_s=10"])
+    for line in proc.stdout:
+        if "SFT warm start: training" in line:
+            break
+    os.kill(rank_pid(str(out), 1), signal.SIGSTOP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, (proc.returncode, err[-2000:])
+    assert "the end of the SFT warm start did not complete within run.stall_timeout_s=10 s" in err, err[-2000:]
+    assert not leftover_ranks(str(out))
+
+
 def test_sft_beats_leave_no_message_unmatched(tiny_dir, tmp_path):
     """A healthy SFT warm start that sends many beats (stall_timeout_s=10: one every 1.25 s) ends, and the run
     after it completes: every beat was received (an unmatched one would leave rank 0 in waitall). The SFT
