@@ -23,6 +23,7 @@ rank did, and checks the result against the stored fingerprint; the rest of the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -59,6 +60,16 @@ def write_failed(what: str, exc: Exception, run_dir: str) -> CheckpointWriteErro
     return CheckpointWriteError(f"could not write {what}: {getattr(exc, 'strerror', None) or exc}; the previous "
                                 f"checkpoint (if any) is kept. Free space (disk full or quota?), then --resume "
                                 f"{run_dir}.")
+
+
+@contextlib.contextmanager
+def writing(path: str, run_dir: str, mode: str = "w"):
+    """open(path, mode) for a run output; an OSError (disk full, quota, read-only) becomes write_failed's line."""
+    try:
+        with open(path, mode) as fh:
+            yield fh
+    except OSError as exc:
+        raise write_failed(path, exc, run_dir) from None
 
 
 def _arrays(s: RunState) -> dict:
@@ -162,14 +173,17 @@ def _state(attrs: dict, arrays: dict) -> RunState:
 
 def load_latest(out_dir: str) -> tuple:
     """→ (RunState, note): checkpoint.h5, or checkpoint.prev.h5 with a note saying why when the latest is
-    damaged (a crash or a full disk while it was written). ValueError when neither is usable."""
-    latest = os.path.join(out_dir, FILENAME)
+    damaged (a crash or a full disk while it was written) or missing. ValueError when neither is usable."""
+    latest, prev = os.path.join(out_dir, FILENAME), os.path.join(out_dir, PREVIOUS)
     try:
         return load(latest), None
     except ValueError as exc:
-        prev = os.path.join(out_dir, PREVIOUS)
-        if not os.path.isfile(latest) or not os.path.isfile(prev):
+        if not os.path.isfile(prev):
             raise
+        if not os.path.isfile(latest):  # deleted by hand, or lost with a node: the previous one still counts
+            state = load(prev)
+            return state, (f"WARNING: {latest} is missing; resuming from {prev} (generation {state.generation}) "
+                           f"instead.")
         try:
             state = load(prev)
         except ValueError:

@@ -26,10 +26,12 @@ import yaml
 
 from essa_mpi import checkpoint, rundir, watchdog
 from essa_mpi.comm import Comm, Refused, default_threads, first_error
-from essa_mpi.config import apply_overrides, config_from_dict, help_text, load_config
+from essa_mpi.config import RunConfig, apply_overrides, config_from_dict, help_text, load_config, repeated_keys
 from essa_mpi.launch import check_world
 from essa_mpi.preflight import check
+from essa_mpi.tasks import val_shortfall
 
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
 COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
             "sft": "Train (or find cached) the LoRA SFT warm start and print its directory.",
             "eval": "avg@k / pass@k on math benchmarks for the base model and adapters (eval.* options).",
@@ -46,6 +48,8 @@ def parser(command: str = "run") -> argparse.ArgumentParser:
                     + "\nWith no --config the embedded default runs (SmolLM2-135M-Instruct on arithmetic).",
         epilog="options (set in the YAML file or as section.key=value):\n" + help_text())
     ap.add_argument("--config", help="YAML file with sections model/adapter/search/task/sft/eval/run.")
+    ap.add_argument("--debug", action="store_true", help="print the Python traceback of an error as well as its "
+                                                         "one line (also: ESSA_DEBUG=1).")
     if command == "run":
         ap.add_argument("--resume", metavar="DIR", help="continue the run whose output_dir is DIR from its checkpoint.")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value", help="override config values.")
@@ -55,14 +59,22 @@ def parser(command: str = "run") -> argparse.ArgumentParser:
 def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> tuple:
     """→ (checked Config, RunState or None, note or None). Raises ValueError with the fix on bad input."""
     state, note = None, None
+    if getattr(args, "resume", None) == "":
+        raise ValueError("--resume needs the run's output_dir (e.g. --resume runs/smollm2_arithmetic); to start a "
+                         "fresh run, leave --resume out.")
     if getattr(args, "resume", None):
         if args.config:
             raise ValueError("--resume uses the config stored in the checkpoint; drop --config.")
         bad = [o for o in args.overrides if not o.startswith("run.")]
         if bad:
             raise ValueError(f"--resume accepts only run.* overrides (e.g. run.generations=200), got {bad}.")
+        overrides = [o for o in args.overrides if not same_dir(o, "run.output_dir=", args.resume)]
+        other = [o for o in overrides if o.startswith("run.output_dir=")]
+        if other:
+            raise ValueError(f"--resume {args.resume} continues the run in that directory, but {other[0]} names "
+                             f"another; drop {other[0]} (to continue elsewhere, copy the directory there first).")
         state, note = checkpoint.load_latest(args.resume)
-        data = apply_overrides(yaml.safe_load(state.config_yaml), args.overrides + [f"run.output_dir={args.resume}"])
+        data = apply_overrides(yaml.safe_load(state.config_yaml), overrides + [f"run.output_dir={args.resume}"])
         cfg = config_from_dict(data)
         if cfg.search.popsize != state.seeds.shape[1]:
             raise ValueError(f"{args.resume}: the stored search.popsize={cfg.search.popsize} does not match the "
@@ -74,7 +86,16 @@ def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> 
     else:
         cfg = load_config(args.config, args.overrides)
     check(cfg, world_size, command)
-    return cfg, state, note
+    return cfg, state, "\n".join(n for n in (note, repeated_keys(args.overrides)) if n) or None
+
+
+def same_dir(override: str, prefix: str, path: str) -> bool:
+    """override is prefix + a path naming the same directory as path.
+
+    >>> same_dir("run.output_dir=runs/a/", "run.output_dir=", "runs/a"), same_dir("run.seed=1", "run.output_dir=", "a")
+    (True, False)
+    """
+    return override.startswith(prefix) and os.path.abspath(override[len(prefix):]) == os.path.abspath(path)
 
 
 def claim(cfg, state, task, command: str):
@@ -82,7 +103,11 @@ def claim(cfg, state, task, command: str):
     overwrite, or a resume whose model, adapter or data changed. → the lock (None for sft/eval)."""
     if command != "run":
         return None
-    lock = rundir.RunLock.acquire(cfg.run.output_dir)
+    try:
+        lock = rundir.RunLock.acquire(cfg.run.output_dir)
+    except OSError as exc:  # preflight checked the path; this is a race or a filesystem that refuses writes
+        raise ValueError(f"run.output_dir={cfg.run.output_dir}: cannot create or lock it ({exc.strerror}: "
+                         f"{exc.filename}); choose a writable directory.") from None
     try:
         if state is None:
             rundir.clear_for_fresh_run(cfg.run.output_dir, cfg.run.overwrite)
@@ -111,11 +136,18 @@ def load_task(cfg, state, command: str):
     if command == "eval":
         return None
     from essa_mpi import sft
+    from essa_mpi.model import load_tokenizer
+    from essa_mpi.population import fit_prompts
+    from essa_mpi.preflight import model_facts
     from essa_mpi.tasks import build_task
 
     task = build_task(cfg.task, cfg.search.seed)
     if needs_sft(cfg, state, command):
         sft.check_rows(task, cfg)
+    if command == "run":  # before any model loads: the tokenizer and the context from the model's header
+        note = fit_prompts(task, load_tokenizer(cfg.model), (model_facts(cfg.model) or {}).get("context"),
+                           cfg.task.max_new_tokens, cfg.task.long_prompts)
+        task.notes += [note] if note else []
     return task
 
 
@@ -175,6 +207,7 @@ def main(argv: list | None = None) -> int:
 
         return plot_main(argv)
     args = parser(command).parse_args(argv)
+    debug = args.debug or os.environ.get("ESSA_DEBUG", "") not in ("", "0")
     comm = Comm()
     watchdog.configure(comm.rank, comm.abort if comm.size > 1 else None)
     try:  # every process of a launch that split into one-rank worlds says so (each is its own rank 0)
@@ -183,43 +216,64 @@ def main(argv: list | None = None) -> int:
         print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
     watchdog.install_signal_handlers()  # until the run starts: nothing to keep, nothing to say but the signal
+    comm.stall_timeout_s = RunConfig.stall_timeout_s  # the default guards the checks until the config is known
     lock = None
     try:
         cfg, state, note = first_error(comm, lambda: prepare(args, comm.size, command))
+        comm.stall_timeout_s = cfg.run.stall_timeout_s
         first_error(comm, lambda: check_placement(cfg, comm))
         task = first_error(comm, lambda: load_task(cfg, state, command))
         lock = first_error(comm, lambda: claim(cfg, state, task, command) if comm.rank == 0 else None)
-    except ValueError as exc:
+    except Refused as exc:
         if comm.rank == 0:
             print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    if note and comm.rank == 0:
-        print(note, file=sys.stderr, flush=True)
+        return 1 if exc.unexpected else 2
+    for line in (note, val_shortfall(task, cfg.task), *(task.notes if task else [])):
+        if line and comm.rank == 0:
+            print(line, file=sys.stderr, flush=True)
     try:
-        return execute(cfg, comm, task, state, command, lock)
+        return execute(cfg, comm, task, state, command, lock, debug)
     finally:
         if lock is not None:
             lock.release()
 
 
-def execute(cfg, comm: Comm, task, state, command: str, lock) -> int:
+def describe(exc: BaseException, tail: str) -> str:
+    """The one line for an error that ended the run; --debug adds the traceback.
+
+    >>> describe(OSError(28, "No space left on device", "runs/x/summary.json"), "")
+    'could not write runs/x/summary.json: No space left on device; free space or choose another run.output_dir.'
+    """
+    if isinstance(exc, SystemExit):
+        return (f"sys.exit({exc.code!r}) was called inside the run (by a reward or other user code?), which is "
+                f"not a finished run; raise an exception instead.{tail}")
+    if isinstance(exc, OSError) and exc.filename:
+        return (f"could not write {exc.filename}: {exc.strerror}; free space or choose another "
+                f"run.output_dir.{tail}")
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    if isinstance(exc, (RuntimeError, ValueError)) and (frame is None or frame.filename.startswith(PACKAGE)):
+        return f"{exc}{tail}"  # raised by essa_mpi itself: its messages say what to do
+    where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
+    return f"{type(exc).__name__}: {exc}{where}; rerun with --debug for the traceback.{tail}"
+
+
+def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = False) -> int:
     """Run the command with the watchdogs armed; every failure ends every rank with one line."""
-    comm.stall_timeout_s = cfg.run.stall_timeout_s
     if lock is not None:
         watchdog.on_exit(lock.release)
     out = cfg.run.output_dir
-    watchdog.install_signal_handlers(
-        (lambda: f"the last checkpoint is kept; continue with --resume {out}") if command == "run" else None)
+    kept = f"; the last checkpoint is kept; continue with --resume {out}" if command == "run" else ""
+    watchdog.install_signal_handlers((lambda: kept[2:]) if command == "run" else None)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)
     except Refused as exc:  # found on every rank alike (first_error): no rank is left waiting
         if comm.rank == 0:
             print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except Exception as exc:  # one rank's failure must stop all ranks, never leave them waiting
-        if not isinstance(exc, checkpoint.CheckpointWriteError):  # its message says all there is
+        return 1 if exc.unexpected else 2
+    except (Exception, SystemExit) as exc:  # one rank's failure must stop all ranks, never leave them waiting
+        if debug:
             traceback.print_exc()
-        watchdog.say(str(exc))
+        watchdog.say(describe(exc, "" if isinstance(exc, checkpoint.CheckpointWriteError) else kept))
         if comm.size > 1:
             watchdog.stop(1)  # releases the lock, lets the line through, aborts every rank
         return 1

@@ -222,20 +222,28 @@ class Comm:
 
 
 class Refused(ValueError):
-    """Bad input found on some rank and raised on every rank by first_error: a clean exit 2, no abort."""
+    """A failure found on some rank and raised on every rank by first_error: a clean exit, no abort. Bad input
+    (a ValueError) exits 2; anything else (``unexpected``: a filesystem error, a bug) exits 1."""
+
+    def __init__(self, message: str, unexpected: bool = False) -> None:
+        super().__init__(message)
+        self.unexpected = unexpected
 
 
 def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
-    """Run fn on every rank; if it raises ValueError anywhere, raise the same message everywhere (Refused)."""
+    """Run fn on every rank; if it fails anywhere, raise the first rank's message everywhere (Refused), so no
+    rank is left waiting in a later collective for one that failed."""
     try:
         result, message = fn(), None
     except ValueError as exc:
-        result, message = None, str(exc)
-    with comm.watch("a check every rank makes (first_error)"):  # armed once run.stall_timeout_s is known
+        result, message = None, (str(exc), False)
+    except (Exception, SystemExit) as exc:
+        result, message = None, (f"{type(exc).__name__}: {exc}", True)
+    with comm.watch("a check every rank makes (first_error)"):
         messages = comm.world.allgather(message)
     failed = [m for m in messages if m is not None]
     if failed:
-        raise Refused(failed[0])
+        raise Refused(*failed[0])
     return result
 
 

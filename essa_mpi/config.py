@@ -110,6 +110,9 @@ class TaskConfig:
     reward_timeout_s: float = _f(900.0, "Seconds one reward call (a rank's completions of a generation) may take; "
                                  "past it the run stops with the function's name. 0 = no limit.")
     system_prompt: Optional[str] = _f(None, "System message; None = the task's default.")
+    long_prompts: Literal["refuse", "truncate"] = _f("refuse", "A prompt that, with its chat template and "
+                                                     "max_new_tokens, exceeds the model's context: refuse the run "
+                                                     "naming the row, or truncate its end (the count is logged).")
 
 
 @dataclass
@@ -247,7 +250,8 @@ def config_from_dict(data: dict) -> Config:
 
 
 def apply_overrides(data: dict, overrides: list) -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict."""
+    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict; a key given twice
+    takes the last value (``repeated_keys`` says so)."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. search.popsize=32).")
@@ -261,6 +265,22 @@ def apply_overrides(data: dict, overrides: list) -> dict:
             raise _not_a_section(section, data[section])
         data[section][name] = yaml.safe_load(raw) if raw != "" else None
     return data
+
+
+def repeated_keys(overrides: list) -> Optional[str]:
+    """A WARNING naming every key given more than once on the command line with its values (the last one wins,
+    as with argparse or Hydra); None when each key is given once.
+
+    >>> print(repeated_keys(["search.popsize=8", "task.batch_size=4", "search.popsize=16"]))
+    WARNING: search.popsize is given 2 times on the command line ('8', '16'); using '16'.
+    """
+    given: dict = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        given.setdefault(key, []).append(raw)
+    twice = [f"{k} is given {len(v)} times on the command line ({', '.join(map(repr, v))}); using {v[-1]!r}"
+             for k, v in given.items() if len(v) > 1]
+    return f"WARNING: {'; '.join(twice)}." if twice else None
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 
 from essa_mpi import latency as L
 
@@ -44,8 +46,13 @@ def parser() -> argparse.ArgumentParser:
 
 def from_bench(path: str) -> dict:
     """eta_gen, eta_fb and the largest measured world's latency/bandwidth fit from bench_scaling.json."""
-    with open(path) as fh:
-        bench = json.load(fh)
+    try:
+        with open(path) as fh:
+            bench = json.load(fh)
+        assert isinstance(bench, dict)
+    except (OSError, ValueError, AssertionError) as exc:
+        raise ValueError(f"--from-bench {path}: not a readable bench_scaling.py JSON object ({exc or 'not an object'}); "
+                         f"give the file tools/bench_scaling.py wrote.") from None
     out = {}
     e2e = bench.get("end_to_end", {})
     for key in ("eta_gen", "eta_fb"):
@@ -87,19 +94,37 @@ def plot(rows: list, a: argparse.Namespace, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list) -> int:
-    ap = parser()
-    a = ap.parse_args(argv)
-    measured = from_bench(a.from_bench) if a.from_bench else {}
-    for key, default in DEFAULTS.items():  # the command line wins over the bench, the bench over the default
-        if getattr(a, key) is None:
-            setattr(a, key, measured.get(key, default))
+def check(a: argparse.Namespace) -> list:
+    """The GPU counts; ValueError naming the first argument that means nothing (negative, zero, not finite)."""
     try:
         gpus = [int(x) for x in a.gpus.split(",") if x.strip()]
     except ValueError:
-        ap.error(f"--gpus {a.gpus!r}: give comma-separated integers, e.g. 1,2,4,8")
-    if not gpus or min(gpus) < 1 or min(a.eta_gen, a.eta_fb, a.peak_bw, a.b_essa, a.b_grad) <= 0 or a.popsize < 1:
-        ap.error("GPU counts, --eta-gen, --eta-fb, --peak-bw, --b-essa, --b-grad and --popsize must be positive")
+        raise ValueError(f"--gpus {a.gpus!r}: give comma-separated integers, e.g. 1,2,4,8") from None
+    if not gpus or min(gpus) < 1:
+        raise ValueError(f"--gpus {a.gpus!r}: give GPU counts of at least 1, e.g. 1,2,4,8")
+    positive = ("eta_gen", "eta_fb", "peak_bw", "b_essa", "b_grad", "model_bytes", "m_gen", "m_fb", "popsize")
+    for key in positive + ("latency",):
+        value = getattr(a, key)
+        if not math.isfinite(value) or value < 0 or (value == 0 and key in positive):
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag}={value:g} means nothing here; give a finite number "
+                             f"{'> 0' if key in positive else '>= 0'}.")
+    if a.output and not os.path.isdir(os.path.dirname(os.path.abspath(a.output))):
+        raise ValueError(f"-o {a.output}: its directory does not exist; create it or choose another path.")
+    return gpus
+
+
+def main(argv: list) -> int:
+    a = parser().parse_args(argv)
+    try:
+        measured = from_bench(a.from_bench) if a.from_bench else {}
+        for key, default in DEFAULTS.items():  # the command line wins over the bench, the bench over the default
+            if getattr(a, key) is None:
+                setattr(a, key, measured.get(key, default))
+        gpus = check(a)
+    except ValueError as exc:
+        print(f"essa_mpi: error: {exc}", file=sys.stderr)
+        return 2
     rows = table(a, gpus)
     print(f"eta_gen {a.eta_gen:.4g} s, eta_fb {a.eta_fb:.4g} s per sample; gradient {a.model_bytes:.4g} B at "
           f"{a.peak_bw:.4g} B/s, latency {a.latency:.3g} s; theta* = {rows[0]['theta_star']:.3f}")

@@ -14,6 +14,10 @@ import json
 import os
 import time
 
+import numpy as np
+
+from essa_mpi.checkpoint import writing
+
 
 class MetricsLog:
     def __init__(self, output_dir: str, enabled: bool, progress: bool, total: int, start: int,
@@ -34,7 +38,8 @@ class MetricsLog:
         if not self.enabled:
             return
         record = {"wall_s": round(time.time() - self.t0, 3), **record}
-        with open(self.path, "a") as fh:
+        # one write per line; a line cut by a crash or a full disk is repaired by reconcile() on resume
+        with writing(self.path, os.path.dirname(self.path), "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self.tb is not None:  # the numbers, under the same names, at step = generation
             for key, value in record.items():
@@ -61,3 +66,54 @@ class MetricsLog:
             from essa_mpi.plot import plot
 
             plot([os.path.dirname(self.path)], os.path.join(os.path.dirname(self.path), "curves.png"))
+
+
+def read_rows(path: str) -> tuple:
+    """metrics.jsonl → (rows, problems): every line that is a JSON object, and [(line number, what is wrong)]
+    for the others (a line cut by a crash mid-append, text that is not JSON, JSON that is not an object)."""
+    rows, problems = [], []
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                problems.append((number, "not complete JSON (cut off mid-write?)"))
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+            else:
+                problems.append((number, f"a JSON {type(row).__name__}, not an object"))
+    return rows, problems
+
+
+def reconcile(path: str, generation: int, rewards: np.ndarray, sigmas: list) -> tuple:
+    """Make metrics.jsonl agree with the checkpoint a resume starts from (rank 0): drop incomplete lines, the
+    generations past the checkpoint and the due validation the resume measures again; re-create from the
+    checkpoint's records ([generation, popsize] rewards, the replayed sigma after each) any generation's line
+    the log lacks (a kill between checkpoint and log). Every generation then appears exactly once.
+    → (rows kept, note or None). The file is replaced whole (temp file, rename)."""
+    rows, problems = read_rows(path) if os.path.isfile(path) else ([], [])
+    kept, seen = [], set()
+    for m in rows:
+        g = m.get("generation", 0)
+        if not isinstance(g, int) or g > generation or (g == generation and "val_reward" in m):
+            continue
+        if "reward_mean" in m:
+            if g in seen:
+                continue
+            seen.add(g)
+        kept.append(m)
+    restored = [g for g in range(1, generation + 1) if g not in seen]
+    for g in restored:
+        r = rewards[g - 1].astype(np.float64)  # [popsize], as generation_metrics computed it
+        kept.append({"generation": g, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
+                     "reward_max": float(r.max()), "sigma": float(sigmas[g - 1]), "restored_from_checkpoint": True})
+    kept.sort(key=lambda m: (m.get("generation", 0), "reward_mean" not in m))  # stable: a generation's line first
+    with writing(path + ".tmp", os.path.dirname(path)) as fh:
+        fh.writelines(json.dumps(m) + "\n" for m in kept)
+    os.replace(path + ".tmp", path)
+    notes = ([f"dropped {len(problems)} damaged line(s) ({', '.join(f'line {n}: {w}' for n, w in problems[:3])})"]
+             if problems else []) + ([f"re-created generation(s) {restored} from the checkpoint"] if restored else [])
+    return kept, (f"WARNING: {path}: {'; '.join(notes)}." if notes else None)

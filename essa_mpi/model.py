@@ -9,6 +9,7 @@ The model is put in eval mode with gradients off; the tokenizer pads on the left
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -98,19 +99,33 @@ def dense_copy(path: str, gguf: str, dtype: torch.dtype) -> str:
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, gguf: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer with left padding; loaded once per process (the preflight's prompt-length check
+    and load_model share it: a GGUF vocabulary takes seconds to parse)."""
+    return _tokenizer(*resolve(cfg))
+
+
 def load_model(cfg: ModelConfig, local_rank: int = 0, local_size: int = 1) -> tuple:
     """→ (model, tokenizer): eval mode, no gradients, left padding, on this rank's device(s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path, gguf = resolve(cfg)
     kw = {"gguf_file": gguf} if gguf else {}
     device, spread = placement(cfg, local_rank, local_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # so helpers (e.g. a reward model) land on this rank's GPU too
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    tok = load_tokenizer(cfg)
     # Quantized precisions keep their unquantized tensors (embeddings, norms, head) and compute in bf16.
     dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
     if cfg.precision == "gptq":

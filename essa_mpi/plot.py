@@ -12,16 +12,22 @@ attempts). Any file in the metrics.jsonl format plots: tools/grpo_baseline.py wr
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
+
+from essa_mpi.metrics import read_rows
 
 
 def read_metrics(run_dir: str) -> list:
+    """The rows of a run's metrics.jsonl; ValueError naming the first line that is not a JSON object."""
     path = run_dir if run_dir.endswith(".jsonl") else os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; give a run's output_dir (it holds metrics.jsonl).")
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    rows, problems = read_rows(path)
+    if problems:
+        line, what = problems[0]
+        raise ValueError(f"{path}, line {line}: {what}; --resume of that run repairs its log, or delete the line.")
+    return rows
 
 
 def series(rows: list) -> dict:
@@ -86,8 +92,10 @@ def main(argv: list) -> int:
     ap.add_argument("--title")
     args = ap.parse_args(argv)
     try:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+            raise ValueError(f"-o {args.out}: its directory does not exist; create it or choose another path.")
         print(plot(args.runs, args.out, args.labels.split(",") if args.labels else None, args.title))
     except ValueError as exc:
-        print(f"essa_mpi: error: {exc}", flush=True)
+        print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
     return 0

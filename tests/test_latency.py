@@ -45,7 +45,19 @@ def test_latency_command_prints_a_table_and_a_png(tmp_path):
     assert os.path.getsize(png) > 1000
 
 
-def test_latency_command_rejects_bad_numbers():
-    res = subprocess.run([sys.executable, "-m", "essa_mpi", "latency", "--gpus", "0,8", "-o", ""],
+@pytest.mark.parametrize("args, message", [
+    (["--gpus", "0,8"], "--gpus '0,8': give GPU counts of at least 1"),
+    (["--latency=-1"], "--latency=-1 means nothing here; give a finite number >= 0"),
+    (["--model-bytes=-5"], "--model-bytes=-5 means nothing here"),
+    (["--m-gen=0"], "--m-gen=0 means nothing here; give a finite number > 0"),
+    (["--m-fb=-1"], "--m-fb=-1 means nothing here"),
+    (["--eta-gen=nan"], "--eta-gen=nan means nothing here"),
+    (["-o", "/no/such/dir/lat.png"], "-o /no/such/dir/lat.png: its directory does not exist"),
+    (["--from-bench", "/no/such/bench.json"], "--from-bench /no/such/bench.json: not a readable"),
+])
+def test_latency_command_rejects_arguments_that_mean_nothing(args, message):
+    res = subprocess.run([sys.executable, "-m", "essa_mpi", "latency", *args] + ([] if "-o" in args else ["-o", ""]),
                          capture_output=True, text=True, timeout=60)
-    assert res.returncode == 2 and "must be positive" in res.stderr
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("essa_mpi: error: "), res.stderr
+    assert message in lines[0] and not res.stdout, res.stderr

@@ -38,7 +38,23 @@ def test_plot_command_writes_one_png_for_several_runs(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20000
     res = subprocess.run([sys.executable, "-m", "essa_mpi", "plot", str(tmp_path / "missing")], capture_output=True,
                          text=True, env=ENV)
-    assert res.returncode == 2 and "metrics.jsonl does not exist" in res.stdout
+    assert res.returncode == 2 and "metrics.jsonl does not exist" in res.stderr
+
+
+@pytest.mark.parametrize("tail, args, message", [
+    ('{"generation": 4, "reward_me', [], "metrics.jsonl, line 5: not complete JSON (cut off mid-write?)"),
+    ("[1, 2]\n", [], "metrics.jsonl, line 5: a JSON list, not an object"),
+    ("", ["-o", "/no/such/dir/c.png"], "-o /no/such/dir/c.png: its directory does not exist"),
+])
+def test_plot_refuses_a_damaged_log_or_a_missing_directory_in_one_line(tmp_path, tail, args, message):
+    write_metrics(tmp_path / "a", RESUMED[:4])
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as fh:
+        fh.write(tail)
+    res = subprocess.run([sys.executable, "-m", "essa_mpi", "plot", str(tmp_path / "a"), *args], capture_output=True,
+                         text=True, env=ENV, cwd=tmp_path)
+    lines = res.stderr.splitlines()
+    assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("essa_mpi: error: "), res.stderr
+    assert message in lines[0]
 
 
 def test_tensorboard_logs_the_metrics_lines(tiny_dir, tmp_path):

@@ -126,7 +126,10 @@ def test_unusable_reward_fn_is_an_error(path, match):
 
 @pytest.mark.parametrize("reward, match", [(lambda completions, **_: [1.0], "returned 1 values for 2"),
                                            (lambda completions, **_: {}["x"], "raised KeyError"),
-                                           (lambda completions, **_: ["a", "b"], "raised ValueError")])
+                                           (lambda completions, **_: ["a", "b"], "returned str 'a' for completion 0"),
+                                           (lambda completions, **_: None, "returned NoneType None"),
+                                           (lambda completions, **_: __import__("sys").exit(0),
+                                            r"called sys.exit\(0\)")])
 def test_broken_reward_output_is_an_error_naming_it(reward, match):
     task = build_task(TaskConfig(name="toy", val_size=2), seed=0)
     task.reward = reward

@@ -35,6 +35,7 @@ class Task:
     sft: list = field(default_factory=list)  # [{"prompt": str, "completion": str}]
     # Extra validation metrics: f(completions, rows) -> {name: (sum, count)}; summed over ranks.
     details: Optional[Callable[[list, list], dict]] = None
+    notes: list = field(default_factory=list)  # warnings for rank 0 to print before the run
 
     def messages(self, prompt: str) -> list:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -69,18 +70,45 @@ def columns(rows: list) -> dict:
 def score_rows(task: Task, completions: list, rows: list) -> np.ndarray:
     """The task reward of each (completion, row) pair → [N] float64; NaN stays NaN for the caller to log.
 
-    A reward that raises or returns the wrong number of values is a bug in the reward: RuntimeError naming it.
+    A reward that raises, exits the process (``sys.exit``) or returns anything but one number per completion is
+    a bug in the reward: RuntimeError naming it (and the first bad row).
     """
     name = getattr(task.reward, "__qualname__", type(task.reward).__name__)
     try:
         values = task.reward(completions, **columns(rows))
-        r = np.asarray(values, dtype=np.float64).reshape(-1)  # [N]
+    except SystemExit as exc:  # a reward may not end the rank: the others would wait for its records
+        raise RuntimeError(f"reward function {name} called sys.exit({exc.code!r}); a reward must return one float "
+                           f"per completion (raise an exception for an error).") from None
     except Exception as exc:
         raise RuntimeError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
-    if r.shape != (len(completions),):
-        raise RuntimeError(f"reward function {name} returned {r.size} values for {len(completions)} completions; "
-                           f"it must return one float per completion.")
-    return r
+    return as_rewards(values, len(completions), name)
+
+
+def as_rewards(values, n: int, name: str) -> np.ndarray:
+    """A reward function's return value → [n] float64, or RuntimeError saying what is wrong with it.
+
+    >>> as_rewards([1, 0.5, True], 3, "f")
+    array([1. , 0.5, 1. ])
+    >>> as_rewards(["0.5"], 1, "f")
+    Traceback (most recent call last):
+    RuntimeError: reward function f returned str '0.5' for completion 0; it must return one float per completion.
+    """
+    if not isinstance(values, (list, tuple, np.ndarray)):
+        raise RuntimeError(f"reward function {name} returned {type(values).__name__} {_short(values)}; it must return "
+                           f"a list with one float per completion ({n}).")
+    if len(values) != n:
+        raise RuntimeError(f"reward function {name} returned {len(values)} values for {n} completions; it must return "
+                           f"one float per completion.")
+    for i, v in enumerate(values):
+        if not isinstance(v, (int, float, np.integer, np.floating, np.bool_)):
+            raise RuntimeError(f"reward function {name} returned {type(v).__name__} {_short(v)} for completion {i}; "
+                               f"it must return one float per completion.")
+    return np.asarray(values, dtype=np.float64).reshape(-1)  # [n]
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def with_timeout(reward: Callable, seconds: float) -> Callable:
@@ -116,6 +144,14 @@ def load_callable(path: str) -> Callable:
         raise ValueError(f"task.reward_fn={path!r} is not callable; point it at a function "
                          f"f(completions, **columns) -> list[float].")
     return fn
+
+
+def val_shortfall(task: Task, cfg: TaskConfig) -> str | None:
+    """A warning when the validation data holds fewer rows than task.val_size (they are all used)."""
+    if task is None or not cfg.val_size or len(task.val) >= cfg.val_size:
+        return None
+    return (f"WARNING: task.val_size={cfg.val_size} but the validation data has {len(task.val)} rows; validating "
+            f"on those {len(task.val)} (set task.val_size={len(task.val)} to silence this).")
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:
