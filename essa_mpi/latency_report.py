@@ -26,8 +26,8 @@ DEFAULTS = {"peak_bw": 25e9, "latency": 0.0, "eta_gen": 0.02, "eta_fb": 0.05}  #
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m essa_mpi latency", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--from-bench", metavar="JSON", help="tools/bench_scaling.py output: eta_gen and eta_fb measured "
-                    "on that machine, and the largest world's fitted all-reduce latency and bandwidth")
+    ap.add_argument("--from-bench", metavar="JSON", help="tools/bench/bench_scaling.py output: eta_gen and eta_fb "
+                    "measured on that machine, and the largest world's fitted all-reduce latency and bandwidth")
     ap.add_argument("--model-bytes", type=float, default=15.24e9, help="gradient bytes all-reduced (default: bf16 "
                     "Qwen2.5-7B, 7.62e9 x 2)")
     ap.add_argument("--peak-bw", type=float, help="sustained per-GPU collective bandwidth, bytes/s (default 25e9)")
@@ -51,8 +51,8 @@ def from_bench(path: str) -> dict:
             bench = json.load(fh)
         assert isinstance(bench, dict)
     except (OSError, ValueError, AssertionError) as exc:
-        raise ValueError(f"--from-bench {path}: not a readable bench_scaling.py JSON object ({exc or 'not an object'}); "
-                         f"give the file tools/bench_scaling.py wrote.") from None
+        raise ValueError(f"--from-bench {path}: not a readable bench_scaling.py JSON object "
+                         f"({exc or 'not an object'}); give the file tools/bench/bench_scaling.py wrote.") from None
     out = {}
     e2e = bench.get("end_to_end", {})
     for key in ("eta_gen", "eta_fb"):

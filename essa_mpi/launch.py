@@ -12,7 +12,7 @@ launcher's own count with the world MPI formed and stop before anything heavy st
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 # Most specific first: an mpiexec started inside an srun step sets its own PMI_SIZE, while SLURM's step
 # variables leak through from outside; the innermost launcher's count is the one MPI must match.
@@ -26,7 +26,7 @@ FIX = ("with srun, pick the PMI your MPI speaks: --mpi=pmi2 for the mpich wheel 
        "site MPI (pip install --no-binary=mpi4py --force-reinstall mpi4py) and uninstall the mpich wheel")
 
 
-def expected_world(env: Mapping[str, str]) -> Optional[tuple]:
+def expected_world(env: Mapping[str, str]) -> tuple | None:
     """(processes the launcher started, the variable that says so), or None outside a launcher.
 
     >>> expected_world({"SLURM_STEP_NUM_TASKS": "4"}), expected_world({})

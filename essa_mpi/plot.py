@@ -6,7 +6,7 @@
 Four panels, several runs on each (the look of the paper's Figs. 4-5): validation reward against wall
 clock and against generation, the population's mean and best reward per generation, and sigma. Wall clock
 continues across resumes (each process restarts its own clock, so the curve adds the time of the earlier
-attempts). Any file in the metrics.jsonl format plots: tools/grpo_baseline.py writes one too.
+attempts). Any file in the metrics.jsonl format plots: tools/bench/grpo_baseline.py writes one too.
 """
 
 from __future__ import annotations

@@ -12,19 +12,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from essa_mpi.comm import candidate_rewards
 from essa_mpi.svd_lora import SVDLoRA
 from essa_mpi.tasks import Task, score_rows
-
-
-def candidate_rewards(rows: np.ndarray) -> np.ndarray:
-    """[C, P] float32 prompt rewards → [C] float32 candidate rewards: the float64 mean in prompt order. One
-    function for every split of the work, so a run's rewards do not depend on how many ranks computed them.
-    A candidate with a non-finite prompt reward gets NaN: the run logs it and ranks it worst (never a 0).
-
-    >>> candidate_rewards(np.array([[1, 0, 0.5], [1, np.nan, 1]], np.float32))
-    array([0.5, nan], dtype=float32)
-    """
-    return rows.astype(np.float64).mean(axis=1).astype(np.float32)  # [C]
 
 
 def fit_prompts(task: Task, tok, context: int | None, max_new_tokens: int, policy: str) -> str | None:

@@ -63,7 +63,7 @@ def check_model_path(m: ModelConfig) -> None:
     p = m.name_or_path
     if m.precision == "gptq" and (p == EMBEDDED_MODEL or p.endswith(".gguf")):
         raise ValueError(f"model.precision=gptq needs a GPTQ checkpoint, not {p!r}; make one with python "
-                         f"tools/quantize_gptq.py --model {p} --out DIR and set model.name_or_path=DIR.")
+                         f"-m essa_mpi quantize --model {p} --out DIR and set model.name_or_path=DIR.")
     if p == EMBEDDED_MODEL:
         return
     if p.endswith(".gguf") and not os.path.isfile(p):
@@ -153,7 +153,8 @@ def model_facts(m: ModelConfig) -> dict | None:
     c = {**c, **(c.get("text_config") or {})}  # multimodal configs nest the language model's
     heads = c.get("num_attention_heads")
     return {"context": c.get("max_position_embeddings") or c.get("n_positions"), "hidden": c.get("hidden_size"),
-            "heads": heads, "kv_heads": c.get("num_key_value_heads") or heads, "intermediate": c.get("intermediate_size"),
+            "heads": heads, "kv_heads": c.get("num_key_value_heads") or heads,
+            "intermediate": c.get("intermediate_size"),
             "head_dim": c.get("head_dim") or _div(c.get("hidden_size"), heads), "source": conf}
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,12 +21,12 @@ import torch
 
 from essa_mpi import checkpoint, watchdog
 from essa_mpi.comm import RECORD, Comm, default_threads, first_error, record_counts
-from essa_mpi.config import Config, searched_per_factor
+from essa_mpi.config import Config
 from essa_mpi.export import export_adapter
-from essa_mpi.metrics import MetricsLog, reconcile
+from essa_mpi.metrics import MetricsLog
 from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
-from essa_mpi.population import PopulationEvaluator, candidate_rewards
-from essa_mpi.rundir import check_identity
+from essa_mpi.population import PopulationEvaluator
+from essa_mpi.rundir import check_identity, keep_best, past_validation
 from essa_mpi.search import SeededCMA
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors, load_lora_factors
 from essa_mpi.tasks import Task, batch_indices
@@ -54,7 +52,6 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     else:
         factors = fresh_lora_factors(model, a.target_modules, a.rank, a.alpha, cfg.search.seed)
     adapter = SVDLoRA.attach(model, factors, a.fraction, seed=cfg.search.seed)
-    assert adapter.k == searched_per_factor(cfg)
     stds = None
     if cfg.search.step_scale == "singular":
         values = adapter.searched_values()  # [n]
@@ -104,7 +101,7 @@ def repair(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int, fing
     if comm.rank != 0:
         search.set_es(es)
     msg = f"generation {generation}: CMA-ES states diverged across ranks; adopted rank 0's state"
-    warnings.warn(msg)
+    warnings.warn(msg, stacklevel=2)
     log.message("WARNING: " + msg)
     return True
 
@@ -123,23 +120,11 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> dict:
     t = time.perf_counter()
     rows = p.evaluator.row_rewards(X[cands], batch)  # [my candidates, my prompts]; Alg. 1, line 11
     eval_s = time.perf_counter() - t
-    per_prompt = comm.size > popsize  # a group of ranks shares each candidate (comm.shares)
-    local = np.empty(rows.size if per_prompt else len(rows), dtype=RECORD)
-    local["seed"] = seeds[cands].repeat(rows.shape[1]) if per_prompt else seeds[cands]
-    local["reward"] = rows.reshape(-1) if per_prompt else candidate_rewards(rows)
     t = time.perf_counter()
-    gathered, fingerprints, seconds = comm.exchange(local, record_counts(popsize, B, comm.size), fingerprint,
-                                                    eval_s, f"generation {g + 1}'s record exchange")  # Alg. 1, l. 13
-    exchange_s = time.perf_counter() - t
-    # seeds depend only on (search.seed, g, k), never on the CMA-ES state: they agree even across diverged ranks
-    expected = seeds.repeat(B) if per_prompt else seeds
-    assert (gathered["seed"] == expected).all(), "gathered seeds differ from this rank's seeds"
-    if per_prompt:  # [popsize*B] prompt records, candidate-major → [popsize] candidate records
-        records = np.empty(popsize, dtype=RECORD)
-        records["seed"], records["reward"] = seeds, candidate_rewards(gathered["reward"].reshape(popsize, B))
-    else:
-        records = gathered  # [popsize]
-    return {"records": records, "X": X, "fingerprints": fingerprints, "eval_s": seconds, "exchange_s": exchange_s}
+    records, fingerprints, seconds = comm.exchange_rewards(seeds, rows, B, fingerprint, eval_s,
+                                                           f"generation {g + 1}'s record exchange")  # Alg. 1, l. 13
+    return {"records": records, "X": X, "fingerprints": fingerprints, "eval_s": seconds,
+            "exchange_s": time.perf_counter() - t}
 
 
 def update(p: Parts, gen: dict) -> tuple:
@@ -207,7 +192,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     start = 0 if state is None else state.generation
     log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start, cfg.run.report_to)
     announce(p, cfg, comm, log, start)
-    hist = History.fresh(cfg.search.popsize) if state is None else History.of(state)
+    hist = checkpoint.History.fresh(cfg.search.popsize) if state is None else checkpoint.History.of(state)
     t0 = time.time()
     if cfg.task.val_size and cfg.task.val_base and state is None:
         base = validate(p, comm, None)["val_reward"]
@@ -219,7 +204,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
             val_s = time.perf_counter() - t  # validation alone: exporting best_adapter/ is run time, not val_s
             val[g] = metrics["val_reward"]
             if lead:
-                keep_best(p, cfg, val, g)
+                keep_best(p.adapter, p.search.mean, cfg, val, g)
             log.log({"generation": g, **metrics, "val_s": round(val_s, 2)})
         if g == cfg.run.generations:
             break
@@ -247,63 +232,6 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     return summary
 
 
-def past_validation(cfg: Config, lead: bool, state: checkpoint.RunState | None, sigmas: list) -> tuple:
-    """Rank 0 starts the run's files: config.yaml; on resume, metrics.jsonl made to agree with the checkpoint
-    (metrics.reconcile; sigmas: the replayed sigma after each generation) → (validation before it
-    {generation: reward}, base-model reward or None), read from those lines, so summary.json keeps the whole
-    history."""
-    val, base, out = {}, None, cfg.run.output_dir
-    if not lead:
-        return val, base
-    with checkpoint.writing(os.path.join(out, "config.yaml"), out) as fh:
-        fh.write(cfg.to_yaml())
-    if state is None:
-        return val, base
-    restore_best(out)
-    # the resume validates its first generation again when one is due (every rank decides alike, without
-    # reading this file); the same state gives the same value, so that line is dropped, not duplicated
-    kept, note = reconcile(os.path.join(out, "metrics.jsonl"), state.generation, state.rewards, sigmas)
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    for m in kept:
-        if "val_reward" in m:
-            val[m["generation"]] = m["val_reward"]
-        base = m.get("val_base_reward", base)
-    return val, base
-
-
-def keep_best(p: Parts, cfg: Config, val: dict, g: int) -> None:
-    """Rank 0: when generation g's validation beats every earlier one, export the mean to best_adapter/ (like
-    TRL's load_best_model_at_end, but kept beside the final adapter/). Ties keep the earlier generation. The
-    directory is swapped in whole, so a kill leaves the previous best or the new one, never half of one."""
-    if val[g] <= max((v for k, v in val.items() if k < g), default=-np.inf):
-        return
-    from safetensors import SafetensorError  # a full disk inside save_file is not an OSError
-
-    out = cfg.run.output_dir
-    new, old, best = (os.path.join(out, name) for name in ("best_adapter.new", "best_adapter.old", "best_adapter"))
-    shutil.rmtree(new, ignore_errors=True)
-    try:
-        export_adapter(p.adapter, p.search.mean, new, cfg.adapter.alpha, cfg.model.name_or_path)
-        with open(os.path.join(new, "essa_best.json"), "w") as fh:
-            json.dump({"generation": g, "val_reward": val[g]}, fh)
-    except (OSError, SafetensorError) as exc:
-        shutil.rmtree(new, ignore_errors=True)
-        raise checkpoint.write_failed(new, exc, out) from None
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(best):
-        os.rename(best, old)
-    os.rename(new, best)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def restore_best(out: str) -> None:
-    """A kill between keep_best's two renames leaves only best_adapter.old: put it back (on resume)."""
-    old, best = os.path.join(out, "best_adapter.old"), os.path.join(out, "best_adapter")
-    if os.path.isdir(old) and not os.path.isdir(best):
-        os.rename(old, best)
-
-
 def finish(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, val: dict, base, start_label: str) -> dict:
     """Rank 0 exports the adapter; every rank returns the summary (validation history and chain)."""
     if comm.rank == 0:
@@ -322,32 +250,3 @@ def finish(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, val: dict, base, 
     return summary
 
 
-@dataclass
-class History:
-    """The (seed, reward) records of every generation so far, plus the best candidate seen."""
-
-    seeds: np.ndarray  # [generations, popsize] uint32
-    rewards: np.ndarray  # [generations, popsize] float32
-    best: np.ndarray | None
-    best_reward: float
-
-    @classmethod
-    def fresh(cls, popsize: int) -> "History":
-        return cls(np.zeros((0, popsize), np.uint32), np.zeros((0, popsize), np.float32), None, -np.inf)
-
-    @classmethod
-    def of(cls, state: checkpoint.RunState) -> "History":
-        return cls(state.seeds, state.rewards, state.best, state.best_reward)
-
-    def add(self, records: np.ndarray, X: np.ndarray) -> None:
-        r = records["reward"].astype(np.float64)
-        if r.max() > self.best_reward:
-            self.best, self.best_reward = X[int(r.argmax())], float(r.max())
-        self.seeds = np.vstack([self.seeds, records["seed"]])  # [g+1, popsize]
-        self.rewards = np.vstack([self.rewards, records["reward"]])  # [g+1, popsize]
-
-    def state(self, cfg: Config, search: SeededCMA, generation: int, identity: dict) -> checkpoint.RunState:
-        return checkpoint.RunState(
-            generation=generation, data_cursor=generation * cfg.task.batch_size, config_yaml=cfg.to_yaml(),
-            seeds=self.seeds, rewards=self.rewards, cma=search.state_arrays(), fingerprint=search.fingerprint(),
-            best=self.best, best_reward=self.best_reward, identity=identity)

@@ -20,8 +20,14 @@ import json
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
+
+import numpy as np
+
+from essa_mpi.checkpoint import write_failed, writing
+from essa_mpi.metrics import reconcile
 
 LOCK = "run.lock"
 HEARTBEAT_S, STALE_S = 30.0, 300.0
@@ -68,7 +74,7 @@ class RunLock:
         self._beat.start()
 
     @classmethod
-    def acquire(cls, out_dir: str) -> "RunLock":
+    def acquire(cls, out_dir: str) -> RunLock:
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, LOCK)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
@@ -220,3 +226,63 @@ def check_identity(stored: dict, current: dict, out_dir: str) -> None:
         raise ValueError(f"--resume {out_dir}: {'; '.join(WHAT[k] for k in changed)} changed since the checkpoint "
                          f"was written ({', '.join(f'{k} {stored[k]} -> {current[k]}' for k in changed)}); restore "
                          f"them, or start fresh with a new run.output_dir.")
+
+
+def past_validation(cfg, lead: bool, state, sigmas: list) -> tuple:
+    """Rank 0 starts the run's files: config.yaml; on resume, metrics.jsonl made to agree with the checkpoint
+    (metrics.reconcile; sigmas: the replayed sigma after each generation) → (validation before it
+    {generation: reward}, base-model reward or None), read from those lines, so summary.json keeps the whole
+    history."""
+    val, base, out = {}, None, cfg.run.output_dir
+    if not lead:
+        return val, base
+    with writing(os.path.join(out, "config.yaml"), out) as fh:
+        fh.write(cfg.to_yaml())
+    if state is None:
+        return val, base
+    restore_best(out)
+    # the resume validates its first generation again when one is due (every rank decides alike, without
+    # reading this file); the same state gives the same value, so that line is dropped, not duplicated
+    kept, note = reconcile(os.path.join(out, "metrics.jsonl"), state.generation, state.rewards, sigmas)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    for m in kept:
+        if "val_reward" in m:
+            val[m["generation"]] = m["val_reward"]
+        base = m.get("val_base_reward", base)
+    return val, base
+
+
+def keep_best(adapter, mean, cfg, val: dict, g: int) -> None:
+    """Rank 0: when generation g's validation beats every earlier one, export mean (the search mean, [n]) of the
+    SVD-LoRA adapter to best_adapter/ (like
+    TRL's load_best_model_at_end, but kept beside the final adapter/). Ties keep the earlier generation. The
+    directory is swapped in whole, so a kill leaves the previous best or the new one, never half of one."""
+    if val[g] <= max((v for k, v in val.items() if k < g), default=-np.inf):
+        return
+    from safetensors import SafetensorError  # a full disk inside save_file is not an OSError
+
+    from essa_mpi.export import export_adapter
+
+    out = cfg.run.output_dir
+    new, old, best = (os.path.join(out, name) for name in ("best_adapter.new", "best_adapter.old", "best_adapter"))
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        export_adapter(adapter, mean, new, cfg.adapter.alpha, cfg.model.name_or_path)
+        with open(os.path.join(new, "essa_best.json"), "w") as fh:
+            json.dump({"generation": g, "val_reward": val[g]}, fh)
+    except (OSError, SafetensorError) as exc:
+        shutil.rmtree(new, ignore_errors=True)
+        raise write_failed(new, exc, out) from None
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(best):
+        os.rename(best, old)
+    os.rename(new, best)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def restore_best(out: str) -> None:
+    """A kill between keep_best's two renames leaves only best_adapter.old: put it back (on resume)."""
+    old, best = os.path.join(out, "best_adapter.old"), os.path.join(out, "best_adapter")
+    if os.path.isdir(old) and not os.path.isdir(best):
+        os.rename(old, best)

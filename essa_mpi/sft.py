@@ -123,8 +123,8 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -
             tick()
             if step % max(1, steps // 10) == 0 or step == steps:
                 log(f"SFT step {step}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
-    info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps, "final_loss": float(np.mean(losses[-10:])),
-            "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
+    info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps,
+            "final_loss": float(np.mean(losses[-10:])), "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tick()

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from essa_mpi.config import searched_per_factor
+
 
 @dataclass
 class LoraFactors:
@@ -145,7 +147,17 @@ class SVDLoRALinear(nn.Module):
         return out.reshape(y.shape).to(y.dtype)  # [C*P, T, n_out]
 
     def rebuild(self, s_A: torch.Tensor, s_B: torch.Tensor) -> tuple:
-        """Alg. 1, line 11.1 / 16: A' = U_A diag(s_A) V_A^T [r, n_in], B' = U_B diag(s_B) V_B^T [n_out, r]."""
+        """Alg. 1, line 11.1 / 16: A' = U_A diag(s_A) V_A^T [r, n_in], B' = U_B diag(s_B) V_B^T [n_out, r].
+
+        The SFT singular values rebuild the SFT factors (offsets 0 reproduce the adapter):
+
+        >>> g = torch.Generator().manual_seed(0)
+        >>> f = LoraFactors("q", torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g))  # A [2, 6], B [5, 2]
+        >>> layer = SVDLoRALinear(nn.Linear(6, 5), f, seed=0)
+        >>> A, B = layer.rebuild(layer.s_A, layer.s_B)
+        >>> torch.allclose(A, f.A, atol=1e-5), torch.allclose(B, f.B, atol=1e-5)
+        (True, True)
+        """
         A = (self.U_A * s_A[None, :]) @ self.V_A.T  # [r, n_in]
         B = (self.U_B_t.T * s_B[None, :]) @ self.Vh_B  # [n_out, r] (LoRA scale still folded in)
         return A, B
@@ -158,9 +170,9 @@ class SVDLoRA:
         self.model, self.modules, self.bases, self.k = model, modules, bases, k
 
     @classmethod
-    def attach(cls, model: nn.Module, factors: list, fraction: float, seed: int = 0) -> "SVDLoRA":
+    def attach(cls, model: nn.Module, factors: list, fraction: float, seed: int = 0) -> SVDLoRA:
         r = factors[0].A.shape[0]
-        k = int(fraction * r + 1e-9)
+        k = searched_per_factor(fraction, r)
         if k == 0:
             raise ValueError(f"fraction={fraction} of rank {r} leaves no singular value to search.")
         modules, bases = [], []

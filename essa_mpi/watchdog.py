@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 TIMEOUT_EXIT = 3  # exit status of a job stopped by a deadline (reward or stall timeout)
 _guard = threading.Lock()  # critical() against the signal thread

@@ -1,7 +1,7 @@
 """The bad-input corpus: each case is command-line arguments (over the tiny-model run) that must end every
 rank with exit code 2 and one line naming the problem, before any model loads.
 
-    python tools/fault_table.py          # runs the corpus and the faults, writes tools/results/faults.{json,md}
+    python tools/checks/fault_table.py          # runs the corpus and the faults, writes tools/results/faults.{json,md}
 
 ``make_files(root, tiny_dir)`` writes the broken files the cases point at; ``CASES`` maps a case id to
 (function of the files → extra arguments, a fragment the one error line must contain).
@@ -82,7 +82,8 @@ CASES = {
                                          "search.diagonal_decoding=true needs a full covariance"),
     "fraction leaves nothing": (lambda f: ["adapter.fraction=0.2"], "0 singular values to search"),
     "fraction nan": (lambda f: ["adapter.fraction=nan"], "adapter.fraction=nan is not a finite number"),
-    "max_new_tokens over context": (lambda f: ["task.max_new_tokens=100000"], "does not fit the model's context of 256"),
+    "max_new_tokens over context": (lambda f: ["task.max_new_tokens=100000"],
+                                    "does not fit the model's context of 256"),
     "max_new_tokens 0": (lambda f: ["task.max_new_tokens=0"], "task.max_new_tokens=0 must be >= 1"),
     "threads -1": (lambda f: ["model.threads=-1"], "model.threads=-1 must be >= 0"),
     "batch_size 0": (lambda f: ["task.batch_size=0"], "task.batch_size=0 must be >= 1"),
@@ -125,11 +126,13 @@ CASES = {
     "YAML scalar": (lambda f: ["--config", f["scalar.yaml"]], "is a YAML int, not a mapping of sections"),
     "YAML malformed": (lambda f: ["--config", f["malformed.yaml"]], "malformed.yaml', line"),
     "YAML duplicate key": (lambda f: ["--config", f["duplicate.yaml"]], "duplicate key 'popsize'"),
-    "YAML section not a mapping": (lambda f: ["--config", f["section.yaml"]], "config section 'search' must be a mapping"),
+    "YAML section not a mapping": (lambda f: ["--config", f["section.yaml"]],
+                                   "config section 'search' must be a mapping"),
     "YAML not UTF-8": (lambda f: ["--config", f["latin1.yaml"]], "is not UTF-8 text"),
     "config file missing": (lambda f: ["--config", "/missing.yaml"], "does not exist"),
     "override without =": (lambda f: ["popsize"], "not of the form section.key=value"),
-    "output_dir holds files": (lambda f: [f"run.output_dir={f['root']}/has_files"], "holds notes.txt but no checkpoint"),
+    "output_dir holds files": (lambda f: [f"run.output_dir={f['root']}/has_files"],
+                               "holds notes.txt but no checkpoint"),
     "resume missing": (lambda f: ["--resume", "/missing/run"], "no checkpoint at /missing/run"),
     "resume not a checkpoint": (lambda f: ["--resume", f"{f['root']}/not_a_checkpoint"],
                                 "is not a readable ESSA checkpoint"),
@@ -147,7 +150,8 @@ CASES = {
     "prompt longer than the context": (lambda f: ["task.name=custom", f"task.dataset={f['long_prompt.jsonl']}",
                                                   "task.reward_fn=json:dumps"],
                                        "training row 17 is "),
-    "eval adapter from another model": (lambda f: ["eval", "eval.max_new_tokens=6", f"eval.adapters={f['foreign_adapter']}"],
+    "eval adapter from another model": (lambda f: ["eval", "eval.max_new_tokens=6",
+                                                   f"eval.adapters={f['foreign_adapter']}"],
                                         "the adapter was trained on another model; give one of this model in "
                                         "eval.adapters"),
     "eval adapter with damaged safetensors": (lambda f: ["eval", "eval.max_new_tokens=6",

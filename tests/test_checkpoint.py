@@ -124,7 +124,8 @@ def test_disk_full_keeps_previous_and_leaves_no_temp_file(tiny_disk):
     checkpoint.save(path, state_at(1))
     big = state_at(2)
     big.cma["C"] = np.eye(120)  # 115 KB: more than the disk holds
-    with pytest.raises(checkpoint.CheckpointWriteError, match=r"No space left on device; the previous checkpoint \(if any\) is kept"):
+    kept = r"No space left on device; the previous checkpoint \(if any\) is kept"
+    with pytest.raises(checkpoint.CheckpointWriteError, match=kept):
         checkpoint.save(path, big)
     assert sorted(os.listdir(tiny_disk)) == [checkpoint.FILENAME]
     assert checkpoint.load(path).generation == 1

@@ -23,8 +23,9 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUF
 
 
 def tiny_args(tiny_dir, out, generations=3):
-    return [f"model.name_or_path={tiny_dir}", "model.device=cpu", "model.threads=1", "adapter.rank=2", "adapter.warm_start=none",
-            "task.name=toy", "task.batch_size=3", "task.val_size=4", "task.val_every=2", "task.max_new_tokens=6",
+    return [f"model.name_or_path={tiny_dir}", "model.device=cpu", "model.threads=1", "adapter.rank=2",
+            "adapter.warm_start=none", "task.name=toy", "task.batch_size=3", "task.val_size=4", "task.val_every=2",
+            "task.max_new_tokens=6",
             "search.popsize=7", "search.sigma0=1.0", f"run.generations={generations}", "run.progress=false",
             f"run.output_dir={out}"]
 

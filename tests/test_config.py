@@ -30,6 +30,7 @@ def test_yaml_and_overrides(tmp_path):
     (["serch.popsize=8"], "unknown config key 'serch'"),
     (["search.popsize=many"], "search.popsize='many' has type str, expected int"),
     (["search.popsize=true"], "expected int"),
+    (["task.dataset=5"], "task.dataset=5 has type int, expected str"),  # an optional (str | None) field
     (["model.precision=fp16"], "model.precision='fp16' is not one of"),
     (["task.name=chess"], "task.name='chess' is not one of"),
     (["popsize"], "not of the form section.key=value"),
@@ -97,7 +98,8 @@ def test_every_job_config_validates(job):
 ])
 def test_task_sft_and_eval_invariants(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        validate(load_config(None, overrides), world_size=1, command="eval" if overrides[0].startswith("eval") else "run")
+        command = "eval" if overrides[0].startswith("eval") else "run"
+        validate(load_config(None, overrides), world_size=1, command=command)
 
 
 def test_float_in_exponent_notation_from_the_command_line():

@@ -4,12 +4,12 @@ import json
 import os
 
 import pytest
+from test_cli_mpi import mpirun
 
 from essa_mpi import evaluate
 from essa_mpi.comm import Comm
 from essa_mpi.config import load_config
 from essa_mpi.tasks.benchmarks import load_benchmark, pass_at_k
-from test_cli_mpi import mpirun
 
 
 @pytest.fixture()
@@ -70,8 +70,8 @@ def test_two_ranks_base_and_adapter(tiny_dir, bench, tmp_path):
 
 
 def test_bad_eval_input_is_an_error(tiny_dir, tmp_path):
-    res = mpirun(2, ["eval", f"model.name_or_path={tiny_dir}", "eval.benchmarks=nosuchbench", "eval.k=2", "eval.pass_k=1",
-                     "eval.max_new_tokens=8"])
+    res = mpirun(2, ["eval", f"model.name_or_path={tiny_dir}", "eval.benchmarks=nosuchbench", "eval.k=2",
+                     "eval.pass_k=1", "eval.max_new_tokens=8"])
     assert res.returncode == 2 and "neither a known benchmark" in res.stderr
     res = mpirun(1, ["eval", f"model.name_or_path={tiny_dir}", "eval.adapters=/nonexistent", "eval.max_new_tokens=8"])
     assert res.returncode == 2 and "not a PEFT adapter directory" in res.stderr

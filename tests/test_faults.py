@@ -1,7 +1,7 @@
 """Faults and bad input under a real mpiexec: nothing hangs, nothing a user made is overwritten, a resume
 never continues the wrong run and never refuses a valid one.
 
-The bad-input corpus is ``tests/bad_inputs.py``; ``tools/fault_table.py`` prints both tables with timings.
+The bad-input corpus is ``tests/bad_inputs.py``; ``tools/checks/fault_table.py`` prints both tables with timings.
 """
 
 import json
@@ -25,16 +25,21 @@ def files(tiny_dir, tmp_path_factory):
     return make_files(str(tmp_path_factory.mktemp("bad")), tiny_dir)
 
 
+_last = {"traceback": None}  # whether the stderr error_line() last read held a Python traceback
+
+
 def record(kind: str, name: str, code: int, seconds: float, text: str, kept: str = "") -> None:
-    """One row of tools/fault_table.py's tables (only when $ESSA_FAULT_TABLE names a JSONL file)."""
+    """One row of tools/checks/fault_table.py's tables (only when $ESSA_FAULT_TABLE names a JSONL file); text comes from
+    error_line(stderr), which notes whether that stderr held a traceback."""
     path = os.environ.get("ESSA_FAULT_TABLE")
     if path:
         with open(path, "a") as fh:
             fh.write(json.dumps({"kind": kind, "name": name, "exit": code, "seconds": round(seconds, 2),
-                                 "message": text, "kept": kept}) + "\n")
+                                 "message": text, "kept": kept, "traceback": _last["traceback"]}) + "\n")
 
 
 def error_line(err: str) -> str:
+    _last["traceback"] = "Traceback" in err
     return next((line for line in err.splitlines() if line.startswith("essa_mpi:")), "(no line from essa_mpi)")
 
 
@@ -60,7 +65,7 @@ def test_bad_input_corpus(case, files, tiny_dir, tmp_path):
         if extra[0] == "eval" else tiny_args(tiny_dir, out) + extra
     res, seconds = run_case(args, files)
     lines = res.stderr.strip().splitlines()
-    record("corpus", case, res.returncode, seconds, lines[0] if lines else "")
+    record("corpus", case, res.returncode, seconds, error_line(res.stderr))
     assert res.returncode == 2, res.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("essa_mpi: error: ") and fragment in lines[0], res.stderr[-2000:]
     assert "solution_length" not in res.stdout, "a model was loaded"

@@ -95,3 +95,19 @@ def test_cuda_without_cuda_is_refused_before_loading(monkeypatch):
     cfg.model.device = "cuda"
     with pytest.raises(ValueError, match="model.device=cuda but CUDA is not available"):
         check_placement(cfg, SimpleNamespace(local_rank=0, local_size=1))
+
+
+def test_old_entry_points_still_work():
+    """python -m essa_mpi.comm and tools/quantize_gptq.py became commands of python -m essa_mpi; the old ones stay."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    new = subprocess.run([sys.executable, "-m", "essa_mpi", "launch-check", "--srun-mpi"], capture_output=True,
+                         text=True)
+    old = subprocess.run([sys.executable, "-m", "essa_mpi.comm", "--srun-mpi"], capture_output=True, text=True)
+    assert new.returncode == old.returncode == 0 and new.stdout == old.stdout and new.stdout.strip() in ("pmi2", "pmix")
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "quantize_gptq.py"), "--help"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "python -m essa_mpi quantize" in res.stdout

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 from test_cli_mpi import mpirun, tiny_args
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "experiments"))
 from mean_walk import walk  # noqa: E402
 
 

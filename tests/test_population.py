@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
+from essa_mpi.comm import candidate_rewards
 from essa_mpi.config import TaskConfig
-from essa_mpi.population import PopulationEvaluator, candidate_rewards
+from essa_mpi.population import PopulationEvaluator
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 from essa_mpi.tasks import build_task
 
@@ -43,7 +44,8 @@ def test_zero_offsets_on_fresh_adapter_equal_base_model(evaluator):
 def test_non_finite_row_reward_marks_the_candidate(evaluator):
     evaluator.task.reward = lambda completions, **_: [1.0, float("nan")] * (len(completions) // 2)
     rows = [{"prompt": "p", "answer": ""}] * 2
-    assert np.isnan(candidate_rewards(evaluator.prompt_rewards(["a", "b"], rows, 1))).all()  # run.py ranks it worst and logs it
+    # a NaN prompt reward makes the candidate's NaN (run.py ranks it worst and logs it), never a silent 0
+    assert np.isnan(candidate_rewards(evaluator.prompt_rewards(["a", "b"], rows, 1))).all()
 
 
 def test_score_counts_non_finite_rows(evaluator):

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from test_cli_mpi import ENV, history, metrics, mpirun
+from tiny import save_tiny
 
 from essa_mpi.config import PRECISIONS, ModelConfig
 from essa_mpi.model import load_model, trim_host_memory, weight_bytes
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
-from test_cli_mpi import ENV, history, metrics, mpirun
-from tiny import save_tiny
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 ROOT = os.path.dirname(os.path.dirname(__file__))
@@ -21,10 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(__file__))
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """A tiny Llama wide enough for NF4's 64-value blocks, and its GPTQ checkpoint (tools/quantize_gptq.py)."""
+    """A tiny Llama wide enough for NF4's 64-value blocks, and its GPTQ checkpoint (python -m essa_mpi quantize)."""
     base = save_tiny(str(tmp_path_factory.mktemp("tiny64")), hidden=64)
     gptq = str(tmp_path_factory.mktemp("tiny64_gptq"))
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "quantize_gptq.py"), "--model", base, "--out",
+    res = subprocess.run([sys.executable, "-m", "essa_mpi", "quantize", "--model", base, "--out",
                           gptq, "--task", "toy", "--samples", "32", "--group-size", "32"],
                          capture_output=True, text=True, env=ENV, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from test_cli_mpi import ENV, history, metrics, mpirun, tiny_args
+from test_cli_mpi import history, metrics, mpirun, tiny_args
 from test_faults import error_line, leftover_ranks, record, start, wait_for_generation
 
 from essa_mpi import checkpoint
@@ -74,8 +74,8 @@ def test_warnings_replace_silent_choices(tiny_dir, tmp_path):
     data.write_text("".join(json.dumps({"prompt": ("word " * 400) if i == 5 else f"p{i}"}) + "\n" for i in range(30)))
     val.write_text("".join(json.dumps({"prompt": f"v{i}"}) + "\n" for i in range(2)))
     args = tiny_args(tiny_dir, tmp_path / "run", 1) + [
-        "task.name=custom", f"task.dataset={data}", f"task.val_dataset={val}", "task.reward_fn=mpi_rewards:nan_for_some",
-        "task.long_prompts=truncate", "search.sigma0=0.5"]
+        "task.name=custom", f"task.dataset={data}", f"task.val_dataset={val}",
+        "task.reward_fn=mpi_rewards:nan_for_some", "task.long_prompts=truncate", "search.sigma0=0.5"]
     res = mpirun(2, args)
     assert res.returncode == 0, res.stderr[-2000:]
     warned = [line for line in res.stderr.splitlines() if "WARNING" in line or "long_prompts" in line]
@@ -118,7 +118,7 @@ def test_metrics_log_after_kills_at_random_points_equals_an_uninterrupted_run(ti
     assert mpirun(2, tiny_args(tiny_dir, ref, n)).returncode == 0
     out = tmp_path / "killed"
     args = tiny_args(tiny_dir, out, n)
-    for attempt in range(2):
+    for _ in range(2):  # two kills, then a resume to the end
         proc = start(args)
         wait_for_generation(out, rng.randint(1, n - 1), proc)
         time.sleep(rng.uniform(0, 0.6))  # into validation, the next generation, the checkpoint or the log

@@ -5,11 +5,11 @@ import types
 
 import pytest
 import torch
+from tiny import make_tokenizer
 
 from essa_mpi.config import TaskConfig
 from essa_mpi.tasks import build_task, score_rows
 from essa_mpi.tasks.reward_model import RewardModelScorer
-from tiny import make_tokenizer
 
 
 def tiny_rm_config(tok):

@@ -4,7 +4,7 @@ import sys
 import torch
 from tiny import make_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "experiments"))
 from scale_sweep import set_scale  # noqa: E402
 
 

@@ -4,7 +4,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "experiments"))
 from selection_noise import average_ranks, selection_stats, spearman, table  # noqa: E402
 
 
@@ -34,4 +34,5 @@ def test_table_row_reads_the_stored_rewards(tmp_path):
                                                  "start_val_reward": 0.45, "candidates_above_start": 1,
                                                  "by_batch": by_batch}))
     row = table(["r"], str(tmp_path)).splitlines()[-1]
-    assert row == "| search.sigma0=2 | 0.300 / 0.400 / 0.500 (start 0.450) | 1 of 3 | 2 of 4 | +1.00 | +0.50, +1.00 / +2.00 |"
+    assert row == ("| search.sigma0=2 | 0.300 / 0.400 / 0.500 (start 0.450) | 1 of 3 | 2 of 4 | +1.00 "
+                   "| +0.50, +1.00 / +2.00 |")

@@ -11,9 +11,9 @@ import time
 
 import numpy as np
 import pytest
+from test_cli_mpi import ENV, history, mpirun, tiny_args
 
 from essa_mpi import checkpoint
-from test_cli_mpi import ENV, history, mpirun, tiny_args
 
 pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
                                 reason="sbatch not found: no SLURM here (run tools/slurm_local.sh up as root)")

@@ -11,7 +11,8 @@ from essa_mpi.tasks.math import math_reward
 
 @pytest.mark.parametrize("response, gold", [
     (r"so \boxed{0.5}", r"\frac12"), (r"\boxed{\frac{1}{2}}", "0.5"), (r"\boxed{1/2}", r"\frac{1}{2}"),
-    ("The answer is 1/2", "0.5"), (r"\boxed{\dfrac{1}{2}}", "1/2"), (r"\boxed{\frac{\sqrt3}{2}}", r"\frac{\sqrt{3}}{2}"),
+    ("The answer is 1/2", "0.5"), (r"\boxed{\dfrac{1}{2}}", "1/2"),
+    (r"\boxed{\frac{\sqrt3}{2}}", r"\frac{\sqrt{3}}{2}"),
     (r"\boxed{(1, 2)}", "(1,2)"), (r"\boxed{72}", "72.0"), (r"$x = \boxed{-3}$", "-3"),
 ])
 def test_equivalent_answers_are_equal(response, gold):

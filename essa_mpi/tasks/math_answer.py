@@ -15,14 +15,13 @@ What is mathematics (fractions, roots, intervals, sets) is left to math-verify.
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 _REMOVE = ("\\!", "\\$", "\\left", "\\right", "^{\\circ}", "^\\circ", "\\%", "%", "\\,", "\\;", "\\:")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _TEXT = re.compile(r"\\(?:text|textbf|mbox|mathrm)\{([^{}]*)\}")
 
 
-def last_boxed_answer(text: str) -> Optional[str]:
+def last_boxed_answer(text: str) -> str | None:
     """Content of the last ``\\boxed{...}``, ``\\fbox{...}`` or ``\\boxed x`` (Hendrycks'
     ``last_boxed_only_string`` + ``remove_boxed``); None when there is none.
 
@@ -72,7 +71,7 @@ def normalize(answer: str) -> str:
     return s.strip(" .")
 
 
-def final_answer(text: str) -> Optional[str]:
+def final_answer(text: str) -> str | None:
     """The normalised last boxed answer of a solution or response, or None when it boxes nothing.
 
     >>> final_answer(r"Cost: $\\boxed{\\$1,\\!657}$."), final_answer("just 7") is None

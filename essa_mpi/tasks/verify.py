@@ -15,7 +15,7 @@ import multiprocessing
 import re
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from essa_mpi.tasks.math_answer import final_answer, normalize
 

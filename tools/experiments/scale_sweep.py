@@ -1,6 +1,6 @@
 """Validation accuracy of an adapter with its whole LoRA update scaled by c, split by problem kind.
 
-    python tools/scale_sweep.py --adapter runs/sft/arithmetic-67f2ebc372f1 --scales 0,0.2,0.4,0.6,1 \\
+    python tools/experiments/scale_sweep.py --adapter runs/sft/arithmetic-67f2ebc372f1 --scales 0,0.2,0.4,0.6,1 \\
         --name scale_sweep_strong_sft
 
 Multiplies every LoRA layer's scale (alpha / r) by c, so c = 0 is the base model and c = 1 the adapter as
@@ -20,7 +20,7 @@ import os
 import re
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/<group>/ -> the repository
 
 
 def set_scale(model, c: float, modules: str = "") -> None:

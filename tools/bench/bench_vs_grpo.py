@@ -1,16 +1,16 @@
 """ESSA against GRPO and SVD-GRPO: the embedded model, arithmetic, one SFT start, one training-time budget.
 
-    python tools/bench_vs_grpo.py                                  # 20 min per run: about 2.5 h on 2 cores
-    python tools/bench_vs_grpo.py --budget-s 480 --name bench_vs_grpo_quick --runs runs/vs_grpo_quick  # a look
-    python tools/bench_vs_grpo.py --replot                         # JSON and PNG from the run directories
-    python tools/bench_vs_grpo.py --variant b96 'task.batch_size=96'  # one more ESSA setting beside the main one
+    python tools/bench/bench_vs_grpo.py                                  # 20 min per run: about 2.5 h on 2 cores
+    python tools/bench/bench_vs_grpo.py --budget-s 480 --name bench_vs_grpo_quick --runs runs/vs_grpo_quick  # a look
+    python tools/bench/bench_vs_grpo.py --replot                         # JSON and PNG from the run directories
+    python tools/bench/bench_vs_grpo.py --variant b96 'task.batch_size=96'  # one more ESSA setting beside the main one
 
 1. The SFT adapter every method starts from: ``python -m essa_mpi sft`` with task.sft_size (1,500 by default,
    the strong start at which ESSA stalled before).
 2. ESSA: ``mpiexec -n 2 python -m essa_mpi`` from that adapter, 1 thread per rank; stopped with SIGTERM (a
    clean stop that keeps the checkpoint) once its training clock passes the budget. Each ``--variant`` is one
    more ESSA run; the targets use the best ESSA run against the best gradient run (GRPO or SVD-GRPO).
-3. GRPO (TRL, PEFT LoRA) and SVD-GRPO: ``tools/grpo_baseline.py``, 2 threads, one run per learning rate.
+3. GRPO (TRL, PEFT LoRA) and SVD-GRPO: ``tools/bench/grpo_baseline.py``, 2 threads, one run per learning rate.
 Every method is validated by essa_mpi's evaluator on the same 200 held-out problems (greedy, same tokens,
 same grader); the training clock excludes validation for all of them (wall_s minus the val_s logged so far).
 Output: tools/results/bench_vs_grpo.json (curves, best accuracy, time to reach the other side's best) and
@@ -29,7 +29,7 @@ import time
 
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/<group>/ -> the repository
 RESULTS = os.path.join(ROOT, "tools", "results")
 
 
@@ -85,12 +85,13 @@ def essa(args, sft_dir: str, out: str, overrides: list) -> None:
 
 
 def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
-    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "grpo_baseline.py"), "--method", method,
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench", "grpo_baseline.py"), "--method", method,
                     "--adapter", sft_dir, "--lr", str(lr), "--budget-s", str(args.budget_s), "--threads", "2",
                     "--prompts", str(args.prompts), "--group", str(args.group), "--val-every-s",
                     str(args.val_every_s), "--out", out, f"task.sft_size={args.sft_size}"], cwd=ROOT, check=True,
                    timeout=wall_limit(args.budget_s),
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
+                   env={**os.environ,
+                        "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
 
 
 def start_adapter(run_dir: str) -> dict | None:

@@ -1,13 +1,13 @@
 """Why ESSA does not improve a strong SFT start: one short ESSA run per candidate cause, same start and seeds.
 
-    python tools/ablate_strong_start.py                        # every row, 300 s of training each (~7 min a row)
-    python tools/ablate_strong_start.py --rows singular_s0.2 uniform_s0.1 --budget-s 300
-    python tools/ablate_strong_start.py --replot               # table, JSON and PNG from the run directories
+    python tools/experiments/ablate_strong_start.py            # every row, 300 s of training each (~7 min a row)
+    python tools/experiments/ablate_strong_start.py --rows singular_s0.2 uniform_s0.1 --budget-s 300
+    python tools/experiments/ablate_strong_start.py --replot   # table, JSON and PNG from the run directories
 
 Every row starts from the same 1,500-problem SFT adapter (``python -m essa_mpi sft task.sft_size=1500``),
 runs ``mpiexec -n 2`` with 1 thread per rank and search.seed=0 (so the same mini-batches in the same order),
 validates the search mean on the same 200 problems every 3 generations, and is stopped by SIGTERM once its
-training clock (validation excluded) passes the budget (tools/bench_vs_grpo.py's ``essa``). A row differs from
+training clock (validation excluded) passes the budget (tools/bench/bench_vs_grpo.py's ``essa``). A row differs from
 the paper's setting (uniform sigma0=0.5, the project default before this ablation) only by its overrides.
 Output: tools/results/<name>.json, .md (the table) and .png (``python -m essa_mpi plot`` of every row).
 """
@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 from bench_vs_grpo import RESULTS, ROOT, curve, essa, sft_adapter  # noqa: E402
 
 # name -> (what it tests, overrides on top of the paper setting)

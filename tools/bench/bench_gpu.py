@@ -1,7 +1,7 @@
 """Population-batched generation speed on a randomly initialised model of a real architecture, per precision.
 
-    python tools/bench_gpu.py                                  # Qwen2.5-7B shape on cuda: bf16, int8, int4, gptq
-    python tools/bench_gpu.py --arch tiny --device cpu --precisions bf16,gptq --new-tokens 4   # smoke test
+    python tools/bench/bench_gpu.py                                  # Qwen2.5-7B shape on cuda: bf16, int8, int4, gptq
+    python tools/bench/bench_gpu.py --arch tiny --device cpu --precisions bf16,gptq --new-tokens 4   # smoke test
 
 Speed does not depend on weight values, so the weights are random (nothing is downloaded): the model is built
 from its config, saved once as safetensors (plus a GPTQ checkpoint with random 4-bit codes), and each
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/
 ARCHS = {  # Qwen2 configs as published with the models (config.json)
     "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
@@ -118,8 +118,7 @@ def measure(path: str, precision: str, device: str, args: argparse.Namespace) ->
     if device == "cuda":
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()
     print(json.dumps(result), flush=True)
-    del model, adapter
-    return result
+    return result  # model and adapter go with this frame (timed() is local too)
 
 
 def _load(path: str, precision: str, device: str):

@@ -1,9 +1,9 @@
 """GRPO baselines against ESSA on the same model, SFT adapter, data, reward and validation (paper Figs. 3-5, 8).
 
     python -m essa_mpi sft --config jobs/smollm2_arithmetic.yaml task.sft_size=1500   # the shared SFT start
-    python tools/grpo_baseline.py --config jobs/smollm2_arithmetic.yaml task.sft_size=1500 \\
+    python tools/bench/grpo_baseline.py --config jobs/smollm2_arithmetic.yaml task.sft_size=1500 \\
         --method grpo --lr 1e-4 --budget-s 1200 --out runs/grpo_lr1e-4
-    python tools/grpo_baseline.py ... --method svd-grpo --lr 1e-2 --out runs/svd_grpo
+    python tools/bench/grpo_baseline.py ... --method svd-grpo --lr 1e-2 --out runs/svd_grpo
 
 --method grpo: TRL's GRPOTrainer (no vLLM) on a PEFT LoRA loaded, trainable, from the SFT adapter ESSA
 starts from (same rank, alpha, target modules). --method svd-grpo (paper Fig. 8): the SFT adapter
@@ -107,8 +107,9 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "reward" in logs:
-                self.log({"generation": state.global_step, "reward_mean": logs["reward"], "reward_std": logs.get("reward_std", 0.0),
-                          "loss": logs.get("loss"),  # groups whose 8 rewards are equal have no advantage to learn from
+                self.log({"generation": state.global_step, "reward_mean": logs["reward"],
+                          "reward_std": logs.get("reward_std", 0.0), "loss": logs.get("loss"),
+                          # groups whose 8 rewards are equal have no advantage to learn from
                           "frac_reward_zero_std": logs.get("frac_reward_zero_std")})
 
         def on_step_end(self, args, state, control, model=None, **kw):

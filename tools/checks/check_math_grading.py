@@ -1,7 +1,7 @@
 """Second opinion on the math grader: essa_mpi's ``math_reward`` against the MATH reference ``is_equiv``.
 
-    python tools/check_math_grading.py                        # grade, write tools/results/math_grading.json
-    python tools/check_math_grading.py --responses-limit 100  # fewer model responses to generate
+    python tools/checks/check_math_grading.py                        # grade, write tools/results/math_grading.json
+    python tools/checks/check_math_grading.py --responses-limit 100  # fewer model responses to generate
 
 Three sets, each graded by both graders (ours: normalise + math-verify, ``essa_mpi.tasks.verify``; the
 reference: Hendrycks et al.'s ``is_equiv`` on the last boxed answer, from lm-evaluation-harness's
@@ -23,7 +23,7 @@ import time
 from essa_mpi.tasks.math import gold, math_reward
 from essa_mpi.tasks.math_answer import last_boxed_answer
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/
 
 
 def reference_correct(response: str, answer: str) -> bool:

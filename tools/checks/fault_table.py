@@ -1,10 +1,10 @@
 """The bad-input corpus and the fault tests, timed: tools/results/faults.json and faults.md.
 
-    python tools/fault_table.py                 # ~5 min on 2 cores; runs tests/test_faults.py under pytest
+    python tools/checks/fault_table.py    # ~8 min on 2 cores; runs tests/test_faults.py and test_reliability.py
 
-Each row comes from the test that asserts it (tests/test_faults.py records exit code, seconds from the
-launch or the fault to the last rank's exit, the error line and what was kept), so the table and the
-tests cannot drift apart.
+Each row comes from the test that asserts it (tests/test_faults.py and tests/test_reliability.py record exit
+code, seconds from the launch or the fault to the last rank's exit, the error line, what was kept and whether
+stderr held a traceback), so the table and the tests cannot drift apart.
 """
 
 from __future__ import annotations
@@ -16,13 +16,16 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/<group>/ -> the repository
 
 
 def markdown(rows: list) -> str:
     corpus = [r for r in rows if r["kind"] == "corpus"]
     faults = [r for r in rows if r["kind"] == "fault"]
-    out = [f"## Bad-input corpus ({len(corpus)} cases, `mpiexec -n 2`, tiny model)", "",
+    tracebacks = [r["name"] for r in rows if r.get("traceback")]
+    out = [f"Cases whose stderr held a Python traceback (without --debug): {len(tracebacks)}"
+           f"{' (' + ', '.join(tracebacks) + ')' if tracebacks else ''}.", "",
+           f"## Bad-input corpus ({len(corpus)} cases, `mpiexec -n 2`, tiny model)", "",
            "| case | exit | seconds | message |", "|---|---|---|---|"]
     out += [f"| {r['name']} | {r['exit']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')} |" for r in corpus]
     out += ["", f"## Faults ({len(faults)})", "", "| fault | exit | seconds to exit | message | kept |",
@@ -38,7 +41,8 @@ def main() -> int:
     args = ap.parse_args()
     table = tempfile.mktemp(suffix=".jsonl")
     env = {**os.environ, "ESSA_FAULT_TABLE": table}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", os.path.join(ROOT, "tests", "test_faults.py")],
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", *(os.path.join(ROOT, "tests", f"test_{name}.py")
+                                                                  for name in ("faults", "reliability"))],
                          env=env, cwd=ROOT)
     with open(table) as fh:
         rows = [json.loads(line) for line in fh]

@@ -1,8 +1,9 @@
 """How well one generation's mini-batch picks the candidates that are better on validation.
 
-    python tools/selection_noise.py adapter.path=runs/sft/arithmetic-fee7ac7b774f search.step_scale=singular \\
+    python tools/experiments/selection_noise.py adapter.path=runs/sft/arithmetic-fee7ac7b774f \\
+        search.step_scale=singular \\
         --name selection_noise_worked_singular
-    python tools/selection_noise.py --table selection_noise_worked_singular selection_noise_worked_uniform
+    python tools/experiments/selection_noise.py --table selection_noise_worked_singular selection_noise_worked_uniform
 
 Draws generation 0's population exactly as a run does (same config, seeds and search), scores every
 candidate on the validation rows and on a pool of training prompts, then draws --draws random mini-batches
@@ -31,7 +32,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/<group>/ -> the repository
 
 
 def average_ranks(a: np.ndarray) -> np.ndarray:
@@ -78,7 +79,8 @@ def selection_stats(pool: np.ndarray, val: np.ndarray, batch: int, draws: int, m
 def table(names: list, results: str = os.path.join(ROOT, "tools", "results")) -> str:
     """Markdown: one row per results file (the step-size trade-off: larger steps, more separable, worse)."""
     lines = ["| overrides | candidates' val (min / mean / max) | above start | prompts that separate (of pool) "
-             "| pool vs val Spearman | Spearman, gain / oracle gain at 48 prompts (points) |", "|---|---|---|---|---|---|"]
+             "| pool vs val Spearman | Spearman, gain / oracle gain at 48 prompts (points) |",
+             "|---|---|---|---|---|---|"]
     for name in names:
         with open(os.path.join(results, f"{name}.json")) as fh:
             d = json.load(fh)
@@ -88,7 +90,8 @@ def table(names: list, results: str = os.path.join(ROOT, "tools", "results")) ->
         shown = " ".join(o for o in d["overrides"] if not o.startswith("adapter.path")) or "(defaults)"
         lines.append(f"| {shown} "
                      f"| {val.min():.3f} / {val.mean():.3f} / {val.max():.3f} (start {d['start_val_reward']:.3f}) "
-                     f"| {d['candidates_above_start']} of {len(val)} | {int((pool.std(axis=0) > 0).sum())} of {d['pool']} "
+                     f"| {d['candidates_above_start']} of {len(val)} "
+                     f"| {int((pool.std(axis=0) > 0).sum())} of {d['pool']} "
                      f"| {spearman(pool.mean(axis=1), val):+.2f} | {b['spearman']:+.2f}, "
                      f"{100 * b['selection_gain']:+.2f} / {100 * b['oracle_gain']:+.2f} |")
     return "\n".join(lines)

@@ -1,8 +1,8 @@
 """Scaling benchmarks: ESSA's per-generation exchange against gradient all-reduces, and ESSA end to end.
 
-    python tools/bench_scaling.py            # all parts -> tools/results/bench_scaling.json and bench_scaling.png
-    python tools/bench_scaling.py --quick    # the same shape in under 5 minutes (fewer sizes, generations, rows)
-    python tools/bench_scaling.py --launcher "srun --mpi=pmi2" --worlds 2,8,32,128   # inside a SLURM allocation
+    python tools/bench/bench_scaling.py            # all parts -> tools/results/bench_scaling.json and bench_scaling.png
+    python tools/bench/bench_scaling.py --quick    # the same shape in under 5 minutes (fewer sizes, generations, rows)
+    python tools/bench/bench_scaling.py --launcher "srun --mpi=pmi2" --worlds 2,8,32,128   # inside a SLURM allocation
 
 a. Exchange cost under real ``mpiexec`` for worlds of 2..64 processes (oversubscribed here, no model): ESSA's
    exchange (``Comm.exchange``: one Allgatherv of 8-byte records at lambda = world, plus each rank's 16-byte
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/
 ROOT = os.path.dirname(HERE)
 QWEN7B = dict(hidden=3584, layers=28, heads=28, kv_heads=4, head_dim=128, params=7.62e9)  # Qwen2.5-7B config.json
 
@@ -79,9 +79,8 @@ def exchange_worker(args: argparse.Namespace) -> None:
         send = np.ones(max(1, size // 2), np.float16)  # bf16-sized elements; float16 has the same bytes
         recv = np.empty_like(send)
         reps = max(2, min(args.reps, int(2e8 // max(size * w, 1))))
-        t = timed(lambda: comm.world.Allreduce(send, recv, op=MPI.SUM), reps)
+        t = timed(lambda send=send, recv=recv: comm.world.Allreduce(send, recv, op=MPI.SUM), reps)
         out["allreduce"].append({"bytes": send.nbytes, "seconds": t, "reps": reps})
-        del send, recv
     if comm.rank == 0:
         with open(args.out, "w") as fh:
             json.dump(out, fh)

@@ -1,14 +1,14 @@
 """Precision benchmark (paper Table 2 shape): one short ESSA run per base-weight precision, side by side.
 
-    python tools/bench_precision.py                       # embedded model, arithmetic, CPU, one shared fp32 SFT start
-    python tools/bench_precision.py --sft each            # each precision trains its own SFT start on its own base
-    python tools/bench_precision.py --ranks 1 --generations 4 --model /path/to/model --device cuda
+    python tools/bench/bench_precision.py              # embedded model, arithmetic, CPU, one shared fp32 SFT start
+    python tools/bench/bench_precision.py --sft each   # each precision trains its own SFT start on its own base
+    python tools/bench/bench_precision.py --ranks 1 --generations 4 --model /path/to/model --device cuda
 
 For each precision (fp32, bf16, int8, int4, gptq) it runs ``mpiexec -n RANKS python -m essa_mpi`` with the
 same seeds and settings from an SFT warm start (cached by config), and reads back from the run's metrics:
 model weight bytes (all, and the decoder layers that get quantized) and peak resident memory of rank 0,
 validation accuracy of the base model (--sft each), of the SFT start (generation 0) and after the run, and
-seconds per generation. gptq first makes a GPTQ checkpoint with tools/quantize_gptq.py (cached). Writes
+seconds per generation. gptq first makes a GPTQ checkpoint with python -m essa_mpi quantize (cached). Writes
 tools/results/bench_precision.json (or bench_precision_own_sft.json) and prints a markdown table.
 """
 
@@ -24,7 +24,7 @@ import time
 
 from essa_mpi.config import PRECISIONS
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 MPIEXEC = MPIEXEC if os.path.isfile(MPIEXEC) else shutil.which("mpiexec")
 
@@ -44,10 +44,10 @@ def sft_adapter(model: str, precision: str, common: list) -> str:
 
 
 def gptq_checkpoint(args: argparse.Namespace) -> str:
-    """tools/quantize_gptq.py of --model with default calibration, made once under --work."""
+    """python -m essa_mpi quantize of --model with default calibration, made once under --work."""
     out = os.path.join(args.work, "gptq_model")
     if not os.path.isfile(os.path.join(out, "config.json")):
-        subprocess.run([sys.executable, os.path.join(HERE, "quantize_gptq.py"), "--model", args.model, "--out", out],
+        subprocess.run([sys.executable, "-m", "essa_mpi", "quantize", "--model", args.model, "--out", out],
                        check=True)
     return out
 
@@ -86,8 +86,9 @@ def table(results: dict) -> str:
         ratio, layers = (f"{r[key] / bf16[key]:.2f}" if bf16.get(key) else "-" for key in ("weights_bytes",
                                                                                        "layer_bytes"))
         base = f"{r['val_base']:.3f}" if "val_base" in r else "-"
-        lines.append(f"| {p} | {r['weights_bytes'] / 2**20:.1f} | {ratio} | {layers} | {r['peak_rss_bytes'] / 2**20:.0f} "
-                     f"| {base} | {r['val_sft']:.3f} | {r['val_after']:.3f} | {r['seconds_per_generation']} |")
+        lines.append(f"| {p} | {r['weights_bytes'] / 2**20:.1f} | {ratio} | {layers} "
+                     f"| {r['peak_rss_bytes'] / 2**20:.0f} | {base} | {r['val_sft']:.3f} | {r['val_after']:.3f} "
+                     f"| {r['seconds_per_generation']} |")
     return "\n".join(lines)
 
 
@@ -108,7 +109,8 @@ def main() -> None:
     ap.add_argument("--out", help="default: tools/results/bench_precision[_own_sft].json")
     ap.add_argument("--merge", action="store_true", help="update the given precisions in an existing --out file")
     args = ap.parse_args()
-    args.out = args.out or os.path.join(HERE, "results", f"bench_precision{'_own_sft' if args.sft == 'each' else ''}.json")
+    stem = "bench_precision_own_sft" if args.sft == "each" else "bench_precision"
+    args.out = args.out or os.path.join(HERE, "results", f"{stem}.json")
 
     common = [f"model.device={args.device}", f"task.val_size={args.val_size}", f"task.val_every={args.generations}",
               f"run.generations={args.generations}", "run.progress=false",

@@ -1,8 +1,8 @@
 """How far the CMA-ES mean has wandered from the start, replayed from a run's checkpoint history.
 
-    python tools/mean_walk.py runs/vs_grpo_eq/essa runs/vs_grpo_eq/essa_singular
+    python tools/experiments/mean_walk.py runs/vs_grpo_eq/essa runs/vs_grpo_eq/essa_singular
 
-When a generation's mini-batch ranks its candidates at chance (tools/selection_noise.py), each mean update
+When a generation's mini-batch ranks its candidates at chance (tools/experiments/selection_noise.py), each mean update
 (Alg. 1, line 14) is a step in a random direction, and the steps add up like a random walk; CSA adapts sigma
 far too slowly in ~1,000 dimensions to stop it (c_sigma ≈ (mu_eff + 2) / (n + mu_eff + 5) ≈ 0.007). This
 replays the (seed, reward) history with essa_mpi's own SeededCMA and prints, per generation, the distance of
@@ -25,7 +25,7 @@ import sys
 import numpy as np
 import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/<group>/ -> the repository
 
 
 def walk(run_dir: str) -> dict:

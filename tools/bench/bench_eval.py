@@ -1,7 +1,7 @@
 """Throughput of population-batched evaluation (one rank's share of a generation).
 
-    python tools/bench_eval.py                       # embedded SmolLM2-135M, writes tools/results/bench_eval.json
-    python tools/bench_eval.py --candidates 8 --prompts 16 --new-tokens 24 12 --repeats 3
+    python tools/bench/bench_eval.py                       # embedded SmolLM2-135M, writes tools/results/bench_eval.json
+    python tools/bench/bench_eval.py --candidates 8 --prompts 16 --new-tokens 24 12 --repeats 3
 
 Three ways to produce the same rows and the same number of new tokens (min_new_tokens = max_new_tokens,
 greedy), each timed end to end (tokenised prompts → token ids):
@@ -28,6 +28,7 @@ from essa_mpi.population import PopulationEvaluator
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 from essa_mpi.tasks import build_task
 
+RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")  # tools/results
 
 def timed(fn) -> float:
     t = time.perf_counter()
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, nargs="+", default=[24, 12])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_eval.json"))
+    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_eval.json"))
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)

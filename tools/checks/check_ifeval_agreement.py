@@ -1,10 +1,10 @@
 """IFEval scoring agreement: essa_mpi's ifeval reward path against lm-eval's reference ``process_results``.
 
     # 1. real responses of the embedded model (greedy) to the first N IFEval prompts
-    python tools/check_ifeval_agreement.py generate --data ../shared/data/ifeval/input_data.jsonl -n 120 \\
+    python tools/checks/check_ifeval_agreement.py generate --data ../shared/data/ifeval/input_data.jsonl -n 120 \\
         --out tools/results/ifeval_responses.jsonl
     # 2. score them both ways and compare every instruction decision
-    python tools/check_ifeval_agreement.py compare --data ../shared/data/ifeval/input_data.jsonl \\
+    python tools/checks/check_ifeval_agreement.py compare --data ../shared/data/ifeval/input_data.jsonl \\
         --responses tools/results/ifeval_responses.jsonl --reference-nltk-data /path/to/nltk_data \\
         --out tools/results/ifeval_agreement.json
 
