@@ -49,6 +49,17 @@ def leftover_ranks(marker: str) -> list:
     return [p for p in out if int(p) != os.getpid()]
 
 
+def ranks_gone(marker: str, within_s: float = 5.0) -> bool:
+    """No process of the run (its command line mentions marker) is left within_s seconds after mpiexec returned
+    (a rank that MPI_Abort killed can take a moment to disappear)."""
+    deadline = time.time() + within_s
+    while leftover_ranks(marker):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def run_case(args: list, files: dict, timeout: int = 120) -> tuple:
     env = {**ENV, "PYTHONPATH": f"{HERE}:{files['root']}"}
     t = time.time()

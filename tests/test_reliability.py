@@ -10,7 +10,7 @@ import time
 
 import pytest
 from test_cli_mpi import history, metrics, mpirun, tiny_args
-from test_faults import error_line, leftover_ranks, record, start, wait_for_generation
+from test_faults import error_line, ranks_gone, record, start, wait_for_generation
 
 from essa_mpi import checkpoint
 
@@ -32,7 +32,7 @@ def test_reward_that_exits_or_returns_no_numbers_fails_in_one_line(tiny_dir, tmp
     assert res.returncode == 1, res.stderr[-2000:]
     assert f"reward function {fn} {says}" in error_line(res.stderr), res.stderr[-2000:]
     assert "Traceback" not in res.stderr and "did not arrive" not in res.stderr, res.stderr[-2000:]
-    assert seconds < 60 and not leftover_ranks(str(out))
+    assert seconds < 60 and ranks_gone(str(out))
 
 
 def test_debug_keeps_the_traceback(tiny_dir, tmp_path):

@@ -71,11 +71,13 @@ def reward_for(task):
     return task_reward
 
 
-def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float):
+def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float, max_steps: int = 0,
+                  val_every_steps: int = 0):
     from transformers import TrainerCallback
 
     class ValidationClock(TrainerCallback):
-        """Validates every val_every_s training seconds and stops at budget_s; the clock pauses meanwhile."""
+        """Validates every val_every_s training seconds (or every val_every_steps steps) and stops at budget_s (or
+        after max_steps); the clock pauses meanwhile."""
 
         def __init__(self) -> None:
             self.t0, self.paused, self.next_val = time.time(), 0.0, 0.0
@@ -109,12 +111,15 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
             if logs and "reward" in logs:
                 self.log({"generation": state.global_step, "reward_mean": logs["reward"],
                           "reward_std": logs.get("reward_std", 0.0), "loss": logs.get("loss"),
+                          "completion_length": logs.get("completions/mean_length"),
                           # groups whose 8 rewards are equal have no advantage to learn from
                           "frac_reward_zero_std": logs.get("frac_reward_zero_std")})
 
         def on_step_end(self, args, state, control, model=None, **kw):
-            done = self.train_s() >= budget_s
-            if done or self.train_s() >= self.next_val:
+            step = state.global_step
+            done = self.train_s() >= budget_s or (max_steps and step >= max_steps)
+            due = step % val_every_steps == 0 if val_every_steps else self.train_s() >= self.next_val
+            if done or due:
                 self.validate(model, state.global_step)
             control.should_training_stop = done
 
@@ -132,6 +137,9 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--budget-s", type=float, default=1200.0, help="training seconds (validation excluded)")
     ap.add_argument("--val-every-s", type=float, default=120.0)
+    ap.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: budget only)")
+    ap.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps instead of every "
+                    "--val-every-s seconds (equal-step comparisons)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -177,7 +185,8 @@ def main(argv: list | None = None) -> int:
         seed=cfg.search.seed, remove_unused_columns=False, disable_tqdm=True)
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_for(task)], args=grpo, train_dataset=data,
                           processing_class=tok,
-                          callbacks=[make_callback(evaluator, task, args.out, args.budget_s, args.val_every_s)])
+                          callbacks=[make_callback(evaluator, task, args.out, args.budget_s, args.val_every_s,
+                                                     args.max_steps, args.val_every_steps)])
     with open(os.path.join(args.out, "config.json"), "w") as fh:
         json.dump({**vars(args), "sft_adapter": sft_dir, "trainable_parameters":
                    sum(p.numel() for p in model.parameters() if p.requires_grad)}, fh, indent=1)
