@@ -31,7 +31,6 @@ from essa_mpi.comm import Comm, Refused, default_threads, first_error
 from essa_mpi.config import RunConfig, apply_overrides, config_from_dict, help_text, load_config, repeated_keys
 from essa_mpi.launch import check_world
 from essa_mpi.preflight import check
-from essa_mpi.tasks import val_shortfall
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
@@ -230,7 +229,7 @@ def main(argv: list | None = None) -> int:
         if comm.rank == 0:
             print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
         return 1 if exc.unexpected else 2
-    for line in (note, val_shortfall(task, cfg.task), *(task.notes if task else [])):
+    for line in (note, *(task.notes if task else [])):
         if line and comm.rank == 0:
             print(line, file=sys.stderr, flush=True)
     try:

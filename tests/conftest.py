@@ -1,4 +1,6 @@
+import contextlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -8,6 +10,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import save_tiny  # noqa: E402
+
+
+@contextlib.contextmanager
+def tmpfs(path, options: str):
+    """A tmpfs mounted at path (created) with mount options such as "size=24k" or "ro": a full disk or a
+    read-only filesystem for a test. Needs root, as in CI; skipped elsewhere."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)])
 
 
 @pytest.fixture(scope="session")

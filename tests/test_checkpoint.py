@@ -109,14 +109,10 @@ def test_damaged_checkpoint_without_previous_is_one_clear_error(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 64 KiB tmpfs (needs root, as in CI); skipped elsewhere."""
-    import subprocess
+    from conftest import tmpfs
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mnt
-    subprocess.run(["umount", str(mnt)])
+    with tmpfs(tmp_path / "disk", "size=64k") as mnt:
+        yield mnt
 
 
 def test_disk_full_keeps_previous_and_leaves_no_temp_file(tiny_disk):

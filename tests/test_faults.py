@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 from bad_inputs import CASES, make_files
+from conftest import tmpfs
 from test_cli_mpi import ENV, HERE, history, launch, metrics, mpirun, tiny_args
 
 from essa_mpi import checkpoint
@@ -336,11 +337,7 @@ def test_resume_after_a_flat_last_generation_with_full_covariance(tiny_dir, tmp_
 
 
 def test_disk_full_is_one_clear_line(tiny_dir, tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
+    with tmpfs(tmp_path / "disk", "size=24k") as disk:
         t = time.time()
         res = mpirun(2, tiny_args(tiny_dir, disk / "run", 50) + ["search.covariance=full"])
         record("fault", "disk full (24 KiB tmpfs)", res.returncode, time.time() - t, error_line(res.stderr),
@@ -349,8 +346,6 @@ def test_disk_full_is_one_clear_line(tiny_dir, tmp_path):
         assert "No space left on device; the previous checkpoint (if any) is kept" in res.stderr
         assert "Traceback" not in res.stderr and "Segmentation" not in res.stderr, res.stderr[-3000:]
         assert not [n for n in os.listdir(disk / "run") if n.endswith((".tmp", ".new"))]
-    finally:
-        subprocess.run(["umount", str(disk)])
 
 
 def test_reward_that_exits_the_process_ends_every_rank(tiny_dir, tmp_path):

@@ -5,10 +5,10 @@ import json
 import os
 import random
 import signal
-import subprocess
 import time
 
 import pytest
+from conftest import tmpfs
 from test_cli_mpi import history, metrics, mpirun, tiny_args
 from test_faults import error_line, ranks_gone, record, start, wait_for_generation
 
@@ -41,11 +41,7 @@ def test_debug_keeps_the_traceback(tiny_dir, tmp_path):
 
 
 def test_read_only_output_dir_is_one_line_on_every_rank(tiny_dir, tmp_path):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(ro)], capture_output=True).returncode:
-        pytest.skip("mounting a read-only tmpfs needs root")
-    try:
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as ro:
         t = time.time()
         res = mpirun(2, tiny_args(tiny_dir, ro / "run") + ["run.stall_timeout_s=10"], timeout=60)
         record("corpus", "output_dir on a read-only filesystem", res.returncode, time.time() - t,
@@ -53,8 +49,6 @@ def test_read_only_output_dir_is_one_line_on_every_rank(tiny_dir, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
         assert f"run.output_dir='{ro}/run' cannot be created in '{ro}' (read-only)" in lines[0]
-    finally:
-        subprocess.run(["umount", str(ro)])
 
 
 def test_resume_from_the_previous_checkpoint_when_the_latest_is_gone(tiny_dir, tmp_path):

@@ -146,14 +146,6 @@ def load_callable(path: str) -> Callable:
     return fn
 
 
-def val_shortfall(task: Task, cfg: TaskConfig) -> str | None:
-    """A warning when the validation data holds fewer rows than task.val_size (they are all used)."""
-    if task is None or not cfg.val_size or len(task.val) >= cfg.val_size:
-        return None
-    return (f"WARNING: task.val_size={cfg.val_size} but the validation data has {len(task.val)} rows; validating "
-            f"on those {len(task.val)} (set task.val_size={len(task.val)} to silence this).")
-
-
 def build_task(cfg: TaskConfig, seed: int) -> Task:
     from essa_mpi.tasks.data import sft_rows
 
@@ -167,6 +159,9 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
         task.sft = sft_rows(cfg.sft_dataset)
     if cfg.system_prompt is not None:
         task.system_prompt = cfg.system_prompt or None
+    if cfg.val_size and len(task.val) < cfg.val_size:  # all are used; say so once
+        task.notes.append(f"WARNING: task.val_size={cfg.val_size} but the validation data has {len(task.val)} rows; "
+                          f"validating on those {len(task.val)} (set task.val_size={len(task.val)} to silence this).")
     if len(task.train) < cfg.batch_size:
         raise ValueError(f"task {cfg.name} has {len(task.train)} training prompts, fewer than task.batch_size="
                          f"{cfg.batch_size}; lower task.batch_size or give a larger dataset.")
