@@ -68,6 +68,17 @@ class MetricsLog:
             plot([os.path.dirname(self.path)], os.path.join(os.path.dirname(self.path), "curves.png"))
 
 
+def reward_stats(rewards: np.ndarray) -> dict:
+    """A generation's population numbers from its [popsize] rewards (after the non-finite repair): the same
+    float64 computation for the live line and for a line reconcile() re-creates from the checkpoint.
+
+    >>> reward_stats(np.array([0.5, 0.25, 0.0], np.float32))
+    {'reward_mean': 0.25, 'reward_std': 0.2041241452319315, 'reward_max': 0.5}
+    """
+    r = rewards.astype(np.float64)  # [popsize]
+    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "reward_max": float(r.max())}
+
+
 def read_rows(path: str) -> tuple:
     """metrics.jsonl → (rows, problems): every line that is a JSON object, and [(line number, what is wrong)]
     for the others (a line cut by a crash mid-append, text that is not JSON, JSON that is not an object)."""
@@ -107,9 +118,8 @@ def reconcile(path: str, generation: int, rewards: np.ndarray, sigmas: list) -> 
         kept.append(m)
     restored = [g for g in range(1, generation + 1) if g not in seen]
     for g in restored:
-        r = rewards[g - 1].astype(np.float64)  # [popsize], as generation_metrics computed it
-        kept.append({"generation": g, "reward_mean": float(r.mean()), "reward_std": float(r.std()),
-                     "reward_max": float(r.max()), "sigma": float(sigmas[g - 1]), "restored_from_checkpoint": True})
+        kept.append({"generation": g, **reward_stats(rewards[g - 1]), "sigma": float(sigmas[g - 1]),
+                     "restored_from_checkpoint": True})
     kept.sort(key=lambda m: (m.get("generation", 0), "reward_mean" not in m))  # stable: a generation's line first
     with writing(path + ".tmp", os.path.dirname(path)) as fh:
         fh.writelines(json.dumps(m) + "\n" for m in kept)

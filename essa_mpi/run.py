@@ -23,7 +23,7 @@ from essa_mpi import checkpoint, watchdog
 from essa_mpi.comm import RECORD, Comm, default_threads, first_error, record_counts
 from essa_mpi.config import Config
 from essa_mpi.export import export_adapter
-from essa_mpi.metrics import MetricsLog
+from essa_mpi.metrics import MetricsLog, reward_stats
 from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.rundir import check_identity, keep_best, past_validation
@@ -136,10 +136,8 @@ def update(p: Parts, gen: dict) -> tuple:
 
 def generation_metrics(p: Parts, cfg: Config, comm: Comm, gen: dict, sent: int) -> dict:
     """One metrics.jsonl line's numbers: population rewards, sigma, bytes and seconds of the exchange."""
-    r = gen["records"]["reward"].astype(np.float64)  # [popsize]
     slowest = float(gen["eval_s"].max())
-    return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "reward_max": float(r.max()),
-            "sigma": p.search.sigma,
+    return {**reward_stats(gen["records"]["reward"]), "sigma": p.search.sigma,
             "allgather_bytes": RECORD.itemsize * sum(record_counts(cfg.search.popsize, cfg.task.batch_size,
                                                                     comm.size)),  # records of all ranks
             "sent_bytes": sent,  # this rank's records and trailer

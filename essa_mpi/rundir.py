@@ -255,9 +255,9 @@ def past_validation(cfg, lead: bool, state, sigmas: list) -> tuple:
 
 def keep_best(adapter, mean, cfg, val: dict, g: int) -> None:
     """Rank 0: when generation g's validation beats every earlier one, export mean (the search mean, [n]) of the
-    SVD-LoRA adapter to best_adapter/ (like
-    TRL's load_best_model_at_end, but kept beside the final adapter/). Ties keep the earlier generation. The
-    directory is swapped in whole, so a kill leaves the previous best or the new one, never half of one."""
+    SVD-LoRA adapter to best_adapter/ (like TRL's load_best_model_at_end, but kept beside the final adapter/).
+    Ties keep the earlier generation. The directory is swapped in whole, so a kill leaves the previous best or
+    the new one, never half of one."""
     if val[g] <= max((v for k, v in val.items() if k < g), default=-np.inf):
         return
     from safetensors import SafetensorError  # a full disk inside save_file is not an OSError
