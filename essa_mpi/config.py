@@ -116,6 +116,9 @@ class TaskConfig:
                                                      "naming the row, or truncate its end (the count is logged).")
 
 
+SFT_CACHE = os.path.join("runs", "sft")  # where derived SFT adapter directories live (sft.sft_dir)
+
+
 @dataclass
 class SFTConfig:
     learning_rate: float = _f(5e-4, "AdamW learning rate (paper, appendix H.2: 5e-4 for PRM800K/IFEval, 1e-4 for "

@@ -15,7 +15,7 @@ import os
 import re
 import struct
 
-from essa_mpi.config import BENCHMARKS, EMBEDDED_MODEL, Config, ModelConfig, split_label, validate
+from essa_mpi.config import BENCHMARKS, EMBEDDED_MODEL, SFT_CACHE, Config, ModelConfig, split_label, validate
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FILE_EXT = (".json", ".jsonl", ".gguf", ".yaml", ".yml", ".txt", ".csv", ".parquet", ".safetensors", ".bin")
@@ -244,7 +244,7 @@ def check_adapter_tensors(path: str, widths: dict, key: str = "adapter.path") ->
 
 def output_dirs(cfg: Config, command: str) -> list:
     """[(config key, directory)] the command writes into (the SFT cache's parent when its name is derived)."""
-    sft = cfg.sft.output_dir or "runs/sft"
+    sft = cfg.sft.output_dir or SFT_CACHE
     return {"run": [("run.output_dir", cfg.run.output_dir)] + ([("sft.output_dir", sft)] if cfg.adapter.path is None
                                                               and cfg.adapter.warm_start == "sft" else []),
             "sft": [("sft.output_dir", sft)], "eval": [("eval.output_dir", cfg.eval.output_dir)]}[command]

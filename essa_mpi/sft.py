@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from essa_mpi.config import Config
+from essa_mpi.config import SFT_CACHE, Config
 from essa_mpi.rundir import digest
 from essa_mpi.tasks import Task
 
@@ -39,7 +39,7 @@ def sft_dir(cfg: Config, rows: list | None = None) -> str:
     for key in ("threads", "device", "gpus_per_rank"):  # where it runs, not what it learns
         shaping["model"].pop(key)
     key = digest(shaping)[:12]
-    return os.path.join("runs", "sft", f"{cfg.task.name}-{key}")
+    return os.path.join(SFT_CACHE, f"{cfg.task.name}-{key}")
 
 
 def is_done(out_dir: str, rows: list | None = None) -> bool:
