@@ -81,7 +81,7 @@ def test_bad_input_corpus(case, files, tiny_dir, tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("essa_mpi: error: ") and fragment in lines[0], res.stderr[-2000:]
     assert "solution_length" not in res.stdout, "a model was loaded"
-    assert not leftover_ranks(str(out)), "a rank outlived mpiexec"
+    assert ranks_gone(str(out)), "a rank outlived mpiexec"
     if case == "output_dir holds files":
         assert open(os.path.join(files["root"], "has_files", "notes.txt")).read() == "my notes\n"
 
@@ -129,7 +129,7 @@ def test_hung_reward_stops_the_job_naming_the_function(tiny_dir, tmp_path):
            error_line(err), f"checkpoint at generation {history(str(out)).generation}; resumed to the end")
     assert proc.returncode == 3 and time.time() - t < 30
     assert "reward function hangs_on_rank_1_after_marker did not return within task.reward_timeout_s=3 s" in err
-    assert "Traceback" not in err and not leftover_ranks(str(out))
+    assert "Traceback" not in err and ranks_gone(str(out))
     kept = history(str(out)).generation
     assert kept >= 2
     res = mpirun(2, ["--resume", str(out), f"run.generations={kept + 2}"])  # without ESSA_HANG: no hang
@@ -149,7 +149,7 @@ def test_stopped_rank_is_named_by_the_stall_watchdog(tiny_dir, tmp_path):
            f"checkpoint at generation {history(str(out)).generation}; stale lock taken over on resume")
     assert proc.returncode == 3 and seconds < 20, (proc.returncode, seconds, err[-2000:])
     assert "did not complete within run.stall_timeout_s=4 s: rank(s) [1] did not arrive" in err, err[-2000:]
-    assert not leftover_ranks(str(out))
+    assert ranks_gone(str(out))
     res = mpirun(2, ["--resume", str(out), "run.generations=" + str(history(str(out)).generation + 1)])
     assert res.returncode == 0, res.stderr[-2000:]  # the stale lock of the killed rank 0 is taken over
 
@@ -174,7 +174,7 @@ def test_stopped_rank_0_during_the_sft_warm_start_is_named(tiny_dir, tmp_path):
     assert proc.returncode == 3 and seconds < 30, (proc.returncode, seconds, err[-2000:])
     assert "rank 0 showed no progress in the SFT warm start for run.stall_timeout_s=10 s" in err, err[-2000:]
     assert error_line(err).startswith("essa_mpi: error on rank 1:") and not sft_dir.exists()
-    assert not leftover_ranks(str(out))
+    assert ranks_gone(str(out))
 
 
 def test_stopped_waiting_rank_does_not_hang_rank_0_after_the_sft(tiny_dir, tmp_path):
@@ -191,7 +191,7 @@ def test_stopped_waiting_rank_does_not_hang_rank_0_after_the_sft(tiny_dir, tmp_p
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, (proc.returncode, err[-2000:])
     assert "the end of the SFT warm start did not complete within run.stall_timeout_s=10 s" in err, err[-2000:]
-    assert not leftover_ranks(str(out))
+    assert ranks_gone(str(out))
 
 
 def test_sft_beats_leave_no_message_unmatched(tiny_dir, tmp_path):
@@ -354,7 +354,7 @@ def test_reward_that_exits_the_process_ends_every_rank(tiny_dir, tmp_path):
     res = mpirun(2, tiny_args(tiny_dir, out) + ["task.reward_fn=mpi_rewards:exits_process"], timeout=60)
     record("fault", "reward calls os._exit(3) on every rank", res.returncode, time.time() - t,
            error_line(res.stderr), "nothing to keep (before generation 1)")
-    assert res.returncode != 0 and not leftover_ranks(str(out))
+    assert res.returncode != 0 and ranks_gone(str(out))
 
 
 def test_deadline_fires_once_for_a_block_that_overruns(monkeypatch):

@@ -50,19 +50,6 @@ def vllm_args(tiny_vllm, out, generations=3):
     return tiny_args(tiny_vllm, out, generations) + ["model.engine=vllm"]
 
 
-def test_rank_invariant(tiny_vllm, tmp_path):
-    runs = {}
-    for n in (1, 2):
-        res = mpirun(n, vllm_args(tiny_vllm, tmp_path / f"n{n}"), timeout=600)
-        assert res.returncode == 0, res.stderr[-3000:]
-        runs[n] = checkpoint.load(str(tmp_path / f"n{n}" / checkpoint.FILENAME))
-    np.testing.assert_array_equal(runs[1].rewards, runs[2].rewards)
-    assert runs[1].fingerprint == runs[2].fingerprint  # the same CMA-ES state
-    assert len(np.unique(runs[1].rewards)) > 3
-    assert os.path.isfile(tmp_path / "n2" / "adapter" / "adapter_model.safetensors")
-    assert not glob.glob("/dev/shm/essa_mpi-vllm-*")  # every candidate directory removed
-
-
 def descendants(pid: int) -> list:
     """Every live process below pid (from /proc)."""
     children = {}
@@ -92,30 +79,50 @@ def ranks_of(proc) -> list:
     return [p for p in descendants(proc.pid) if "essa_mpi" in open(f"/proc/{p}/cmdline").read()]
 
 
-def test_no_engine_process_outlives_its_rank(tiny_vllm, tmp_path):
-    """The engine runs inside the rank: no process of its own while it generates. SIGTERM to one rank: that rank
-    cleans its candidate directory and exits, and the launcher ends the other (as for a crashed rank)."""
-    out = tmp_path / "run"
-    proc = subprocess.Popen(launch(2, vllm_args(tiny_vllm, out, generations=500)), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not os.path.isfile(out / checkpoint.FILENAME):
-        time.sleep(0.5)
-    assert os.path.isfile(out / checkpoint.FILENAME), "the run did not reach its first checkpoint"
+def wait_for(path, proc, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline and not os.path.isfile(path) and proc.poll() is None:
+        time.sleep(0.2)
+    assert os.path.isfile(path), f"{path} never appeared"
+
+
+def test_rank_invariant_with_the_engine_inside_each_rank(tiny_vllm, tmp_path):
+    """-n 2 equals -n 1. While the -n 2 run generates, each rank has no child process (the engine runs inside
+    it, so none can outlive it) and has tcmalloc and libiomp mapped (it re-executed itself before MPI started)."""
+    proc = subprocess.Popen(launch(2, vllm_args(tiny_vllm, tmp_path / "n2", generations=8)), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "n2" / "metrics.jsonl", proc)  # its first line comes after the engine is built
     ranks = ranks_of(proc)
-    everything = descendants(proc.pid)
     assert len(ranks) == 2
-    for r in ranks:  # tcmalloc and libiomp preloaded (the rank re-executed itself before MPI started)
+    for r in ranks:
         assert [p for p in descendants(r) if alive(p)] == [], "a rank started a child process"
         maps = open(f"/proc/{r}/maps").read()
         assert "libtcmalloc" in maps and "libiomp5" in maps
-    assert glob.glob(f"/dev/shm/essa_mpi-vllm-{ranks[1]}-*")
-    os.kill(ranks[1], signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    res = mpirun(1, vllm_args(tiny_vllm, tmp_path / "n1", generations=8), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = {n: checkpoint.load(str(tmp_path / f"n{n}" / checkpoint.FILENAME)) for n in (1, 2)}
+    np.testing.assert_array_equal(runs[1].rewards, runs[2].rewards)
+    assert runs[1].fingerprint == runs[2].fingerprint  # the same CMA-ES state
+    assert len(np.unique(runs[1].rewards)) > 3
+    assert os.path.isfile(tmp_path / "n2" / "adapter" / "adapter_model.safetensors")
+    assert not [d for r in ranks for d in glob.glob(f"/dev/shm/essa_mpi-vllm-{r}-*")]  # candidate dirs removed
+
+
+def test_sigterm_removes_the_candidate_directory(tiny_vllm, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(launch(1, vllm_args(tiny_vllm, out, generations=500)), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for(out / checkpoint.FILENAME, proc)
+    (rank,) = ranks_of(proc)
+    everything = descendants(proc.pid)
+    assert glob.glob(f"/dev/shm/essa_mpi-vllm-{rank}-*")
+    os.kill(rank, signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    time.sleep(1)
-    assert [p for p in everything if alive(p)] == [], err[-2000:]
-    assert not glob.glob(f"/dev/shm/essa_mpi-vllm-{ranks[1]}-*")
-    assert "stopped by SIGTERM" in err
+    assert "stopped by SIGTERM" in err, err[-2000:]
+    time.sleep(0.5)
+    assert [p for p in everything if alive(p)] == [] and not glob.glob(f"/dev/shm/essa_mpi-vllm-{rank}-*")
 
 
 def test_leftover_scratch_of_a_dead_process_is_swept(tmp_path):
@@ -148,7 +155,7 @@ def test_eval_on_vllm(tiny_vllm, tmp_path):
     args = ["eval", f"model.name_or_path={tiny_vllm}", "model.device=cpu", "model.threads=1", "model.engine=vllm",
             f"eval.benchmarks=toy={bench}", "eval.k=2", "eval.pass_k=1", "eval.max_new_tokens=4",
             f"eval.adapters=base,SFT={adapter}", f"eval.output_dir={tmp_path}/out"]
-    res = mpirun(2, args, timeout=600)
+    res = mpirun(1, args, timeout=600)  # the split over ranks is eval's own (test_evaluate); one engine suffices
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.load(open(tmp_path / "out" / "eval.json"))
     assert set(report["results"]) == {"base", "SFT"}
