@@ -215,13 +215,13 @@ def preload(args: argparse.Namespace, command: str) -> None:
             cfg = load_config(args.config, args.overrides)
     except Exception:
         return
-    if cfg.model.engine != "vllm" or cfg.model.device == "cuda":
-        return
-    import torch
+    from essa_mpi.model import on_cpu
 
+    if cfg.model.engine != "vllm" or not on_cpu(cfg.model):
+        return
     from essa_mpi.vllm_engine import preload_env
 
-    env = None if torch.cuda.is_available() and cfg.model.device == "auto" else preload_env(dict(os.environ))
+    env = preload_env(dict(os.environ))
     if env:
         os.execve(sys.executable, [sys.executable, "-m", "essa_mpi", *sys.argv[1:]], env)
 

@@ -35,10 +35,21 @@ def resolve(cfg: ModelConfig) -> tuple:
     return cfg.name_or_path, cfg.gguf_file
 
 
+def on_cpu(cfg: ModelConfig) -> bool:
+    """model.device resolved: cpu, or auto on a machine without CUDA."""
+    return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype a precision computes in: fp32 for fp32, bf16 for bf16 and the quantized ones (their
+    unquantized tensors)."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
 def placement(cfg: ModelConfig, local_rank: int, local_size: int) -> tuple:
     """→ (this rank's first device, accelerate max_memory over its GPUs when it spreads the model over
     several, else None). GPUs per rank: ``launch.gpu_ids``."""
-    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+    if on_cpu(cfg):
         return torch.device("cpu"), None
     if not torch.cuda.is_available():
         raise ValueError("model.device=cuda but CUDA is not available; use model.device=cpu or auto.")
@@ -127,7 +138,7 @@ def load_model(cfg: ModelConfig, local_rank: int = 0, local_size: int = 1) -> tu
         torch.cuda.set_device(device)  # so helpers (e.g. a reward model) land on this rank's GPU too
     tok = load_tokenizer(cfg)
     # Quantized precisions keep their unquantized tensors (embeddings, norms, head) and compute in bf16.
-    dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+    dtype = compute_dtype(cfg.precision)
     if cfg.precision == "gptq":
         from essa_mpi.gptq import load_gptq_model
 

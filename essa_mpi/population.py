@@ -51,10 +51,13 @@ class PopulationEvaluator:
         self.gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
 
+    def texts(self, examples: list) -> list:
+        """Each example's prompt in the task's messages and the model's chat template, ready to generate after."""
+        return [self.tok.apply_chat_template(self.task.messages(e["prompt"]), tokenize=False,
+                                             add_generation_prompt=True) for e in examples]
+
     def encode(self, examples: list) -> dict:
-        texts = [self.tok.apply_chat_template(self.task.messages(e["prompt"]), tokenize=False,
-                                              add_generation_prompt=True) for e in examples]
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self.tok(self.texts(examples), return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.model.device) for k, v in enc.items()}  # input_ids [P, T]
 
     @torch.no_grad()

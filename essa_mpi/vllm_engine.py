@@ -102,14 +102,10 @@ def adapter_rank(path: str) -> int:
 def model_dir(cfg: ModelConfig) -> str:
     """What vLLM loads: the model's directory or hub id; a GGUF goes through the dense safetensors copy
     (model.dense_copy, made once per user and machine)."""
-    import torch
-
-    from essa_mpi.model import dense_copy, resolve
+    from essa_mpi.model import compute_dtype, dense_copy, resolve
 
     path, gguf = resolve(cfg)
-    if not gguf:
-        return path
-    return dense_copy(path, gguf, torch.float32 if cfg.precision == "fp32" else torch.bfloat16)
+    return dense_copy(path, gguf, compute_dtype(cfg.precision)) if gguf else path
 
 
 def skeleton(path: str, precision: str = "fp32"):
@@ -118,9 +114,10 @@ def skeleton(path: str, precision: str = "fp32"):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from essa_mpi.model import compute_dtype
+
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path),
-                                                dtype=torch.float32 if precision == "fp32" else torch.bfloat16)
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=compute_dtype(precision))
 
 
 def sweep_scratch() -> None:
@@ -146,7 +143,10 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: nothing can outlive the rank
         import torch
 
-        self.on_cpu = on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        from essa_mpi.model import compute_dtype
+        from essa_mpi.model import on_cpu as resolves_to_cpu
+
+        self.on_cpu = on_cpu = resolves_to_cpu(cfg)
         if on_cpu:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores(list(os.sched_getaffinity(0)), local_rank, threads)
         else:
@@ -162,7 +162,7 @@ class VLLMEngine:
         kw = {}
         if on_cpu or cfg.vllm_kv_cache_gib:  # on CPU an explicit size: the fraction would reserve that share of RAM
             kw["kv_cache_memory_bytes"] = int((cfg.vllm_kv_cache_gib or (2 if on_cpu else 0)) * 2**30)
-        self.llm = LLM(model=path, dtype="float32" if cfg.precision == "fp32" else "bfloat16", seed=seed,
+        self.llm = LLM(model=path, dtype=compute_dtype(cfg.precision), seed=seed,
                        enable_lora=True, max_loras=max(1, max_loras), max_lora_rank=lora_slot(lora_rank),
                        max_cpu_loras=max(1, max_loras), max_num_seqs=max(1, min(max_rows, 1024)),
                        tensor_parallel_size=1 if on_cpu else cfg.gpus_per_rank, skip_tokenizer_init=True,
@@ -221,9 +221,7 @@ class VLLMEvaluator(PopulationEvaluator):
 
     def encode(self, examples: list) -> list:
         """Chat-templated prompts as token ids, as the HF engine tokenizes them (no padding: vLLM packs rows)."""
-        texts = [self.tok.apply_chat_template(self.task.messages(e["prompt"]), tokenize=False,
-                                              add_generation_prompt=True) for e in examples]
-        return self.tok(texts, add_special_tokens=False)["input_ids"]  # P lists of token ids
+        return self.tok(self.texts(examples), add_special_tokens=False)["input_ids"]  # P lists of token ids
 
     def generate(self, offsets: np.ndarray | None, enc: list) -> list:
         """Completions for C candidates x P prompts, candidate-major ([C*P] strings); None = the base model."""
