@@ -108,6 +108,8 @@ class TaskConfig:
     val_dataset: str | None = _f(None, "Validation prompts (id or JSONL); None = the task's default split.")
     sft_dataset: str | None = _f(None, "SFT rows with 'prompt' and 'completion' columns (id or JSONL); None = "
                                     "the task's gold solutions.")
+    seed: int | None = _f(None, "Seeds the task's data (the arithmetic problems drawn for validation, training "
+                             "and SFT); None = search.seed. Fix it to compare search seeds on the same problems.")
     sft_size: int = _f(300, "Training rows reserved for the (short) SFT warm start, disjoint from ESSA's rows.")
     val_base: bool = _f(True, "Also validate the base model without adapter before the search (base -> SFT -> ESSA).")
     reward_fn: str | None = _f(None, "Custom reward 'package.module:function' (or dotted path) with signature "
@@ -392,8 +394,9 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
     if s.diagonal_decoding and s.covariance == "diagonal":
         raise ValueError("search.diagonal_decoding=true needs a full covariance; set search.covariance=full "
                          "(or auto) or search.diagonal_decoding=false.")
-    if not 0 <= s.seed < 2**32:
-        raise ValueError(f"search.seed={s.seed} must fit in uint32 (0 <= seed < 2**32).")
+    for name, seed in (("search.seed", s.seed), ("task.seed", t.seed)):
+        if seed is not None and not 0 <= seed < 2**32:
+            raise ValueError(f"{name}={seed} must fit in uint32 (0 <= seed < 2**32).")
     _at_least(("model.gpus_per_rank", cfg.model.gpus_per_rank, 1), ("model.threads", cfg.model.threads, 0),
               ("task.reward_timeout_s", t.reward_timeout_s, 0), ("run.stall_timeout_s", r.stall_timeout_s, 0),
               ("task.batch_size", t.batch_size, 1),

@@ -51,6 +51,7 @@ def test_structural_errors(overrides, message):
     (["adapter.path=/no/such/adapter"], 1, "has no adapter_config.json"),
     (["task.dataset=/no/such/data.jsonl"], 1, "task.dataset='/no/such/data.jsonl' does not exist"),
     (["task.batch_size=0"], 1, "task.batch_size=0 must be >= 1"),
+    (["task.seed=-1"], 1, r"task.seed=-1 must fit in uint32"),
 ])
 def test_invariants(overrides, world, message):
     with pytest.raises(ValueError, match=message):

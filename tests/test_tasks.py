@@ -22,6 +22,12 @@ def test_builtin_tasks_are_seeded_and_held_out(name):
         assert not val & train and not val & sft and not train & sft
 
 
+def test_task_seed_fixes_the_problems_whatever_the_search_seed():
+    fixed = [build_task(TaskConfig(val_size=16, seed=0), seed=s) for s in (0, 1)]
+    assert fixed[0].val == fixed[1].val and fixed[0].sft == fixed[1].sft
+    assert build_task(TaskConfig(val_size=16), seed=1).val != fixed[0].val  # None: search.seed draws them
+
+
 def test_arithmetic_answers_are_correct():
     for e in build_task(TaskConfig(val_size=50), seed=0).val:
         q = e["prompt"].removeprefix("What is ").split("?")[0]

@@ -147,7 +147,10 @@ def load_callable(path: str) -> Callable:
 
 
 def build_task(cfg: TaskConfig, seed: int) -> Task:
+    """The task's data, prompts and reward; seed (search.seed) draws the data unless task.seed is set."""
     from essa_mpi.tasks.data import sft_rows
+
+    seed = seed if cfg.seed is None else cfg.seed
 
     # The registry is config.TASKS (what TaskConfig.name accepts): task NAME is the module essa_mpi.tasks.NAME,
     # whose build(cfg, seed) -> Task owns its data, prompts and reward.

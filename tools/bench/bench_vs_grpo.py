@@ -4,6 +4,8 @@
     python tools/bench/bench_vs_grpo.py --budget-s 480 --name bench_vs_grpo_quick --runs runs/vs_grpo_quick  # a look
     python tools/bench/bench_vs_grpo.py --replot                         # JSON and PNG from the run directories
     python tools/bench/bench_vs_grpo.py --variant b96 'task.batch_size=96'  # one more ESSA setting beside the main one
+    python tools/bench/bench_vs_grpo.py --adapter runs/sft/X --sft-size 300 --seed 1 --runs runs/sweep_s1  # a given
+                                                                         # start, a second search / trainer seed
 
 1. The SFT adapter every method starts from: ``python -m essa_mpi sft`` with task.sft_size (1,500 by default,
    the strong start at which ESSA stalled before).
@@ -60,11 +62,17 @@ def sft_adapter(sft_size: int) -> str:
     return json.loads(res.stdout.strip().splitlines()[-1])["adapter"]
 
 
+def data(args) -> list:
+    """Overrides every method gets: the same problems (task.seed 0: validation and training rows do not move
+    with --seed), the rows after the SFT rows, and the search / trainer seed."""
+    return [f"task.sft_size={args.sft_size}", "task.seed=0", f"search.seed={args.seed}"]
+
+
 def essa(args, sft_dir: str, out: str, overrides: list) -> None:
     """Run ESSA until its training clock passes the budget, then SIGTERM (keeps the checkpoint)."""
-    cmd = ["mpiexec", "-n", "2", sys.executable, "-m", "essa_mpi", f"task.sft_size={args.sft_size}",
-           f"adapter.path={sft_dir}", "model.threads=1", f"task.val_every={args.essa_val_every}", "task.val_base=false",
-           "run.generations=100000", "run.progress=false", f"run.output_dir={out}", *overrides]
+    cmd = ["mpiexec", "-n", "2", sys.executable, "-m", "essa_mpi", *data(args), f"adapter.path={sft_dir}",
+           "model.threads=1", f"task.val_every={args.essa_val_every}", "task.val_base=false", "run.generations=100000",
+           "run.progress=false", f"run.output_dir={out}", *overrides]
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     hard_stop = time.time() + wall_limit(args.budget_s)
     while proc.poll() is None:
@@ -88,7 +96,7 @@ def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench", "grpo_baseline.py"), "--method", method,
                     "--adapter", sft_dir, "--lr", str(lr), "--budget-s", str(args.budget_s), "--threads", "2",
                     "--prompts", str(args.prompts), "--group", str(args.group), "--val-every-s",
-                    str(args.val_every_s), "--out", out, f"task.sft_size={args.sft_size}"], cwd=ROOT, check=True,
+                    str(args.val_every_s), "--out", out, *data(args)], cwd=ROOT, check=True,
                    timeout=wall_limit(args.budget_s),
                    env={**os.environ,
                         "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
@@ -126,7 +134,8 @@ def summarize(runs: dict, args) -> dict:
                "target_essa_within_half_grpo_time": (t_essa is not None and t_essa <= 0.5 * t_grpo) if rose else None,
                "target_essa_best_at_least_grpo_best": essa_best >= best[g]}
     start = curves.get("ESSA", [(0, None)])[0][1]
-    return {"budget_s": args.budget_s, "sft_size": args.sft_size, "sft_adapter": start_adapter(runs["ESSA"]),
+    return {"budget_s": args.budget_s, "sft_size": args.sft_size, "seed": args.seed,
+            "sft_adapter": start_adapter(runs["ESSA"]),
             "grpo": {"prompts_per_step": args.prompts,
             "group_size": args.group, "threads": 2, "beta": 0.0, "temperature": 1.0},
             "essa": {"ranks": 2, "threads_per_rank": 1, "overrides": args.essa,
@@ -139,6 +148,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--budget-s", type=float, default=1200.0)
     ap.add_argument("--sft-size", type=int, default=1500)
+    ap.add_argument("--adapter", help="start from this SFT adapter instead of `python -m essa_mpi sft` with "
+                    "--sft-size (which still sets the rows the methods train on: those after the SFT rows)")
+    ap.add_argument("--seed", type=int, default=0, help="search.seed of ESSA and the GRPO trainer seed")
     ap.add_argument("--lrs", default="1e-5,1e-4,3e-4", help="GRPO learning rates (the sweep)")
     ap.add_argument("--svd-lrs", default="1e-2", help="SVD-GRPO learning rates")
     ap.add_argument("--prompts", type=int, default=4)
@@ -159,7 +171,7 @@ def main() -> int:
     runs.update({f"SVD-GRPO lr={lr}": os.path.join(args.runs, f"svd_grpo_lr{lr}") for lr in args.svd_lrs.split(",")
                  if lr})
     if not args.replot:
-        sft_dir = sft_adapter(args.sft_size)
+        sft_dir = args.adapter or sft_adapter(args.sft_size)
         for name, out in runs.items():
             if os.path.exists(os.path.join(out, "metrics.jsonl")):
                 continue  # measured already: --runs keeps finished runs, delete one to measure it again
