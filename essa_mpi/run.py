@@ -21,7 +21,7 @@ import torch
 
 from essa_mpi import checkpoint, watchdog
 from essa_mpi.comm import RECORD, Comm, default_threads, first_error, record_counts
-from essa_mpi.config import Config
+from essa_mpi.config import Config, step_scale
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog, reward_stats
 from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
@@ -61,7 +61,7 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
         factors = fresh_lora_factors(model, a.target_modules, a.rank, a.alpha, cfg.search.seed)
     adapter = SVDLoRA.attach(model, factors, a.fraction, seed=cfg.search.seed)
     stds = None
-    if cfg.search.step_scale == "singular":
+    if step_scale(cfg) == "singular":
         values = adapter.searched_values()  # [n]
         stds = np.maximum(values, 1e-3 * values.max())  # a rank-deficient SFT factor's zero values still move
     search = make_search(cfg, adapter.solution_length, stds)

@@ -63,7 +63,7 @@ def test_cache_directory_depends_on_what_shapes_the_adapter():
     base = Config()
     same = load_config(None, ["model.threads=3", "run.generations=99", "search.popsize=4"])
     other = [load_config(None, [o]) for o in ("sft.learning_rate=1e-4", "adapter.rank=8", "task.sft_size=10",
-                                              "search.seed=1", "model.precision=bf16")]
+                                              "search.seed=1", "model.precision=fp32")]
     assert sft.sft_dir(base) == sft.sft_dir(same) and sft.sft_dir(base).startswith("runs/sft/arithmetic-")
     assert len({sft.sft_dir(c) for c in other} | {sft.sft_dir(base)}) == 6
     assert sft.sft_dir(load_config(None, ["sft.output_dir=/x"])) == "/x"

@@ -55,9 +55,9 @@ def wall_limit(budget_s: float) -> float:
     return 2 * budget_s + 1200
 
 
-def sft_adapter(sft_size: int) -> str:
+def sft_adapter(sft_size: int, overrides: list = ()) -> str:
     """The SFT adapter every method starts from: ``python -m essa_mpi sft`` (trained once, then cached)."""
-    res = subprocess.run([sys.executable, "-m", "essa_mpi", "sft", f"task.sft_size={sft_size}"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "essa_mpi", "sft", f"task.sft_size={sft_size}", *overrides], cwd=ROOT,
                          capture_output=True, text=True, check=True, timeout=3600)  # 1,500 rows: ~6 min here
     return json.loads(res.stdout.strip().splitlines()[-1])["adapter"]
 
@@ -96,7 +96,7 @@ def grpo(args, sft_dir: str, method: str, lr: float, out: str) -> None:
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench", "grpo_baseline.py"), "--method", method,
                     "--adapter", sft_dir, "--lr", str(lr), "--budget-s", str(args.budget_s), "--threads", "2",
                     "--prompts", str(args.prompts), "--group", str(args.group), "--val-every-s",
-                    str(args.val_every_s), "--out", out, *data(args)], cwd=ROOT, check=True,
+                    str(args.val_every_s), "--out", out, *data(args), *args.grpo], cwd=ROOT, check=True,
                    timeout=wall_limit(args.budget_s),
                    env={**os.environ,
                         "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))})
@@ -137,7 +137,7 @@ def summarize(runs: dict, args) -> dict:
     return {"budget_s": args.budget_s, "sft_size": args.sft_size, "seed": args.seed,
             "sft_adapter": start_adapter(runs["ESSA"]),
             "grpo": {"prompts_per_step": args.prompts,
-            "group_size": args.group, "threads": 2, "beta": 0.0, "temperature": 1.0},
+            "group_size": args.group, "threads": 2, "beta": 0.0, "temperature": 1.0, "overrides": args.grpo},
             "essa": {"ranks": 2, "threads_per_rank": 1, "overrides": args.essa,
                      "variants": {label: o.split() for label, o in args.variant or []}}, "start_val_reward": start,
             "curves": curves, "best": best, **out,
@@ -158,6 +158,8 @@ def main() -> int:
     ap.add_argument("--val-every-s", type=float, default=120.0)
     ap.add_argument("--essa-val-every", type=int, default=3)
     ap.add_argument("--essa", nargs="*", default=[], metavar="section.key=value", help="ESSA overrides")
+    ap.add_argument("--grpo", nargs="*", default=[], metavar="section.key=value",
+                    help="GRPO / SVD-GRPO overrides (e.g. model.precision=fp32)")
     ap.add_argument("--variant", nargs=2, action="append", metavar=("LABEL", "OVERRIDES"),
                     help="one more ESSA run, e.g. --variant batch96 'task.batch_size=96' (runs/.../essa_LABEL)")
     ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "vs_grpo"))

@@ -32,14 +32,14 @@ def walk(run_dir: str) -> dict:
     """Replay run_dir's checkpoint history → {"ratio": [G] |mean_g| / (sigma0 ||stds||), "val": [[g, reward]],
     "exact": bool}."""
     from essa_mpi import checkpoint
-    from essa_mpi.config import config_from_dict
+    from essa_mpi.config import config_from_dict, step_scale
     from essa_mpi.run import make_search
 
     state = checkpoint.load(os.path.join(run_dir, checkpoint.FILENAME))
     cfg = config_from_dict(yaml.safe_load(state.config_yaml))  # the config the checkpoint was written with
     sigma_vec = state.cma["sigma_vec"]  # [n]: the final per-coordinate scales
     n = len(sigma_vec)
-    stds = sigma_vec if cfg.search.step_scale == "singular" else None  # uniform starts from ones: exact
+    stds = sigma_vec if step_scale(cfg) == "singular" else None  # uniform starts from ones: exact
     es = make_search(cfg, n, stds)
     first = cfg.search.sigma0 * np.linalg.norm(np.ones(n) if stds is None else stds)  # one gen-0 offset's norm
     ratio = []
@@ -48,7 +48,7 @@ def walk(run_dir: str) -> dict:
         ratio.append(float(np.linalg.norm(es.mean) / first))  # the start is the zero offset
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         val = [[m["generation"], m["val_reward"]] for m in map(json.loads, fh) if "val_reward" in m]
-    return {"run": run_dir, "step_scale": cfg.search.step_scale, "ratio": [round(r, 3) for r in ratio], "val": val,
+    return {"run": run_dir, "step_scale": step_scale(cfg), "ratio": [round(r, 3) for r in ratio], "val": val,
             "exact": es.fingerprint() == state.fingerprint}
 
 
