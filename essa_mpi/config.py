@@ -97,7 +97,8 @@ class SearchConfig:
                         "(0.5: half the random walk that chance rankings give the mean).")
     diagonal_decoding: bool = _f(False, "pycma's CMA_diagonal_decoding: learn per-coordinate scales on top of a full "
                                  "covariance (covariance=full, or auto at <= 500 values).")
-    seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init and the data order.")
+    seed: int = _f(0, "Seeds the CMA-ES candidates, the fresh adapter init, the data order and (unless task.seed is "
+                   "set) the task's data.")
 
 
 TASKS = ("arithmetic", "gsm8k", "math", "ifeval", "reward_model", "custom", "toy")
