@@ -39,7 +39,8 @@ def test_same_completions_and_rewards_as_hf(tiny_vllm):
 
     from essa_mpi.config import ModelConfig
 
-    res = parity(ModelConfig(name_or_path=tiny_vllm, device="cpu"), None, candidates=4, prompts=6, sigma=0.5,
+    # fp32: the precision parity is claimed for; in bf16 the two engines' kernels round differently
+    res = parity(ModelConfig(name_or_path=tiny_vllm, device="cpu", precision="fp32"), None, candidates=4, prompts=6, sigma=0.5,
                  task_name="toy", max_new_tokens=6)
     assert res["distinct_completions_hf"] >= 12, res  # the candidates really differ: equality means something
     for part in ("lora", "base"):
@@ -47,7 +48,7 @@ def test_same_completions_and_rewards_as_hf(tiny_vllm):
 
 
 def vllm_args(tiny_vllm, out, generations=3):
-    return tiny_args(tiny_vllm, out, generations) + ["model.engine=vllm"]
+    return tiny_args(tiny_vllm, out, generations) + ["model.engine=vllm", "model.precision=fp32"]
 
 
 def descendants(pid: int) -> list:
@@ -147,7 +148,7 @@ def test_eval_on_vllm(tiny_vllm, tmp_path):
     from essa_mpi.config import ModelConfig
     from essa_mpi.model import load_model
 
-    model, _ = load_model(ModelConfig(name_or_path=tiny_vllm, device="cpu"))
+    model, _ = load_model(ModelConfig(name_or_path=tiny_vllm, device="cpu", precision="fp32"))
     adapter = str(tmp_path / "adapter")
     get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
     bench = tmp_path / "bench.jsonl"
