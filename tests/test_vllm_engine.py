@@ -40,8 +40,8 @@ def test_same_completions_and_rewards_as_hf(tiny_vllm):
     from essa_mpi.config import ModelConfig
 
     # fp32: the precision parity is claimed for; in bf16 the two engines' kernels round differently
-    res = parity(ModelConfig(name_or_path=tiny_vllm, device="cpu", precision="fp32"), None, candidates=4, prompts=6, sigma=0.5,
-                 task_name="toy", max_new_tokens=6)
+    res = parity(ModelConfig(name_or_path=tiny_vllm, device="cpu", precision="fp32"), None, candidates=4, prompts=6,
+                 sigma=0.5, task_name="toy", max_new_tokens=6)
     assert res["distinct_completions_hf"] >= 12, res  # the candidates really differ: equality means something
     for part in ("lora", "base"):
         assert res[part]["same_completion"] >= 0.95 and res[part]["same_reward"] >= 0.98, res
