@@ -362,7 +362,12 @@ def step_scale(cfg: Config) -> str:
     uniform from a fresh one (its B singular values are all 0, so steps proportional to them would not move)."""
     if cfg.search.step_scale != "auto":
         return cfg.search.step_scale
-    return "uniform" if cfg.adapter.path is None and cfg.adapter.warm_start == "none" else "singular"
+    return "uniform" if fresh_adapter(cfg.adapter) else "singular"
+
+
+def fresh_adapter(a: AdapterConfig) -> bool:
+    """The search starts from a fresh LoRA init (no adapter.path, no SFT warm start): B is all zeros."""
+    return a.path is None and a.warm_start == "none"
 
 
 def searched_per_factor(fraction: float, rank: int) -> int:
@@ -396,7 +401,7 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
     if not 0 < s.sigma0 <= SIGMA0_MAX:
         raise ValueError(f"search.sigma0={s.sigma0} must be in (0, {SIGMA0_MAX:g}] (an offset of singular values); "
                          f"set e.g. search.sigma0=0.3.")
-    if s.step_scale == "singular" and a.path is None and a.warm_start == "none":
+    if s.step_scale == "singular" and fresh_adapter(a):
         raise ValueError("search.step_scale=singular scales each step by its SFT singular value, but "
                          "adapter.warm_start=none starts from a fresh adapter whose B values are all 0; set "
                          "search.step_scale=uniform or adapter.warm_start=sft.")

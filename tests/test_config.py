@@ -75,6 +75,18 @@ def test_help_lists_every_field():
             assert f"{section}.{key} " in text
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    ([], "singular"),                                              # the SFT warm start
+    (["adapter.path=/some/adapter", "adapter.warm_start=none"], "singular"),
+    (["adapter.warm_start=none"], "uniform"),                      # a fresh adapter: B's values are all 0
+    (["search.step_scale=uniform"], "uniform"),
+])
+def test_auto_step_scale_is_singular_from_an_adapter_and_uniform_from_a_fresh_one(overrides, expected):
+    from essa_mpi.config import step_scale
+
+    assert step_scale(load_config(None, overrides)) == expected
+
+
 def test_embedded_default_yaml_equals_builtin_defaults():
     import os
 
