@@ -31,6 +31,19 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def uninterrupted6(tiny_dir, tmp_path_factory):
+    """The output directory of one uninterrupted 6-generation tiny run on 2 ranks (test_cli_mpi.tiny_args): the
+    reference that killed, cut and resumed runs must equal. Shared by the tests that compare against it, which
+    only read it."""
+    from test_cli_mpi import mpirun, tiny_args
+
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    res = mpirun(2, tiny_args(tiny_dir, out, 6))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny(tiny_dir):
     """(model, tokenizer) loaded the way the run loads them."""
     from essa_mpi.config import ModelConfig

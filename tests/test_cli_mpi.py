@@ -86,9 +86,8 @@ def test_outputs_exist_and_summary_printed(runs_by_ranks):
         assert os.path.isfile(os.path.join(out, name)), name
 
 
-def test_killed_run_resumes_bit_identically(tiny_dir, tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    assert mpirun(2, tiny_args(tiny_dir, full, generations=6)).returncode == 0
+def test_killed_run_resumes_bit_identically(tiny_dir, tmp_path, uninterrupted6):
+    full, killed = uninterrupted6, tmp_path / "killed"
     proc = subprocess.Popen(launch(2, tiny_args(tiny_dir, killed, generations=6)), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     ckpt = killed / checkpoint.FILENAME

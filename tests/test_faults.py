@@ -195,15 +195,17 @@ def test_stopped_waiting_rank_does_not_hang_rank_0_after_the_sft(tiny_dir, tmp_p
 
 
 def test_sft_beats_leave_no_message_unmatched(tiny_dir, tmp_path):
-    """A healthy SFT warm start that sends many beats (stall_timeout_s=10: one every 1.25 s) ends, and the run
+    """A healthy SFT warm start that sends many beats (stall_timeout_s=4: one every 0.5 s) ends, and the run
     after it completes: every beat was received (an unmatched one would leave rank 0 in waitall). The SFT
     must outlast the timeout, or rank 1 would not know whether it heard the beats."""
     out, sft_dir = tmp_path / "beats", tmp_path / "beats_adapter"
     args = [a for a in tiny_args(tiny_dir, out) if a != "adapter.warm_start=none"]
-    res = mpirun(2, args + ["adapter.warm_start=sft", f"sft.output_dir={sft_dir}", "sft.epochs=300",
-                            "run.stall_timeout_s=10"], timeout=240)
+    res = mpirun(2, args + ["adapter.warm_start=sft", f"sft.output_dir={sft_dir}", "sft.epochs=120",
+                            "run.stall_timeout_s=4"], timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (sft_dir / "adapter_config.json").exists() and history(str(out)).generation == 3
+    sft_s = json.loads((sft_dir / "sft_info.json").read_text())["wall_s"]
+    assert sft_s > 2 * 4, f"the SFT took {sft_s} s, not over twice the stall timeout: raise sft.epochs"
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -299,14 +301,13 @@ def test_resume_refuses_changed_task_data(tiny_dir, tmp_path):
     assert res.returncode == 2 and "the task's training or validation rows changed" in res.stderr
 
 
-def test_corrupt_latest_checkpoint_falls_back_and_resumes_bit_identically(tiny_dir, tmp_path):
-    full, broken = tmp_path / "full", tmp_path / "broken"
-    assert mpirun(2, tiny_args(tiny_dir, full, 5)).returncode == 0
+def test_corrupt_latest_checkpoint_falls_back_and_resumes_bit_identically(tiny_dir, tmp_path, uninterrupted6):
+    full, broken = uninterrupted6, tmp_path / "broken"
     assert mpirun(2, tiny_args(tiny_dir, broken, 3)).returncode == 0
     with open(broken / checkpoint.FILENAME, "r+b") as fh:
         fh.truncate(1000)
     t = time.time()
-    res = mpirun(2, ["--resume", str(broken), "run.generations=5"])
+    res = mpirun(2, ["--resume", str(broken), "run.generations=6"])
     record("fault", "resume with a truncated checkpoint.h5", res.returncode, time.time() - t,
            next(line for line in res.stderr.splitlines() if "WARNING" in line), "fell back to checkpoint.prev.h5 "
            "(generation 2); final state bit-identical to an uninterrupted run")
@@ -316,7 +317,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_resumes_bit_identically(tiny_d
     assert np.array_equal(a.seeds, b.seeds) and np.array_equal(a.rewards, b.rewards)
     assert all(np.array_equal(a.cma[k], b.cma[k]) for k in a.cma)
     gens = [m["generation"] for m in metrics(str(broken)) if "reward_mean" in m]
-    assert gens == [1, 2, 3, 4, 5], "metrics.jsonl cut back to the checkpoint used, no generation twice"
+    assert gens == [1, 2, 3, 4, 5, 6], "metrics.jsonl cut back to the checkpoint used, no generation twice"
 
 
 def test_resume_after_a_flat_last_generation_with_full_covariance(tiny_dir, tmp_path):

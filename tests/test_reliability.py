@@ -102,14 +102,13 @@ def log_records(out) -> dict:
             {m["generation"]: m["val_reward"] for m in rows if "val_reward" in m})
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2, 3])
-def test_metrics_log_after_kills_at_random_points_equals_an_uninterrupted_run(tiny_dir, tmp_path, seed):
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_log_after_kills_at_random_points_equals_an_uninterrupted_run(tiny_dir, tmp_path, seed,
+                                                                              uninterrupted6):
     """Run, kill (SIGKILL of every process, or SIGTERM) at a random point, cut the log's last line as a crash
     mid-append would, resume; repeat; the log then parses line by line and holds every generation exactly
     once, with the numbers of an uninterrupted run."""
-    n, rng = 6, random.Random(seed)
-    ref = tmp_path / "ref"
-    assert mpirun(2, tiny_args(tiny_dir, ref, n)).returncode == 0
+    n, rng, ref = 6, random.Random(seed), uninterrupted6
     out = tmp_path / "killed"
     args = tiny_args(tiny_dir, out, n)
     for _ in range(2):  # two kills, then a resume to the end
