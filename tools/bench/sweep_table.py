@@ -12,14 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-
-def time_to(curve: list, target: float) -> float | None:
-    """Training seconds at the first validation at or above target, or None (never).
-
-    >>> time_to([(0, 0.1), (120, 0.16), (240, 0.3)], 0.15)
-    120
-    """
-    return next((t for t, v in curve if v >= target - 1e-9), None)
+from bench_vs_grpo import time_to  # the first validation at or above a target, or None: one home
 
 
 def row(curve: list) -> dict:
