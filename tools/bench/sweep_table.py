@@ -3,7 +3,7 @@ start, and the training minutes to start + 5 and start + 10 points; then mean ±
 
     python tools/bench/sweep_table.py tools/results/sweep_bare300_s0.json tools/results/sweep_bare300_s1.json
 
-A method is a run name (``ESSA``, ``GRPO lr=1e-4``, ...); a seed file that lacks it leaves a dash. Each curve is
+A method is a run name (``ESSA``, ``GRPO lr=1e-4``, ...); its row lists only the seeds whose file has it. Each curve is
 [(training seconds, validation accuracy)] as bench_vs_grpo.py wrote it (points past the budget + 5% dropped).
 """
 
