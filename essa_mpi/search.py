@@ -16,13 +16,24 @@ Sign convention: ESSA maximises reward, pycma minimises, so ``tell`` passes ``-r
 from __future__ import annotations
 
 import hashlib
+import sys
 import warnings
 
 import numpy as np
 
+# Every rank imports pycma. At import it also loads matplotlib.pyplot and scipy.stats when they are installed
+# (cma/s.py for plotting, cma/fitness_models.py for surrogate models; neither is used here), which took 1.4 s of
+# each rank's 3.3 s start-up on our CI machine and, on a cluster, reads their files from the shared filesystem
+# on every rank. They are hidden only while cma imports (it falls back by itself); later imports see them again.
+_HIDDEN = [m for m in ("matplotlib", "scipy") if m not in sys.modules]
 with warnings.catch_warnings():
-    warnings.simplefilter("ignore")  # pycma warns that matplotlib is missing; plotting is not used
-    import cma
+    warnings.simplefilter("ignore")  # pycma warns that matplotlib.pyplot is missing: cma.plot() is not used
+    sys.modules.update(dict.fromkeys(_HIDDEN))  # a None entry makes `import x` raise ImportError
+    try:
+        import cma
+    finally:
+        for _m in _HIDDEN:
+            del sys.modules[_m]
 
 
 class SeededNormal:

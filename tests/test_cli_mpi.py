@@ -218,23 +218,31 @@ def collective_counts(tiny_dir, tmp_path, generations, extra=()):
     return [c["counts"] for c in collective_calls(tiny_dir, tmp_path, generations, extra)]
 
 
-def test_one_collective_per_generation(tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def counted_runs(tiny_dir, tmp_path_factory):
+    """{generations: (per-rank collective calls, output directory)} of 2-rank runs without validation, 0 and 20
+    generations, counted by the proxy."""
+    base = tmp_path_factory.mktemp("counted")
+    return {g: (collective_calls(tiny_dir, base, g, ["task.val_size=0"]), base / f"g{g}") for g in (0, 20)}
+
+
+def test_one_collective_per_generation(counted_runs):
     """The steady state is the paper's communication model: one record exchange per generation, nothing else
     (the state check and the logged bytes ride in it). Counted over 20 generations against a 0-generation run."""
-    base, run = (collective_counts(tiny_dir, tmp_path, g, ["task.val_size=0"]) for g in (0, 20))
+    base, run = ([c["counts"] for c in counted_runs[g][0]] for g in (0, 20))
     for rank in (0, 1):
         per_generation = {k: (run[rank].get(k, 0) - base[rank].get(k, 0)) / 20 for k in {*run[rank], *base[rank]}}
         per_generation = {k: v for k, v in per_generation.items() if v}
         assert per_generation == {"Allgatherv": 1.0}, per_generation
-    gens = [m for m in metrics(str(tmp_path / "g20")) if "reward_mean" in m]
+    gens = [m for m in metrics(str(counted_runs[20][1])) if "reward_mean" in m]
     assert len(gens) == 20 and all(m["sent_bytes"] in (8 * 4 + 16, 8 * 3 + 16) for m in gens)
 
 
-def test_logged_allgather_bytes_equal_the_bytes_mpi_received(tiny_dir, tmp_path):
+def test_logged_allgather_bytes_equal_the_bytes_mpi_received(counted_runs):
     """allgather_bytes (computed by essa_mpi from the record counts) against the receive sizes handed to
     mpi4py's Allgatherv, seen by the counting proxy: the records plus one 16-byte trailer per rank."""
-    calls = collective_calls(tiny_dir, tmp_path, 5, ["task.val_size=0"])
-    gens = [m for m in metrics(str(tmp_path / "g5")) if "reward_mean" in m]
+    calls, out = counted_runs[20]
+    gens = [m for m in metrics(str(out)) if "reward_mean" in m]
     for rank in (0, 1):
         received = calls[rank]["allgatherv_received_bytes"]
         assert received == [m["allgather_bytes"] + 2 * 16 for m in gens] and received[0] == 7 * 8 + 32

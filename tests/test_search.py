@@ -110,3 +110,24 @@ def test_mean_lr_moves_the_mean_that_fraction_of_the_standard_step():
     damped.tell(seeds, quadratic_reward(X))
     np.testing.assert_allclose(damped.mean, 0.25 * full.mean, rtol=1e-12, atol=1e-15)
     assert np.abs(full.mean).max() > 0.01
+
+
+@pytest.mark.parametrize("preloaded", ["", "import matplotlib.pyplot, scipy.stats; "])
+def test_importing_the_search_skips_pycmas_plotting_and_stats_imports(preloaded):
+    """pycma loads matplotlib.pyplot and scipy.stats at import (1.4 s of a rank's start-up); essa_mpi.search
+    hides them while cma imports, then both import normally. A fresh interpreter counts what got loaded."""
+    import subprocess
+    import sys
+
+    code = (preloaded + "import sys, warnings; warnings.simplefilter('error'); import essa_mpi.search as s; "
+            "print(sorted(m for m in ('matplotlib', 'scipy', 'scipy.stats') if m in sys.modules)); "
+            "print(s.cma.s._pyplot is not None); import matplotlib.pyplot, scipy.stats; print('imports ok'); "
+            "x = s.SeededCMA(dim=3, popsize=4, sigma0=0.5, diagonal=False, seed=0); print(x.ask(x.seeds(0)).shape)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    loaded, pyplot, ok, shape = res.stdout.split("\n")[:4]
+    if preloaded:  # already paid for by the caller: nothing is hidden, pycma gets its pyplot
+        assert loaded == "['matplotlib', 'scipy', 'scipy.stats']" and pyplot == "True"
+    else:
+        assert loaded == "[]" and pyplot == "False"
+    assert ok == "imports ok" and shape == "(4, 3)"
