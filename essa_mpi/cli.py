@@ -27,9 +27,9 @@ import traceback
 import yaml
 
 from essa_mpi import checkpoint, rundir, watchdog
-from essa_mpi.comm import Comm, Refused, default_threads, first_error
+from essa_mpi.comm import Comm, Refused, first_error
 from essa_mpi.config import RunConfig, apply_overrides, config_from_dict, help_text, load_config, repeated_keys
-from essa_mpi.launch import check_world
+from essa_mpi.launch import bind_rank, check_slot, check_world, node_gpus
 from essa_mpi.preflight import check
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -126,10 +126,13 @@ def claim(cfg, state, task, command: str):
 
 
 def check_placement(cfg, comm: Comm) -> None:
-    """The devices load_model will use, decided before loading: ValueError when ranks on this node x
+    """The devices load_model will use, decided before loading: ValueError when MPI's split of the node is
+    not the launcher's local rank the GPUs were bound by (``launch.check_slot``), ranks on this node x
     model.gpus_per_rank exceed the GPUs this process sees (naming both), or model.device=cuda has no CUDA."""
     from essa_mpi.model import placement
 
+    if comm.size > 1:  # a one-rank world: check_world already compared the launcher's count with MPI's
+        check_slot(os.environ, comm.local_rank, comm.local_size)
     placement(cfg.model, comm.local_rank, comm.local_size)
 
 
@@ -169,7 +172,7 @@ def warm_start(cfg, comm: Comm, task) -> tuple:
             if sft.is_done(out, task.sft):
                 print(f"SFT warm start: using cached {out}", flush=True)
             else:
-                torch.set_num_threads(cfg.model.threads or default_threads(1))  # all cores: the others sleep
+                torch.set_num_threads(cfg.model.threads or comm.node_threads)  # all cores: the others sleep
                 print(f"SFT warm start: training {len(task.sft)} rows -> {out}", flush=True)
                 info = sft.train(cfg, task, out, log=lambda m: print(m, flush=True), tick=comm.beat)
         except BaseException:
@@ -202,23 +205,35 @@ def command_eval(cfg, comm: Comm, task, state) -> dict:
     return evaluate(cfg, comm)
 
 
-def preload(args: argparse.Namespace, command: str) -> None:
-    """model.engine=vllm on CPU: re-execute this process with tcmalloc and Intel OpenMP preloaded, as vLLM's
-    CPU docs ask (it doubled the engine's throughput here). Before MPI starts: the exec keeps the PID the
-    launcher knows. Bad input is left to prepare(), which reports it."""
-    if command not in ("run", "eval"):
-        return
+def early_config(args: argparse.Namespace, command: str):
+    """The config as main will read it, before MPI and before anything can start CUDA, for the decisions
+    that must come first (the rank's GPUs, the preload re-exec); None on bad input, which prepare() reports."""
+    if command not in COMMANDS or command in TOOLS:
+        return None
     try:
         if getattr(args, "resume", None):
-            cfg = config_from_dict(yaml.safe_load(checkpoint.load_latest(args.resume)[0].config_yaml))
-        else:
-            cfg = load_config(args.config, args.overrides)
+            return config_from_dict(yaml.safe_load(checkpoint.load_latest(args.resume)[0].config_yaml))
+        return load_config(args.config, args.overrides)
     except Exception:
-        return
-    from essa_mpi.model import on_cpu
+        return None
 
-    if cfg.model.engine != "vllm" or not on_cpu(cfg.model):
+
+def bind(cfg) -> None:
+    """This rank's GPUs into CUDA_VISIBLE_DEVICES from the launcher's local rank (``launch.bind_rank``), first
+    thing: CUDA reads the variable once per process, so every later user (both engines, any tensor
+    parallelism, the reward model, eval) sees only this rank's GPUs as devices 0..g-1."""
+    if cfg is not None and cfg.model.device != "cpu":
+        bind_rank(cfg.model.gpus_per_rank)
+
+
+def preload(cfg, command: str) -> None:
+    """model.engine=vllm on CPU: re-execute this process with tcmalloc and Intel OpenMP preloaded, as vLLM's
+    CPU docs ask (it doubled the engine's throughput here). Before MPI starts: the exec keeps the PID the
+    launcher knows. The environment (with this rank's CUDA_VISIBLE_DEVICES) goes with it."""
+    if command not in ("run", "eval") or cfg is None or cfg.model.engine != "vllm" or cfg.model.device == "cuda":
         return
+    if cfg.model.device == "auto" and (os.environ.get("CUDA_VISIBLE_DEVICES") or node_gpus()):
+        return  # auto on a GPU node resolves to cuda; asking torch here would start CUDA
     from essa_mpi.vllm_engine import preload_env
 
     env = preload_env(dict(os.environ))
@@ -233,8 +248,10 @@ def main(argv: list | None = None) -> int:
     if command in TOOLS:
         return importlib.import_module(TOOLS[command]).main(argv)
     args = parser(command).parse_args(argv)
+    early = early_config(args, command)
+    bind(early)  # before anything below can start CUDA
     if from_shell:
-        preload(args, command)
+        preload(early, command)
     debug = args.debug or os.environ.get("ESSA_DEBUG", "") not in ("", "0")
     comm = Comm()
     watchdog.configure(comm.rank, comm.abort if comm.size > 1 else None)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from essa_mpi import watchdog
+from essa_mpi.launch import threads_per_rank
 
 RECORD = np.dtype([("seed", "<u4"), ("reward", "<f4")])
 assert RECORD.itemsize == 8
@@ -107,7 +108,10 @@ class Comm:
         self.size = self.world.Get_size()
         node = self.world.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
+        masks = node.allgather(sorted(cores()))  # once, at start: each local rank's CPU affinity mask
         node.Free()
+        self.threads = threads_per_rank(cores(), masks)  # torch threads of this rank (launch.threads_per_rank)
+        self.node_threads = len(set().union(*masks))  # every core of the node's ranks (rank 0's SFT: others sleep)
         self.library = MPI.Get_library_version().strip()  # names the MPI actually loaded
         self.bytes_sent = 0  # bytes this rank sent through exchange (for the metrics)
         self.stall_timeout_s = 0.0  # run.stall_timeout_s: the watchdog on collectives (0 = off)
@@ -284,8 +288,9 @@ def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def default_threads(local_size: int) -> int:
-    return max(1, (os.cpu_count() or 1) // max(1, local_size))
+def cores() -> set:
+    """The CPU cores this process may run on (its affinity mask, which a launcher's binding narrows)."""
+    return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
 def library_version() -> str:

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from essa_mpi.comm import Comm, default_threads
+from essa_mpi.comm import Comm
 from essa_mpi.config import Config, split_label
 from essa_mpi.tasks.benchmarks import display_name, load_benchmark, pass_at_k
 from essa_mpi.tasks.gsm8k import SYSTEM_PROMPT
@@ -28,11 +28,10 @@ from essa_mpi.tasks.verify import math_equal
 
 def sample(model, tok, prompts: list, cfg: Config) -> list:
     """eval.k sampled completions per prompt → [len(prompts)][k] strings, in chunks of run.max_rows rows."""
-    from transformers import GenerationConfig
+    from essa_mpi.model import decoding
 
     e = cfg.eval
-    gen = GenerationConfig(do_sample=True, temperature=e.temperature, top_p=e.top_p, max_new_tokens=e.max_new_tokens,
-                           num_return_sequences=e.k, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    gen = decoding(tok, e.max_new_tokens, e.temperature, e.top_p, e.k)
     per_call = max(1, cfg.run.max_rows // e.k)
     out = []
     for start in range(0, len(prompts), per_call):
@@ -106,7 +105,7 @@ def evaluate(cfg: Config, comm: Comm) -> dict:
 
     e = cfg.eval
     benches = [load_benchmark(b, e.data_dir, e.limit) for b in e.benchmarks]
-    threads = cfg.model.threads or default_threads(comm.local_size)
+    threads = cfg.model.threads or comm.threads
     torch.set_num_threads(threads)
     seed = cfg.search.seed * 100_003 + comm.rank  # sampling differs per rank, repeatable
     if cfg.model.engine == "vllm":

@@ -3,6 +3,7 @@ the launcher started, whether MPI joined them into one world, and which GPUs a r
 
     check_world(os.environ, comm.size, MPI.Get_library_version())   # ValueError if the launch split
     gpu_ids(local_rank=1, local_size=4, gpus_per_rank=2, visible=8)  # [2, 3]
+    bind_gpus(os.environ, gpus_per_rank=1, node_gpus=8)              # "3" for the 4th rank of a node: before CUDA
 
 A launcher whose process-management interface (PMI) the MPI library does not speak starts N processes that
 each initialise MPI alone: N one-rank "worlds" that all run the whole job into the same output directory
@@ -12,6 +13,9 @@ launcher's own count with the world MPI formed and stop before anything heavy st
 
 from __future__ import annotations
 
+import glob
+import os
+import re
 from collections.abc import Mapping
 
 # Most specific first: an mpiexec started inside an srun step sets its own PMI_SIZE, while SLURM's step
@@ -93,3 +97,134 @@ def gpu_ids(local_rank: int, local_size: int, gpus_per_rank: int, visible: int) 
                          f"/ SLURM's GPU binding); launch at most {max(1, visible // gpus_per_rank)} ranks per node, "
                          f"or lower model.gpus_per_rank to {max(1, visible // local_size)}.")
     return list(range(local_rank * gpus_per_rank, (local_rank + 1) * gpus_per_rank))
+
+
+# The launcher's word on this process's place on its node, innermost launcher first (as SIZE_VARIABLES):
+# (local rank variable, local size variable, who sets them). SLURM's size comes from the step's task layout.
+LOCAL_VARIABLES = (
+    ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE", "Open MPI's mpirun"),
+    ("MPI_LOCALRANKID", "MPI_LOCALNRANKS", "MPICH/Intel MPI's mpiexec (Hydra)"),
+    ("SLURM_LOCALID", None, "srun"),
+)
+BOUND = "ESSA_GPU_SLOT"  # "local_rank/local_size/variable": set with CUDA_VISIBLE_DEVICES, checked against MPI
+
+
+def tasks_on_node(layout: str, node: int) -> int | None:
+    """Tasks SLURM put on node index ``node`` from a layout like SLURM_STEP_TASKS_PER_NODE ("4(x2),3").
+
+    >>> tasks_on_node("4(x2),3", 0), tasks_on_node("4(x2),3", 2), tasks_on_node("8", 0), tasks_on_node("2", 5)
+    (4, 3, 8, None)
+    """
+    counts = []
+    for part in layout.split(","):
+        m = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[node] if 0 <= node < len(counts) else None
+
+
+def local_slot(env: Mapping[str, str]) -> tuple | None:
+    """(local rank, ranks on this node, the variable that says so) from the launcher, before MPI starts; None
+    outside a launcher that says.
+
+    >>> local_slot({"SLURM_LOCALID": "3", "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "SLURM_NODEID": "1"})
+    (3, 8, 'SLURM_LOCALID')
+    >>> local_slot({"SLURM_LOCALID": "0", "SLURM_NTASKS_PER_NODE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"})
+    (1, 2, 'MPI_LOCALRANKID')
+    >>> local_slot({}), local_slot({"SLURM_LOCALID": "0"})
+    (None, None)
+    """
+    for rank_var, size_var, _ in LOCAL_VARIABLES:
+        rank = env.get(rank_var, "").strip()
+        if not rank.isdigit():
+            continue
+        if size_var:
+            size = env.get(size_var, "").strip()
+            size = int(size) if size.isdigit() else None
+        else:  # srun: the step's layout (mpiexec inside an allocation leaves the batch step's behind)
+            node = env.get("SLURM_NODEID", "0").strip()
+            size = next((tasks_on_node(env[v], int(node) if node.isdigit() else 0)
+                         for v in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE", "SLURM_NTASKS_PER_NODE")
+                         if env.get(v)), None)
+        if size and int(rank) < size:
+            return int(rank), size, rank_var
+    return None
+
+
+def node_gpus() -> int:
+    """NVIDIA GPUs on this node, from the driver's /proc entries (or /dev/nvidiaN): no CUDA call, so
+    CUDA_VISIBLE_DEVICES can still be set afterwards. 0 on a machine without the NVIDIA driver."""
+    found = glob.glob("/proc/driver/nvidia/gpus/*")
+    return len(found) or len([d for d in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", d)])
+
+
+def bind_gpus(env: Mapping[str, str], gpus_per_rank: int, node_gpus: int) -> str | None:
+    """The CUDA_VISIBLE_DEVICES this rank must have before anything starts CUDA (CUDA reads the variable once
+    per process), or None to leave it alone: the launcher bound the rank already (it sees exactly
+    ``gpus_per_rank`` GPUs: ``srun --gpus-per-task``), no GPU is visible, the local rank is unknown, or the
+    node has too few GPUs (``gpu_ids`` then says so with the numbers, after MPI starts). A list the
+    launcher set (SLURM's GPUs of this job on a shared node) is split, never widened.
+
+    >>> bind_gpus({"MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "8"}, 1, node_gpus=8)
+    '3'
+    >>> bind_gpus({"SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, 2, 8)
+    '6,7'
+    >>> bind_gpus({"SLURM_LOCALID": "1", "SLURM_STEP_TASKS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "5"}, 1, 8)
+    >>> bind_gpus({"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "4"}, 1, node_gpus=0)
+    """
+    preset = env.get("CUDA_VISIBLE_DEVICES")
+    visible = [x.strip() for x in preset.split(",") if x.strip()] if preset is not None else \
+        [str(i) for i in range(node_gpus)]
+    slot = local_slot(env)
+    if not visible or len(visible) == gpus_per_rank or slot is None or gpus_per_rank < 1:
+        return None
+    rank, size, _ = slot
+    if size * gpus_per_rank > len(visible):
+        return None
+    return ",".join(visible[rank * gpus_per_rank: (rank + 1) * gpus_per_rank])
+
+
+def bind_rank(gpus_per_rank: int, env: dict | None = None) -> str | None:
+    """Set this process's CUDA_VISIBLE_DEVICES (``bind_gpus``) and remember the slot it came from (``BOUND``)
+    for ``check_slot``. → the value set, or None. Call before torch, vLLM or bitsandbytes can touch CUDA."""
+    env = os.environ if env is None else env
+    value = bind_gpus(env, gpus_per_rank, node_gpus() if "CUDA_VISIBLE_DEVICES" not in env else 0)
+    if value is not None:
+        rank, size, var = local_slot(env)
+        env["CUDA_VISIBLE_DEVICES"], env[BOUND] = value, f"{rank}/{size}/{var}"
+    return value
+
+
+def check_slot(env: Mapping[str, str], local_rank: int, local_size: int) -> None:
+    """ValueError when the launcher's local rank, on which ``bind_rank`` chose this rank's GPUs, is not
+    MPI's (its shared-memory split of the node): two ranks would share a GPU.
+
+    >>> check_slot({BOUND: "1/2/MPI_LOCALRANKID"}, 1, 2)
+    >>> check_slot({BOUND: "1/2/MPI_LOCALRANKID"}, 0, 4)
+    Traceback (most recent call last):
+    ...
+    ValueError: the launcher placed this process as local rank 1 of 2 (MPI_LOCALRANKID) and chose its GPUs from that, but MPI counts it as local rank 0 of 4 on this node; GPUs would be shared between ranks: bind GPUs in the launcher (srun --gpus-per-task=G, or CUDA_VISIBLE_DEVICES per rank).
+    """
+    bound = env.get(BOUND, "").split("/")
+    if len(bound) != 3 or (int(bound[0]), int(bound[1])) == (local_rank, local_size):
+        return
+    raise ValueError(f"the launcher placed this process as local rank {bound[0]} of {bound[1]} ({bound[2]}) and "
+                     f"chose its GPUs from that, but MPI counts it as local rank {local_rank} of {local_size} on "
+                     f"this node; GPUs would be shared between ranks: bind GPUs in the launcher (srun "
+                     f"--gpus-per-task=G, or CUDA_VISIBLE_DEVICES per rank).")
+
+
+def threads_per_rank(mine: set, node: list) -> int:
+    """Compute threads for a rank bound to the cores ``mine`` (its affinity mask) when the node's ranks hold
+    ``node`` (every local rank's mask, its own included): its cores divided among the ranks whose masks
+    overlap it. A launcher that binds each rank to its own cores (srun --cpu-bind, cpus-per-task) gives it all
+    of them; unbound ranks on one cgroup split it; never os.cpu_count(), which counts cores the job was not given.
+
+    >>> threads_per_rank({0, 1, 2, 3}, [{0, 1, 2, 3}, {4, 5, 6, 7}]), threads_per_rank({0, 1, 2, 3}, [{0, 1, 2, 3}] * 2)
+    (4, 2)
+    >>> threads_per_rank({0}, [{0}] * 4)
+    1
+    """
+    sharing = sum(1 for other in node if set(other) & set(mine)) or 1
+    return max(1, len(mine) // sharing)

@@ -48,12 +48,19 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 def placement(cfg: ModelConfig, local_rank: int, local_size: int) -> tuple:
     """→ (this rank's first device, accelerate max_memory over its GPUs when it spreads the model over
-    several, else None). GPUs per rank: ``launch.gpu_ids``."""
+    several, else None). GPUs per rank: ``launch.gpu_ids`` over what this process sees; after
+    ``launch.bind_rank`` that is exactly the rank's own, devices 0..g-1."""
     if on_cpu(cfg):
         return torch.device("cpu"), None
     if not torch.cuda.is_available():
         raise ValueError("model.device=cuda but CUDA is not available; use model.device=cpu or auto.")
     ids = gpu_ids(local_rank, local_size, cfg.gpus_per_rank, torch.cuda.device_count())
+    if cfg.engine == "vllm" and ids[0] != 0:  # vLLM always starts at device 0 of what the process sees
+        raise ValueError(f"model.engine=vllm: local rank {local_rank} of {local_size} sees "
+                         f"{torch.cuda.device_count()} GPUs, so its engine would share GPU 0 with rank 0; the "
+                         f"launcher named no local rank to bind GPUs by (SLURM_LOCALID, MPI_LOCALRANKID, "
+                         f"OMPI_COMM_WORLD_LOCAL_RANK): launch with srun or mpiexec, or bind GPUs in the launcher "
+                         f"(srun --gpus-per-task={cfg.gpus_per_rank}).")
     if len(ids) == 1:
         return torch.device("cuda", ids[0]), None
     # accelerate fills the listed GPUs in order and never touches the others (other ranks' GPUs)
@@ -157,7 +164,33 @@ def load_model(cfg: ModelConfig, local_rank: int = 0, local_size: int = 1) -> tu
             model.to(device)
     model.eval().requires_grad_(False)
     contiguous_head_input(model)
+    model.ignored_decoding = own_decoding(model)
     return model, tok
+
+
+def own_decoding(model) -> dict:
+    """Drop the model's shipped generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20,
+    top_p 0.8, temperature 0.7): transformers fills every value a passed GenerationConfig leaves unset from
+    it, so greedy search and validation would not be greedy. → the decoding values it held (for the log)."""
+    from transformers import GenerationConfig
+
+    shipped = getattr(model, "generation_config", None)
+    diff = shipped.to_diff_dict() if shipped is not None else {}
+    ignored = {k: v for k, v in diff.items() if k not in ("transformers_version", "_from_model_config")
+               and not k.endswith("token_id")}
+    model.generation_config = GenerationConfig()  # transformers' neutral defaults; decoding() sets the rest
+    return ignored
+
+
+def decoding(tok, max_new_tokens: int, temperature: float | None = None, top_p: float = 1.0, k: int = 1):
+    """The GenerationConfig of every HF generate call: greedy (temperature None: search, validation) or
+    sampling with temperature and top_p alone (eval), k sequences per prompt. top_k is off (transformers'
+    default is 50; vLLM's SamplingParams have none), and nothing comes from the model (``own_decoding``)."""
+    from transformers import GenerationConfig
+
+    sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {"do_sample": False}
+    return GenerationConfig(**sample, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=k,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
 
 def contiguous_head_input(model: torch.nn.Module) -> None:

@@ -44,12 +44,11 @@ class PopulationEvaluator:
     """Turns candidate offset vectors into generations and rewards (the "problem" beside the search)."""
 
     def __init__(self, model, tokenizer, adapter: SVDLoRA, task: Task, max_new_tokens: int, max_rows: int) -> None:
-        from transformers import GenerationConfig
+        from essa_mpi.model import decoding
 
         self.model, self.tok, self.adapter, self.task = model, tokenizer, adapter, task
         self.max_rows = max_rows
-        self.gen_cfg = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens,
-                                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        self.gen_cfg = decoding(tokenizer, max_new_tokens)  # greedy
 
     def texts(self, examples: list) -> list:
         """Each example's prompt in the task's messages and the model's chat template, ready to generate after."""

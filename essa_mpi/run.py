@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from essa_mpi import checkpoint, watchdog
-from essa_mpi.comm import RECORD, Comm, default_threads, first_error, record_counts
+from essa_mpi.comm import RECORD, Comm, first_error, record_counts
 from essa_mpi.config import Config, step_scale
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog, reward_stats
@@ -44,7 +44,7 @@ class Parts:
 
 def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     """Load the model on this rank and wire adapter, evaluator and search (Alg. 1, lines 1-7)."""
-    threads = cfg.model.threads or default_threads(comm.local_size)
+    threads = cfg.model.threads or comm.threads
     torch.set_num_threads(threads)
     engine = None
     if cfg.model.engine == "vllm":  # vLLM holds the weights; SVD-LoRA needs only the modules' names and shapes

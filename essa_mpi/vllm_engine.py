@@ -13,11 +13,13 @@ generates every (candidate, prompt) row in one ``LLM.generate`` call, then remov
 the directory. Prompts go in as token ids from essa_mpi's own tokenizer and chat template, and completions
 are decoded by it, so rewards see exactly what the Hugging Face engine gives them.
 
-The engine runs inside the rank (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): no engine process exists that could
-outlive its rank, and vLLM's spawned engine process would import this program again (MPI and all). On CPU
-its OpenMP threads are bound to this rank's share of cores (``VLLM_CPU_OMP_THREADS_BIND``); on GPUs the rank
-sees only its ``gpus_per_rank`` devices (CUDA_VISIBLE_DEVICES) and spreads the model over them with tensor
-parallelism. tcmalloc and Intel OpenMP are preloaded by re-executing the rank (``preload_env``).
+The engine runs inside the rank (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): with one GPU per rank (and on CPU)
+no engine process exists that could outlive its rank, and vLLM's spawned engine process would import this
+program again (MPI and all). With ``gpus_per_rank`` > 1 vLLM spawns one worker process per extra GPU for
+tensor parallelism; ``close`` ends them. On CPU its OpenMP threads are bound to this rank's share of cores
+(``VLLM_CPU_OMP_THREADS_BIND``); on GPUs the rank sees only its own devices (``launch.bind_rank`` set
+CUDA_VISIBLE_DEVICES before CUDA started) and spreads the model over them. tcmalloc and Intel OpenMP are
+preloaded by re-executing the rank (``preload_env``).
 """
 
 from __future__ import annotations
@@ -140,39 +142,36 @@ class VLLMEngine:
 
     def __init__(self, cfg: ModelConfig, path: str, max_loras: int, lora_rank: int, max_rows: int,
                  local_rank: int = 0, local_size: int = 1, threads: int = 1, seed: int = 0) -> None:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: nothing can outlive the rank
-        import torch
-
         from essa_mpi.model import compute_dtype
         from essa_mpi.model import on_cpu as resolves_to_cpu
 
         self.on_cpu = on_cpu = resolves_to_cpu(cfg)
+        tp = 1 if on_cpu else cfg.gpus_per_rank
+        os.environ.update(engine_env(local_rank, tp, os.environ))
         if on_cpu:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores(list(os.sched_getaffinity(0)), local_rank, threads)
-        else:
-            from essa_mpi.launch import gpu_ids
-
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
-            ids = gpu_ids(local_rank, local_size, cfg.gpus_per_rank, torch.cuda.device_count())
-            if len(visible) >= torch.cuda.device_count() and visible[0]:
-                ids = [visible[i] for i in ids]
-            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, ids))
+        # On GPUs nothing to choose here: cli.main bound this rank's GPUs before CUDA started (launch.bind_rank),
+        # so the engine's devices 0..tp-1 are the rank's own; model.placement refused a rank that shares GPU 0.
         from vllm import LLM
 
-        kw = {}
-        if on_cpu or cfg.vllm_kv_cache_gib:  # on CPU an explicit size: the fraction would reserve that share of RAM
-            kw["kv_cache_memory_bytes"] = int((cfg.vllm_kv_cache_gib or (2 if on_cpu else 0)) * 2**30)
-        self.llm = LLM(model=path, dtype=compute_dtype(cfg.precision), seed=seed,
-                       enable_lora=True, max_loras=max(1, max_loras), max_lora_rank=lora_slot(lora_rank),
-                       max_cpu_loras=max(1, max_loras), max_num_seqs=max(1, min(max_rows, 1024)),
-                       tensor_parallel_size=1 if on_cpu else cfg.gpus_per_rank, skip_tokenizer_init=True,
-                       gpu_memory_utilization=cfg.vllm_memory_fraction, enable_prefix_caching=False, **kw)
         sweep_scratch()
         self.scratch = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-",
                                         dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.next_id = 1
         atexit.register(self.close)  # a normal exit
         watchdog.on_exit(self.close)  # SIGINT/SIGTERM, a stall or another rank's failure (os._exit: no atexit)
+        kw = {}
+        if on_cpu or cfg.vllm_kv_cache_gib:  # on CPU an explicit size: the fraction would reserve that share of RAM
+            kw["kv_cache_memory_bytes"] = int((cfg.vllm_kv_cache_gib or (2 if on_cpu else 0)) * 2**30)
+        # generation_config: an empty one of our own, so the model's generation_config.json adds nothing (no
+        # default sampling values, no extra stop ids); the SamplingParams essa_mpi passes are the whole decoding.
+        with open(os.path.join(self.scratch, "generation_config.json"), "w") as fh:
+            fh.write("{}")
+        self.llm = LLM(model=path, dtype=compute_dtype(cfg.precision), seed=seed,
+                       enable_lora=True, max_loras=max(1, max_loras), max_lora_rank=lora_slot(lora_rank),
+                       max_cpu_loras=max(1, max_loras), max_num_seqs=max(1, min(max_rows, 1024)),
+                       tensor_parallel_size=tp, skip_tokenizer_init=True, generation_config=self.scratch,
+                       gpu_memory_utilization=cfg.vllm_memory_fraction, enable_prefix_caching=False, **kw)
 
     def generate(self, prompts: list, params, loras: list | None = None) -> list:
         """prompts: token-id lists; loras: one adapter directory (or None = base) per prompt → per prompt the
@@ -194,7 +193,33 @@ class VLLMEngine:
         return [[list(c.token_ids) for c in o.outputs] for o in outs]
 
     def close(self) -> None:
+        """Remove the scratch directory and end the engine's tensor-parallel workers (tp > 1), which a killed
+        rank would otherwise leave holding their GPUs."""
         shutil.rmtree(self.scratch, ignore_errors=True)
+        import multiprocessing
+
+        for child in multiprocessing.active_children():
+            child.terminate()
+
+
+PORT_BASE, PORTS_PER_RANK = 29600, 50  # vLLM's own ports (distributed init, tp workers' queues) per local rank
+
+
+def engine_env(local_rank: int, tp: int, env) -> dict:
+    """vLLM settings this rank's engine needs in its environment: the engine in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), tensor-parallel workers spawned, never forked (a fork would carry
+    this rank's MPI state into them), and a port range of its own so the engines of one node do not race for
+    the same free port (``VLLM_PORT``: vLLM scans upward from it). A VLLM_PORT the user set is kept.
+
+    >>> engine_env(2, 2, {})["VLLM_PORT"], engine_env(0, 1, {"VLLM_PORT": "4000"}).get("VLLM_PORT")
+    ('29700', None)
+    """
+    out = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if tp > 1:
+        out["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+    if "VLLM_PORT" not in env:
+        out["VLLM_PORT"] = str(PORT_BASE + PORTS_PER_RANK * local_rank)
+    return out
 
 
 def load_engine(cfg, local_rank: int, local_size: int, candidates: int, threads: int) -> tuple:

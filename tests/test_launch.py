@@ -79,7 +79,7 @@ def test_placement_errors_before_loading(eight_gpus):
     cfg = Config()
     cfg.model.gpus_per_rank = 2
     with pytest.raises(ValueError, match="8 ranks on this node x model.gpus_per_rank=2 need 16 GPUs"):
-        check_placement(cfg, SimpleNamespace(local_rank=0, local_size=8))
+        check_placement(cfg, SimpleNamespace(local_rank=0, local_size=8, size=8))
 
 
 def test_placement_cpu_ignores_gpus(eight_gpus):
@@ -94,7 +94,7 @@ def test_cuda_without_cuda_is_refused_before_loading(monkeypatch):
     cfg = Config()
     cfg.model.device = "cuda"
     with pytest.raises(ValueError, match="model.device=cuda but CUDA is not available"):
-        check_placement(cfg, SimpleNamespace(local_rank=0, local_size=1))
+        check_placement(cfg, SimpleNamespace(local_rank=0, local_size=1, size=1))
 
 
 def test_old_entry_points_still_work():

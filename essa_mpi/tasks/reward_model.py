@@ -28,8 +28,8 @@ SYSTEM_PROMPT = "You are a helpful, honest, and concise assistant."  # paper, ap
 class RewardModelScorer:
     """Scores (prompt, response) pairs: ``scorer(completions, prompt=[...]) -> list[float]``.
 
-    The model is loaded on first use, on every rank, on the rank's current CUDA device (``load_model`` sets
-    it) or the CPU.
+    The model is loaded on first use, on every rank, on the rank's current CUDA device (device 0 of the
+    rank's own GPUs, ``launch.bind_rank``; ``load_model`` sets it) or the CPU.
     """
 
     def __init__(self, name: str, trust_remote_code: bool, batch_size: int = 8) -> None:
