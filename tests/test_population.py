@@ -60,3 +60,44 @@ def test_broken_reward_is_an_error_naming_it(evaluator, bad, match):
     evaluator.task.reward = bad
     with pytest.raises(RuntimeError, match=match):
         evaluator.prompt_rewards(["a", "b"], [{"prompt": "p", "answer": ""}] * 2, 1)
+
+
+@pytest.fixture(scope="module")
+def shipped_decoding(tiny_dir, tmp_path_factory):
+    """The tiny model again, now shipping a generation_config.json as Qwen2.5-Instruct does (sampling values,
+    a repetition penalty), made strong enough to change every greedy completion."""
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("shipped") / "model"
+    shutil.copytree(tiny_dir, out)
+    cfg = json.loads((out / "generation_config.json").read_text())
+    cfg.update(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=50.0, no_repeat_ngram_size=1)
+    (out / "generation_config.json").write_text(json.dumps(cfg))
+    return str(out)
+
+
+def test_a_models_generation_config_changes_no_completion(tiny_dir, shipped_decoding):
+    """Search and validation decode greedily as configured, and eval samples with temperature and top_p only,
+    whatever the model's generation_config.json holds (transformers fills unset values from it)."""
+    import torch
+
+    from essa_mpi.config import Config, ModelConfig
+    from essa_mpi.evaluate import sample
+    from essa_mpi.model import load_model
+
+    task = build_task(TaskConfig(name="toy", val_size=4), seed=0)
+    X = np.random.default_rng(0).standard_normal((3, 2 * 8 * 4))  # [C, n]: 8 matrices x 2 x r=4
+    out, draws = [], []
+    for path in (tiny_dir, shipped_decoding):
+        model, tok = load_model(ModelConfig(name_or_path=path, device="cpu"))
+        adapter = SVDLoRA.attach(model, fresh_lora_factors(model, TARGETS, 4, 8.0, seed=0), fraction=1.0)
+        ev = PopulationEvaluator(model, tok, adapter, task, max_new_tokens=8, max_rows=1000)
+        out.append(ev.completions(X, task.train[:4]) + ev.generate(None, ev.encode(task.val)))
+        adapter.clear()
+        cfg = Config()
+        cfg.eval.k, cfg.eval.max_new_tokens = 2, 8
+        torch.manual_seed(0)
+        draws.append(sample(model, tok, ["1+1", "2+3"], cfg))
+    assert out[0] == out[1] and draws[0] == draws[1]
+    assert model.ignored_decoding["repetition_penalty"] == 50.0  # said in the run's first lines
