@@ -106,20 +106,32 @@ def _svd_factor(X: torch.Tensor, seed: int) -> tuple:
     return torch.linalg.svd(X, full_matrices=False)  # U [m, k], S [k], Vh [k, n]
 
 
+def layer_device(module: nn.Module) -> torch.device:
+    """Where a layer's weights live: its first parameter or, for layers that hold buffers only (a GPTQ layer
+    without bias: qweight, scales, ... are buffers), its first buffer; the CPU for a layer with neither.
+
+    >>> from essa_mpi.gptq import GPTQLinear
+    >>> layer_device(GPTQLinear(64, 64, 1, bias=False, dtype=torch.float32).to("meta"))
+    device(type='meta')
+    """
+    first = next(iter(module.parameters()), None)
+    first = next(iter(module.buffers()), None) if first is None else first
+    return first.device if first is not None else torch.device("cpu")
+
+
 class SVDLoRALinear(nn.Module):
     """Wraps a base projection; adds the SVD-LoRA branch with per-candidate singular values.
 
     Base weights are referenced, never copied, merged or modified (they may be quantized modules).
     """
 
-    def __init__(self, base: nn.Module, f: LoraFactors, seed: int) -> None:
+    def __init__(self, base: nn.Module, f: LoraFactors, seed: int, dev: torch.device) -> None:
+        """dev: where the branch runs (``layer_device(base)``; the CPU for a weightless skeleton)."""
         super().__init__()
         self.base = base
         U_A, s_A, Vh_A = _svd_factor(f.A, seed)  # [r, r], [r], [r, n_in]
         U_B, s_B, Vh_B = _svd_factor(f.B, seed + 1)  # [n_out, r], [r], [r, r]
         # The branch runs in fp32 on the base layer's device, whatever the base precision (bf16, int8, int4).
-        dev = next(iter(base.parameters()), torch.empty(0)).device
-        dev = torch.device("cpu") if dev.type == "meta" else dev  # a weightless skeleton (model.engine=vllm)
         for name, t in (("V_A", Vh_A.T), ("U_A", U_A), ("Vh_B", Vh_B), ("M_t", (Vh_B @ U_A).T), ("U_B_t", U_B.T),
                         ("s_A", s_A), ("s_B", s_B)):
             self.register_buffer(name, t.float().contiguous().to(dev), persistent=False)
@@ -154,7 +166,7 @@ class SVDLoRALinear(nn.Module):
 
         >>> g = torch.Generator().manual_seed(0)
         >>> f = LoraFactors("q", torch.randn(2, 6, generator=g), torch.randn(5, 2, generator=g))  # A [2, 6], B [5, 2]
-        >>> layer = SVDLoRALinear(nn.Linear(6, 5), f, seed=0)
+        >>> layer = SVDLoRALinear(nn.Linear(6, 5), f, seed=0, dev=torch.device("cpu"))
         >>> A, B = layer.rebuild(layer.s_A, layer.s_B)
         >>> torch.allclose(A, f.A, atol=1e-5), torch.allclose(B, f.B, atol=1e-5)
         (True, True)
@@ -177,10 +189,12 @@ class SVDLoRA:
         if k == 0:
             raise ValueError(f"fraction={fraction} of rank {r} leaves no singular value to search.")
         modules, bases = [], []
+        skeleton = all(p.is_meta for p in model.parameters())  # model.engine=vllm: no weights here, branch on CPU
         for i, f in enumerate(factors):
             parent_name, _, child = f.name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            wrapped = SVDLoRALinear(getattr(parent, child), f, seed + 2 * i)
+            base = getattr(parent, child)
+            wrapped = SVDLoRALinear(base, f, seed + 2 * i, torch.device("cpu") if skeleton else layer_device(base))
             setattr(parent, child, wrapped)
             modules.append(wrapped)
             bases.append(f)

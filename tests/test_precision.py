@@ -116,6 +116,41 @@ def test_densified_gptq_model_computes_the_same_outputs(model_dirs):
     torch.testing.assert_close(dense, quantized, rtol=0, atol=0)
 
 
+def test_gptq_decoding_steps_run_the_fused_int4_kernel_with_the_dequantized_results(model_dirs):
+    from essa_mpi.gptq import GPTQLinear
+
+    model, _ = load(model_dirs, "gptq")
+    layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    calls = []
+    real = torch._weight_int4pack_mm_for_cpu
+    torch._weight_int4pack_mm_for_cpu = lambda *a: (calls.append(a[0].shape), real(*a))[1]
+    try:
+        for layer in layers:
+            x = torch.randn(6, 1, layer.in_features, dtype=torch.bfloat16)  # [rows, 1, in]: a decoding step
+            fused = layer(x)
+            slow = torch.nn.functional.linear(x, layer.dequantize(), layer.bias)  # [rows, 1, out]
+            torch.testing.assert_close(fused, slow, rtol=0.02, atol=0.02 * slow.abs().max().item())
+            layer(torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16))  # prefill: dequantized, not counted
+    finally:
+        torch._weight_int4pack_mm_for_cpu = real
+    assert all(layer.kernel[torch.device("cpu")] is not None for layer in layers)
+    assert calls.count(torch.Size([6, layers[0].in_features])) >= 1 and all(s[0] in (4, 6) for s in calls)
+
+
+def test_gptq_layers_without_bias_keep_every_svd_lora_tensor_on_their_device(model_dirs):
+    """A GPTQ layer without bias has buffers only; the branch must follow them (meta stands in for a GPU)."""
+    from essa_mpi.gptq import GPTQLinear
+
+    model, _ = load(model_dirs, "gptq")
+    for m in model.modules():
+        if isinstance(m, GPTQLinear):
+            assert m.bias is None
+            m.to("meta")  # the layer on a device other than the rest of the model
+    adapter = SVDLoRA.attach(model, fresh_lora_factors(model, TARGETS, 2, 4.0, seed=0), fraction=1.0)
+    for m in adapter.modules:
+        assert {t.device.type for t in m.buffers(recurse=False)} == {"meta"}, m
+
+
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_sft_warm_start_trains_on_the_quantized_base(model_dirs, precision, tmp_path):
     """`model.precision=P` trains its SFT adapter on the P base (QLoRA-style); the adapter loads into SVD-LoRA."""
