@@ -188,8 +188,9 @@ def decoding(tok, max_new_tokens: int, temperature: float | None = None, top_p: 
     default is 50; vLLM's SamplingParams have none), and nothing comes from the model (``own_decoding``)."""
     from transformers import GenerationConfig
 
-    sample = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature else {"do_sample": False}
-    return GenerationConfig(**sample, top_k=0, max_new_tokens=max_new_tokens, num_return_sequences=k,
+    sample = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature else \
+        {"do_sample": False}
+    return GenerationConfig(**sample, max_new_tokens=max_new_tokens, num_return_sequences=k,
                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
 
 

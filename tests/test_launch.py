@@ -1,5 +1,6 @@
 """launch: the launcher's process count against MPI's world, and which GPUs a rank owns (faked GPU counts)."""
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -111,3 +112,32 @@ def test_old_entry_points_still_work():
     res = subprocess.run([sys.executable, os.path.join(root, "tools", "quantize_gptq.py"), "--help"],
                          capture_output=True, text=True)
     assert res.returncode == 0 and "python -m essa_mpi quantize" in res.stdout
+
+
+def test_threads_come_from_the_affinity_mask_not_the_core_count(monkeypatch):
+    """A rank bound to 4 of a node's 64 cores runs 4 threads; 8 unbound ranks sharing 16 cores run 2 each."""
+    from essa_mpi import comm as comm_mod
+    from essa_mpi.comm import Comm
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 9, 10, 11})
+    c = Comm()  # a one-rank world: its node holds only this rank
+    assert c.threads == 4 and c.node_threads == 4
+    assert comm_mod.threads_per_rank({0, 1, 2, 3}, [{0, 1, 2, 3}, {4, 5, 6, 7}]) == 4
+    assert comm_mod.threads_per_rank(set(range(16)), [set(range(16))] * 8) == 2
+
+
+def test_first_contact_script_dry_run_skips_every_check_with_a_reason(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "fc.json"
+    res = subprocess.run([sys.executable, os.path.join(root, "tools", "bench", "gpu_first_contact.py"), "--out",
+                          str(out)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    checks = json.loads(out.read_text())["checks"]
+    assert set(checks) == {"cuda_reads_visible_devices_once", "ranks_on_own_gpus", "gptq_cuda",
+                           "bf16_left_padded_generation", "hf_vs_vllm"}
+    assert all(c["status"] == "skipped" and c["reason"] == "no CUDA device on this machine" for c in checks.values())

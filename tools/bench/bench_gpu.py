@@ -147,6 +147,12 @@ def main() -> None:
     dense = save_random(args.arch, os.path.join(work, "dense"), args.device if args.device == "cuda" else "cpu")
     gptq = save_random_gptq(dense, os.path.join(work, "gptq")) if "gptq" in precisions else None
     print(f"random {args.arch} checkpoints written in {time.time() - t0:.0f} s", flush=True)
+    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"}
+    for pkg in ("transformers", "bitsandbytes", "gptqmodel"):
+        try:
+            env[pkg] = __import__(pkg).__version__
+        except Exception:
+            env[pkg] = None
     results = []
     for p in precisions:
         try:
@@ -154,18 +160,18 @@ def main() -> None:
         except Exception as exc:  # one precision failing (say a missing kernel) must not lose the others
             results.append({"precision": p, "error": f"{type(exc).__name__}: {exc}"[:500]})
             print(json.dumps(results[-1]), flush=True)
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"}
-    for pkg in ("transformers", "bitsandbytes", "gptqmodel"):
-        try:
-            env[pkg] = __import__(pkg).__version__
-        except Exception:
-            env[pkg] = None
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump({"arch": args.arch, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
-                   "env": env, "results": results, "wall_s": round(time.time() - t0, 1)}, fh, indent=1)
+        write(args, env, results, t0)  # after every precision: a timeout keeps what was measured
     print(f"wrote {args.out}")
 
+
+def write(args: argparse.Namespace, env: dict, results: list, t0: float) -> None:
+    """The JSON so far, replaced atomically (a reader never sees half a file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".part", "w") as fh:
+        json.dump({"arch": args.arch, "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")},
+                   "env": env, "results": results, "done": len(results) == len(args.precisions.split(",")),
+                   "wall_s": round(time.time() - t0, 1)}, fh, indent=1)
+    os.replace(args.out + ".part", args.out)
 
 if __name__ == "__main__":
     main()
