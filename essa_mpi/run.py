@@ -184,6 +184,10 @@ def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> 
     backend = f", GPTQ kernels: {model.gptq_backend}" if hasattr(model, "gptq_backend") else ""
     log.message(f"rank {comm.rank} (local {comm.local_rank}/{comm.local_size}): model on {','.join(where)}{backend}",
                 every_rank=True)
+    ignored = getattr(model, "ignored_decoding", None)
+    if ignored:  # model.own_decoding: the search decodes greedily as task.* says, whatever the model ships
+        values = ", ".join(f"{k}={v}" for k, v in ignored.items())
+        log.message(f"the model's generation_config.json is ignored ({values}): decoding is greedy as configured")
     memory = {"weights_bytes": weight_bytes(model), **peak_memory()}
     log.message(f"memory per rank ({cfg.model.precision}): weights {memory['weights_bytes'] / 2**20:.1f} MiB, "
                 f"peak resident {memory['peak_rss_bytes'] / 2**20:.0f} MiB after loading")
