@@ -136,6 +136,14 @@ def check_placement(cfg, comm: Comm) -> None:
     placement(cfg.model, comm.local_rank, comm.local_size)
 
 
+def check_rank_memory(cfg, comm: Comm, task, command: str) -> None:
+    """The memory model's preflight for a search (``model.check_memory``): before any rank loads weights."""
+    if command == "run":
+        from essa_mpi.model import check_memory
+
+        check_memory(cfg, comm.local_rank, comm.local_size, task.prompt_tokens)
+
+
 def needs_sft(cfg, state, command: str) -> bool:
     return command == "sft" or (state is None and cfg.adapter.path is None and cfg.adapter.warm_start == "sft")
 
@@ -268,6 +276,7 @@ def main(argv: list | None = None) -> int:
         comm.stall_timeout_s = cfg.run.stall_timeout_s
         first_error(comm, lambda: check_placement(cfg, comm))
         task = first_error(comm, lambda: load_task(cfg, state, command))
+        first_error(comm, lambda: check_rank_memory(cfg, comm, task, command))
         lock = first_error(comm, lambda: claim(cfg, state, task, command) if comm.rank == 0 else None)
     except Refused as exc:
         if comm.rank == 0:

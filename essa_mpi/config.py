@@ -141,6 +141,11 @@ class SFTConfig:
                               "GSM8K), linear decay to 0.")
     epochs: int = _f(1, "Passes over the SFT rows.")
     batch_size: int = _f(16, "Rows per optimizer step (paper, appendix H.2: 16).")
+    micro_batch: int = _f(0, "Rows per forward/backward pass; gradients accumulate over batch_size / micro_batch "
+                          "passes with the same loss as one batch (the mean over all completion tokens). 0 = as "
+                          "many as fit (essa_mpi/memory.py).")
+    gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in the backward pass instead of "
+                                      "keeping them (less memory per row, about a third more compute).")
     max_length: int = _f(512, "Prompt + completion tokens kept per row (longer rows are truncated).")
     output_dir: str | None = _f(None, "Where the SFT adapter is written; None = runs/sft/<task>-<hash of "
                                    "everything that shapes it>, so a repeated run reuses it.")
@@ -180,7 +185,13 @@ class EvalConfig:
 class RunConfig:
     generations: int = _f(18, "Number of ESSA generations (CMA-ES updates).")
     output_dir: str = _f("runs/smollm2_arithmetic", "metrics.jsonl, checkpoint.h5 and adapter/ are written here.")
-    max_rows: int = _f(256, "Most generation rows (candidates x prompts) in one batched generate call.")
+    max_rows: int | Literal["auto"] = _f("auto", "Most generation rows (candidates x prompts) in one batched generate "
+                                         "call; auto = as many as fit (essa_mpi/memory.py: KV cache and the "
+                                         "largest transient per row against the device's memory x memory_headroom; "
+                                         "on CPU the available RAM / ranks on the node), printed at the start.")
+    memory_headroom: float = _f(0.9, "Share of a GPU's memory (or of the available RAM per rank on CPU) that "
+                                "max_rows=auto and the memory check may plan for; the rest is left to the "
+                                "allocator's fragmentation and to other processes.")
     progress: bool = _f(True, "tqdm progress bar on rank 0.")
     report_to: Literal["none", "tensorboard"] = _f("none", "Also log metrics to TensorBoard (output_dir/tensorboard; "
                                                     "pip install tensorboard). curves.png is written either way.")
@@ -217,11 +228,20 @@ _SECTION_CLASSES = {"model": ModelConfig, "adapter": AdapterConfig, "search": Se
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Return value coerced to tp, or raise ValueError naming key, value and the expected type."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None:
+    if origin in (typing.Union, types.UnionType):  # X | None, int | Literal["auto"]
+        arms = typing.get_args(tp)
+        if value is None and type(None) in arms:
             return None
-        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _check_type(key, value, inner)
+        errors = []
+        for arm in (a for a in arms if a is not type(None)):
+            try:
+                return _check_type(key, value, arm)
+            except ValueError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ValueError(f"{key}={value!r} is neither a number nor one of the words it takes; write e.g. "
+                         f"{key}={typing.get_args(arms[-1])[0] if typing.get_origin(arms[-1]) is Literal else 8}.")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -419,7 +439,9 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
               ("task.batch_size", t.batch_size, 1),
               ("task.max_new_tokens", t.max_new_tokens, 1),
               ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
-              ("run.generations", r.generations, 0), ("run.max_rows", r.max_rows, 1))
+              ("run.generations", r.generations, 0), ("run.max_rows", 1 if r.max_rows == "auto" else r.max_rows, 1))
+    if not 0 < r.memory_headroom <= 1:
+        raise ValueError(f"run.memory_headroom={r.memory_headroom} must be in (0, 1]; set e.g. 0.9.")
     if world_size > s.popsize * t.batch_size:
         raise ValueError(f"{world_size} ranks but search.popsize={s.popsize} x task.batch_size={t.batch_size} = "
                          f"{s.popsize * t.batch_size} (candidate, prompt) pairs: ranks would sit idle; launch at most "
@@ -477,7 +499,8 @@ def _validate_sft(cfg: Config) -> None:
     s = cfg.sft
     if s.learning_rate <= 0:
         raise ValueError(f"sft.learning_rate={s.learning_rate} must be > 0; the paper uses 1e-4 to 5e-4.")
-    _at_least(("sft.epochs", s.epochs, 1), ("sft.batch_size", s.batch_size, 1), ("sft.max_length", s.max_length, 8),
+    _at_least(("sft.micro_batch", s.micro_batch, 0), ("sft.epochs", s.epochs, 1),
+              ("sft.batch_size", s.batch_size, 1), ("sft.max_length", s.max_length, 8),
               ("task.sft_size", cfg.task.sft_size, 1))
 
 

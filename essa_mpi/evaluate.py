@@ -26,13 +26,13 @@ from essa_mpi.tasks.gsm8k import SYSTEM_PROMPT
 from essa_mpi.tasks.verify import math_equal
 
 
-def sample(model, tok, prompts: list, cfg: Config) -> list:
-    """eval.k sampled completions per prompt → [len(prompts)][k] strings, in chunks of run.max_rows rows."""
+def sample(model, tok, prompts: list, cfg: Config, rows: int = 256) -> list:
+    """eval.k sampled completions per prompt → [len(prompts)][k] strings, in chunks of ``rows`` rows."""
     from essa_mpi.model import decoding
 
     e = cfg.eval
     gen = decoding(tok, e.max_new_tokens, e.temperature, e.top_p, e.k)
-    per_call = max(1, cfg.run.max_rows // e.k)
+    per_call = max(1, rows // e.k)
     out = []
     for start in range(0, len(prompts), per_call):
         texts = [chat(tok, p) for p in prompts[start: start + per_call]]
@@ -101,21 +101,25 @@ def markdown(results: dict, k: int, pass_k: int) -> str:
 
 
 def evaluate(cfg: Config, comm: Comm) -> dict:
-    from essa_mpi.model import load_model
+    from essa_mpi.model import load_model, load_tokenizer, rows_per_call
 
     e = cfg.eval
     benches = [load_benchmark(b, e.data_dir, e.limit) for b in e.benchmarks]
     threads = cfg.model.threads or comm.threads
     torch.set_num_threads(threads)
     seed = cfg.search.seed * 100_003 + comm.rank  # sampling differs per rank, repeatable
+    tok = load_tokenizer(cfg.model)
+    longest = max((len(tok(chat(tok, r["prompt"]), add_special_tokens=False)["input_ids"]) for _, rows in benches
+                   for r in rows), default=0)
+    per_call, note = rows_per_call(cfg, comm.local_rank, comm.local_size, longest, e.max_new_tokens)
+    if comm.rank == 0:
+        print(f"eval: {per_call} rows per generate call ({note})", flush=True)
     if cfg.model.engine == "vllm":
-        from essa_mpi.model import load_tokenizer
         from essa_mpi.vllm_engine import VLLMEngine, adapter_rank, model_dir
 
-        tok = load_tokenizer(cfg.model)
         ranks = [adapter_rank(split_label(a)[1]) for a in e.adapters if split_label(a)[1] != "base"]
-        engine = VLLMEngine(cfg.model, model_dir(cfg.model), 1, max(ranks, default=1), cfg.run.max_rows,
-                            comm.local_rank, comm.local_size, threads, cfg.search.seed)
+        engine = VLLMEngine(cfg.model, model_dir(cfg.model), 1, max(ranks, default=1), per_call,
+                            comm.local_rank, comm.local_size, threads, cfg.search.seed, longest + e.max_new_tokens)
     else:
         model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
     results, timing = {}, {}
@@ -131,7 +135,7 @@ def evaluate(cfg: Config, comm: Comm) -> dict:
             wrapped = with_adapter(model, path)
 
             def draw(ps, wrapped=wrapped):
-                return sample(wrapped, tok, ps, cfg)
+                return sample(wrapped, tok, ps, cfg, per_call)
         results[label] = {b: score_benchmark(draw, rows, cfg, comm) for b, rows in benches}
         if cfg.model.engine != "vllm":
             model = wrapped.unload() if wrapped is not model else model

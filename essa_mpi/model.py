@@ -67,6 +67,84 @@ def placement(cfg: ModelConfig, local_rank: int, local_size: int) -> tuple:
     return torch.device("cuda", ids[0]), {i: torch.cuda.get_device_properties(i).total_memory for i in ids}
 
 
+def available_ram() -> int:
+    """Bytes of RAM free for new allocations (MemAvailable; the page cache counts as free)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def rank_memory(cfg: ModelConfig, local_rank: int, local_size: int):
+    """What this rank may plan for (memory.Device): its GPUs' memory (the smallest of them) and how many it
+    spreads over, or on CPU the node's available RAM divided by the ranks on the node."""
+    from essa_mpi.memory import Device
+
+    device, spread = placement(cfg, local_rank, local_size)
+    if device.type == "cuda":
+        ids = list(spread) if spread else [device.index]
+        return Device("cuda", min(torch.cuda.get_device_properties(i).total_memory for i in ids), len(ids))
+    return Device("cpu", available_ram() // max(1, local_size))
+
+
+def memory_plan(cfg, local_rank: int, local_size: int, prompt_tokens: int, new_tokens: int, rows: int | str):
+    """memory.plan for this rank from the model's config.json (no weights loaded): rows per generate call
+    (``rows``: run.max_rows, an int or "auto") → memory.Plan, or None where the model's shape is not known
+    locally (a hub id not in the cache)."""
+    from essa_mpi import memory
+    from essa_mpi.preflight import model_facts
+
+    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    if arch is None:
+        return None
+    return memory.plan(arch, cfg.model.precision, prompt_tokens, new_tokens,
+                       rank_memory(cfg.model, local_rank, local_size), cfg.run.memory_headroom,
+                       None if rows == "auto" else rows)
+
+
+def rows_per_call(cfg, local_rank: int, local_size: int, prompt_tokens: int, new_tokens: int) -> tuple:
+    """→ (rows per generate call, the plan's line or a note): run.max_rows, or with auto the plan's rows
+    (256 where the model's shape is unknown)."""
+    p = memory_plan(cfg, local_rank, local_size, prompt_tokens, new_tokens, cfg.run.max_rows)
+    if cfg.run.max_rows != "auto":
+        return cfg.run.max_rows, p.line() if p else "no memory estimate (model shape unknown here)"
+    if p is None:
+        return 256, "run.max_rows=auto: the model's config.json is not here to size from; 256 rows per call"
+    return max(1, p.rows), f"run.max_rows=auto: {p.line()}"
+
+
+def check_memory(cfg, local_rank: int, local_size: int, prompt_tokens: int) -> None:
+    """Preflight (every rank, before loading): ValueError naming the numbers and the fix when this rank's
+    weights, or one row of prompt + task.max_new_tokens beside them, cannot fit its device (memory.plan), or a
+    vLLM engine's share of the GPU cannot hold its weights and one sequence (memory.vllm_check)."""
+    from essa_mpi import memory
+    from essa_mpi.preflight import model_facts
+
+    m, new = cfg.model, cfg.task.max_new_tokens
+    arch = memory.Arch.from_facts(model_facts(m) or {})
+    if arch is None:
+        return
+    dev = rank_memory(m, local_rank, local_size)
+    if m.engine == "vllm" and dev.kind == "cuda":
+        problem = memory.vllm_check(arch, m.precision, prompt_tokens + new, dev.memory, m.vllm_memory_fraction,
+                                    m.gpus_per_rank)
+        if problem:
+            raise ValueError(f"{problem}; raise model.vllm_memory_fraction, model.gpus_per_rank, or lower "
+                             f"task.max_new_tokens.")
+        return
+    if m.engine == "vllm":
+        return  # vLLM on CPU: model.vllm_kv_cache_gib sizes the cache
+    p = memory_plan(cfg, local_rank, local_size, prompt_tokens, new, cfg.run.max_rows)
+    if not p.fits:
+        where = f"{dev.count} GPU(s)" if dev.kind == "cuda" else "this rank's share of the RAM"
+        more = f"model.gpus_per_rank={2 * m.gpus_per_rank}, " if dev.kind == "cuda" else "fewer ranks per node, "
+        rows = "run.max_rows=auto, " if cfg.run.max_rows != "auto" else ""
+        raise ValueError(f"{m.name_or_path} at {m.precision} on {where}: {p.line()}: {p.reason}; use {rows}{more}"
+                         f"a 4-bit precision (int4, gptq), or lower task.max_new_tokens ({new}).")
+
+
 def quantization_config(precision: str):
     """bitsandbytes config for int8 (LLM.int8) / int4 (NF4); None for fp32, bf16 and gptq."""
     if precision not in ("int8", "int4"):
@@ -176,8 +254,9 @@ def own_decoding(model) -> dict:
 
     shipped = getattr(model, "generation_config", None)
     diff = shipped.to_diff_dict() if shipped is not None else {}
-    ignored = {k: v for k, v in diff.items() if k not in ("transformers_version", "_from_model_config")
-               and not k.endswith("token_id")}
+    knobs = set(GenerationConfig()._get_default_generation_params()) | {"min_p"}  # what decodes, not how it returns
+    ignored = {k: v for k, v in diff.items() if k in knobs and k != "use_cache"
+               and not k.startswith(("output_", "return_"))}
     model.generation_config = GenerationConfig()  # transformers' neutral defaults; decoding() sets the rest
     return ignored
 

@@ -20,14 +20,14 @@ from essa_mpi.tasks import Task, score_rows
 def fit_prompts(task: Task, tok, context: int | None, max_new_tokens: int, policy: str) -> str | None:
     """Every training and validation prompt, in its chat template, leaves max_new_tokens of the model's context:
     ValueError naming the first row that does not (policy "refuse"), or that row's prompt cut at the end to fit
-    (policy "truncate") → a note with the count, None when all fit (task.long_prompts)."""
-    if not context:
-        return None
-    limit, cut = context - max_new_tokens, 0
+    (policy "truncate") → a note with the count, None when all fit (task.long_prompts). Sets task.prompt_tokens
+    to the longest prompt's tokens (the memory plan's prompt length)."""
+    limit, cut = (context or 2**62) - max_new_tokens, 0
     for split, rows in (("training", task.train), ("validation", task.val)):
         for i, row in enumerate(rows):
             text = tok.apply_chat_template(task.messages(row["prompt"]), tokenize=False, add_generation_prompt=True)
             n = len(tok(text, add_special_tokens=False)["input_ids"])
+            task.prompt_tokens = max(task.prompt_tokens, min(n, limit))
             if n <= limit:
                 continue
             if policy == "refuse":

@@ -122,8 +122,9 @@ def gguf_scalars(path: str) -> dict:
 
 
 def model_facts(m: ModelConfig) -> dict | None:
-    """{"context", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "source"} from the model's
-    config.json or GGUF header; None for a hub id not in the local cache (checked when it loads)."""
+    """{"context", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "layers", "vocab", "tied",
+    "source"} from the model's config.json or GGUF header; None for a hub id not in the local cache (checked when
+    it loads). A GGUF header does not say whether the head is tied; "tied" is assumed (small models)."""
     from essa_mpi.model import resolve
 
     path, gguf = resolve(m)
@@ -134,7 +135,8 @@ def model_facts(m: ModelConfig) -> dict | None:
         get = lambda k: kv.get(f"{arch}.{k}")  # noqa: E731
         raw = {"context": get("context_length"), "hidden": get("embedding_length"),
                "heads": get("attention.head_count"), "kv_heads": get("attention.head_count_kv"),
-               "intermediate": get("feed_forward_length"), "head_dim": get("attention.key_length")}
+               "intermediate": get("feed_forward_length"), "head_dim": get("attention.key_length"),
+               "layers": get("block_count"), "vocab": get("vocab_size"), "tied": True}  # SmolLM2: tied
         return {**raw, "head_dim": raw["head_dim"] or _div(raw["hidden"], raw["heads"]), "source": file}
     conf = os.path.join(path, "config.json")
     if not os.path.isfile(conf):
@@ -155,7 +157,9 @@ def model_facts(m: ModelConfig) -> dict | None:
     return {"context": c.get("max_position_embeddings") or c.get("n_positions"), "hidden": c.get("hidden_size"),
             "heads": heads, "kv_heads": c.get("num_key_value_heads") or heads,
             "intermediate": c.get("intermediate_size"),
-            "head_dim": c.get("head_dim") or _div(c.get("hidden_size"), heads), "source": conf}
+            "head_dim": c.get("head_dim") or _div(c.get("hidden_size"), heads), "source": conf,
+            "layers": c.get("num_hidden_layers"), "vocab": c.get("vocab_size"),
+            "tied": bool(c.get("tie_word_embeddings"))}
 
 
 def _div(a, b):

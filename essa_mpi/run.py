@@ -24,7 +24,7 @@ from essa_mpi.comm import RECORD, Comm, first_error, record_counts
 from essa_mpi.config import Config, step_scale
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog, reward_stats
-from essa_mpi.model import load_model, peak_memory, trim_host_memory, weight_bytes
+from essa_mpi.model import load_model, peak_memory, rows_per_call, trim_host_memory, weight_bytes
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.rundir import check_identity, keep_best, past_validation
 from essa_mpi.search import SeededCMA
@@ -51,7 +51,9 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
         from essa_mpi.vllm_engine import load_engine
 
         mine = comm.share(cfg.search.popsize, cfg.task.batch_size)[0]  # this rank's candidates: its adapters
-        model, tok, engine = load_engine(cfg, comm.local_rank, comm.local_size, mine.stop - mine.start, threads)
+        rows = rows_per_call(cfg, comm.local_rank, comm.local_size, task.prompt_tokens, cfg.task.max_new_tokens)[0]
+        model, tok, engine = load_engine(cfg, comm.local_rank, comm.local_size, mine.stop - mine.start, threads, rows,
+                                         task.prompt_tokens + cfg.task.max_new_tokens)
     else:
         model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
     a = cfg.adapter
@@ -65,12 +67,14 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
         values = adapter.searched_values()  # [n]
         stds = np.maximum(values, 1e-3 * values.max())  # a rank-deficient SFT factor's zero values still move
     search = make_search(cfg, adapter.solution_length, stds)
+    rows = rows_per_call(cfg, comm.local_rank, comm.local_size, task.prompt_tokens, cfg.task.max_new_tokens)
     if engine is None:
-        ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, cfg.run.max_rows)
+        ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, rows[0])
     else:
         from essa_mpi.vllm_engine import VLLMEvaluator
 
-        ev = VLLMEvaluator(engine, tok, adapter, task, cfg.task.max_new_tokens, cfg.run.max_rows, a.alpha)
+        ev = VLLMEvaluator(engine, tok, adapter, task, cfg.task.max_new_tokens, rows[0], a.alpha)
+    ev.memory_note = f"{rows[0]} rows per generate call ({rows[1]})"
     return Parts(task, adapter, ev, search)
 
 
@@ -188,6 +192,7 @@ def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> 
     if ignored:  # model.own_decoding: the search decodes greedily as task.* says, whatever the model ships
         values = ", ".join(f"{k}={v}" for k, v in ignored.items())
         log.message(f"the model's generation_config.json is ignored ({values}): decoding is greedy as configured")
+    log.message(p.evaluator.memory_note)
     memory = {"weights_bytes": weight_bytes(model), **peak_memory()}
     log.message(f"memory per rank ({cfg.model.precision}): weights {memory['weights_bytes'] / 2**20:.1f} MiB, "
                 f"peak resident {memory['peak_rss_bytes'] / 2**20:.0f} MiB after loading")

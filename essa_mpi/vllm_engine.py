@@ -141,7 +141,8 @@ class VLLMEngine:
     """One vLLM ``LLM`` in this process, with LoRA enabled and a scratch directory for candidate adapters."""
 
     def __init__(self, cfg: ModelConfig, path: str, max_loras: int, lora_rank: int, max_rows: int,
-                 local_rank: int = 0, local_size: int = 1, threads: int = 1, seed: int = 0) -> None:
+                 local_rank: int = 0, local_size: int = 1, threads: int = 1, seed: int = 0,
+                 max_tokens: int | None = None) -> None:
         from essa_mpi.model import compute_dtype
         from essa_mpi.model import on_cpu as resolves_to_cpu
 
@@ -160,7 +161,7 @@ class VLLMEngine:
         self.next_id = 1
         atexit.register(self.close)  # a normal exit
         watchdog.on_exit(self.close)  # SIGINT/SIGTERM, a stall or another rank's failure (os._exit: no atexit)
-        kw = {}
+        kw = {"max_model_len": max_tokens} if max_tokens else {}  # not the model's context: its KV must fit
         if on_cpu or cfg.vllm_kv_cache_gib:  # on CPU an explicit size: the fraction would reserve that share of RAM
             kw["kv_cache_memory_bytes"] = int((cfg.vllm_kv_cache_gib or (2 if on_cpu else 0)) * 2**30)
         # generation_config: an empty one of our own, so the model's generation_config.json adds nothing (no
@@ -222,13 +223,15 @@ def engine_env(local_rank: int, tp: int, env) -> dict:
     return out
 
 
-def load_engine(cfg, local_rank: int, local_size: int, candidates: int, threads: int) -> tuple:
-    """→ (weightless model skeleton, tokenizer, VLLMEngine with room for this rank's candidates' adapters)."""
+def load_engine(cfg, local_rank: int, local_size: int, candidates: int, threads: int, rows: int,
+                max_tokens: int | None = None) -> tuple:
+    """→ (weightless model skeleton, tokenizer, VLLMEngine with room for this rank's candidates' adapters,
+    ``rows`` sequences at a time of at most ``max_tokens`` tokens)."""
     from essa_mpi.model import load_tokenizer
 
     path = model_dir(cfg.model)
-    engine = VLLMEngine(cfg.model, path, candidates, cfg.adapter.rank, cfg.run.max_rows, local_rank, local_size,
-                        threads, cfg.search.seed)
+    engine = VLLMEngine(cfg.model, path, candidates, cfg.adapter.rank, rows, local_rank, local_size,
+                        threads, cfg.search.seed, max_tokens)
     return skeleton(path, cfg.model.precision), load_tokenizer(cfg.model), engine
 
 

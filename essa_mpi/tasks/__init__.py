@@ -36,6 +36,7 @@ class Task:
     # Extra validation metrics: f(completions, rows) -> {name: (sum, count)}; summed over ranks.
     details: Callable[[list, list], dict] | None = None
     notes: list = field(default_factory=list)  # warnings for rank 0 to print before the run
+    prompt_tokens: int = 0  # the longest prompt with its chat template (population.fit_prompts), for memory.plan
 
     def messages(self, prompt: str) -> list:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []

@@ -1,7 +1,7 @@
 """GPTQ on this machine: PyTorch's fused int4 matmul against dequantize-per-call, per layer and per generation.
 
-    python -m essa_mpi quantize --out runs/smollm2-gptq-g64 --group-size 64     # once (~7 min on 2 cores)
-    python tools/bench/bench_gptq_kernels.py --model runs/smollm2-gptq-g64      # -> tools/results/bench_gptq_kernels.json
+    python -m essa_mpi quantize --out runs/smollm2-gptq-g64 --group-size 64  # once (4 min on 2 cores)
+    python tools/bench/bench_gptq_kernels.py --model runs/smollm2-gptq-g64   # -> tools/results/bench_gptq_kernels.json
 
 Layers: SmolLM2-135M's shapes (576 -> 576, 576 -> 1536, 1536 -> 576; group 64) at 1 .. 30,720 rows, bf16.
 Generation: ``PopulationEvaluator.completions`` on the checkpoint, one rank's share of the default's population
@@ -56,7 +56,7 @@ def layers(group: int) -> list:
             x = torch.randn(rows, n_in, dtype=torch.bfloat16)
             reps = 20 if rows <= 768 else 3
             deq = best_ms(lambda x=x, lay=layer: torch.nn.functional.linear(x, lay.dequantize()), reps)
-            fused = best_ms(lambda x=x: int4_matmul(x, *packed), reps)
+            fused = best_ms(lambda x=x, w=packed: int4_matmul(x, *w), reps)
             out.append({"out": n_out, "in": n_in, "rows": rows, "dequantize_ms": round(deq, 3),
                         "fused_ms": round(fused, 3), "fused_over_dequantize": round(fused / deq, 3)})
             print(json.dumps(out[-1]), flush=True)

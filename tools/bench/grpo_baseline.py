@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from essa_mpi.config import load_config
-from essa_mpi.model import load_model
+from essa_mpi.model import load_model, rows_per_call
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.tasks import build_task, score_rows
 
@@ -215,7 +215,8 @@ def main(argv: list | None = None) -> int:
         model = PeftModel.from_pretrained(model, sft_dir, is_trainable=True)
     else:
         model, _ = svd_model(model, cfg, sft_dir)
-    evaluator = PopulationEvaluator(model, tok, NoBranch(), task, cfg.task.max_new_tokens, cfg.run.max_rows)
+    rows = rows_per_call(cfg, 0, 1, 128, cfg.task.max_new_tokens)[0]  # run.max_rows, or what fits
+    evaluator = PopulationEvaluator(model, tok, NoBranch(), task, cfg.task.max_new_tokens, rows)
     from datasets import Dataset
 
     order = np.random.default_rng(cfg.search.seed).permutation(len(task.train))  # [rows]

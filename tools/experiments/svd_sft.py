@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
 from grpo_baseline import NoBranch, svd_model  # noqa: E402
 
 from essa_mpi.config import load_config  # noqa: E402
-from essa_mpi.model import load_model  # noqa: E402
+from essa_mpi.model import load_model, rows_per_call  # noqa: E402
 from essa_mpi.population import PopulationEvaluator  # noqa: E402
 from essa_mpi.sft import collate, encode_row  # noqa: E402
 from essa_mpi.tasks import build_task  # noqa: E402
@@ -51,7 +51,8 @@ def main(argv: list | None = None) -> int:
     model, tok = load_model(cfg.model)
     model, adapter = svd_model(model, cfg, args.adapter)
     offsets = model.essa_singular_value_offsets  # [solution_length], zeros: the SFT adapter itself
-    evaluator = PopulationEvaluator(model, tok, NoBranch(), task, cfg.task.max_new_tokens, cfg.run.max_rows)
+    rows = rows_per_call(cfg, 0, 1, 128, cfg.task.max_new_tokens)[0]  # run.max_rows, or what fits
+    evaluator = PopulationEvaluator(model, tok, NoBranch(), task, cfg.task.max_new_tokens, rows)
 
     def val() -> float:
         model.eval()

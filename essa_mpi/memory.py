@@ -1,0 +1,168 @@
+"""The memory model: bytes of the weights per device, of one generated row, and the most rows per call that fit.
+
+    arch = Arch.from_config(json.load(open("config.json")))              # or Arch.from_facts(preflight.model_facts(m))
+    p = plan(arch, "bf16", prompt=512, new=1024, device=Device("cuda", 80 * 2**30))
+    p.rows, p.peak, p.fits                                                # rows per generate call, bytes, bool
+
+From the model's config alone (no weights loaded), as ``accelerate estimate-memory`` does. Per generated row
+(b = bytes of the compute dtype: 4 for fp32, 2 for bf16 and the quantized precisions):
+
+    KV cache      layers x kv_heads x head_dim x 2 (K and V) x b x (prompt + new tokens)
+    transient     the largest of: one layer's prefill activations (prompt x (4 hidden + q + 2 kv + 3 ffn) x b,
+                  plus the fp32 SVD-LoRA branch's copy of a projection's output), and the logits of one position
+                  (vocab x 4 bytes x 3: logits, scores, the argmax/softmax pass)
+
+A device holds: the runtime (CUDA context and cuBLAS workspace, or on CPU the Python process with torch and
+transformers), its share of the weights, and rows x (its share of the KV cache + the transient). A rank over g
+GPUs (accelerate's layer map) holds 1/g of the weights and of the KV cache on each, and a whole transient on the
+busiest. Rows per call are those that fit ``memory_headroom`` of the device: a GPU's total memory, or on CPU
+the available RAM divided by the ranks on the node. Checked against measured peaks in tools/results/README.md
+("Memory model").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GiB = 2**30
+COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "int8": 2, "int4": 2, "gptq": 2}  # activations and KV cache
+# Bytes per weight of the decoder's linear layers as stored, quantization constants included (bitsandbytes
+# int8: a fp32 scale per row; NF4: +6 % absmax, measured in model.weight_bytes; GPTQ: fp16 scale and packed zero
+# per 128-value group). Embeddings, norms and the head keep the compute dtype.
+LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.53, "gptq": 0.5 + 2.5 / 128}
+RUNTIME = {"cuda": 1.0 * GiB, "cpu": 0.75 * GiB}  # CUDA context + workspace; CPU: python + torch + transformers
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What memory depends on, from a model's config.json (Llama / Qwen2 / Mistral family names)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_config(cls, c: dict) -> Arch:
+        c = {**c, **(c.get("text_config") or {})}  # multimodal configs nest the language model's
+        heads = c["num_attention_heads"]
+        return cls(layers=c["num_hidden_layers"], hidden=c["hidden_size"], heads=heads,
+                   kv_heads=c.get("num_key_value_heads") or heads,
+                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate=c["intermediate_size"],
+                   vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings")))
+
+    @classmethod
+    def from_facts(cls, f: dict) -> Arch | None:
+        """From ``preflight.model_facts`` (config.json or a GGUF header); None where a number is missing."""
+        keys = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
+        if not all(f.get(k) for k in keys):
+            return None
+        return cls(**{k: int(f[k]) for k in keys}, tied=bool(f.get("tied")))
+
+    @property
+    def linear_params(self) -> int:
+        """Weights of the decoder's linear layers (what quantization packs), biases ignored."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.layers * (self.hidden * (2 * q + 2 * kv) + 3 * self.hidden * self.intermediate)
+
+    @property
+    def other_params(self) -> int:
+        """Embedding, head (unless tied), norms: kept in the compute dtype at every precision."""
+        return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
+def weight_bytes(arch: Arch, precision: str) -> int:
+    """The whole model's weights as loaded at ``precision``.
+
+    >>> round(weight_bytes(QWEN25_7B, "bf16") / GiB, 1), round(weight_bytes(QWEN25_7B, "gptq") / GiB, 1)
+    (14.2, 4.4)
+    """
+    return int(arch.linear_params * LINEAR_BYTES[precision] + arch.other_params * COMPUTE_BYTES[precision])
+
+
+def kv_bytes(arch: Arch, precision: str, tokens: int) -> int:
+    """KV cache of one row of ``tokens`` tokens, all layers."""
+    return arch.layers * arch.kv_heads * arch.head_dim * 2 * COMPUTE_BYTES[precision] * tokens
+
+
+def transient_bytes(arch: Arch, precision: str, prompt: int) -> int:
+    """The largest short-lived tensor set of one row: a layer's prefill activations or one position's logits."""
+    b = COMPUTE_BYTES[precision]
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    prefill = prompt * ((4 * arch.hidden + q + 2 * kv + 3 * arch.intermediate) * b + 2 * max(arch.hidden, q) * 4)
+    return max(prefill, arch.vocab * 4 * 3)
+
+
+@dataclass(frozen=True)
+class Device:
+    """What a rank plans for: ``kind`` cuda or cpu, ``memory`` bytes per device (a GPU's total, or on CPU this
+    rank's share of the available RAM), ``count`` devices the rank spreads over."""
+
+    kind: str
+    memory: int
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One rank's plan: rows per call, bytes per device (weights, one row, peak at those rows), and whether it fits."""
+
+    rows: int
+    weights: int
+    row: int
+    peak: int
+    budget: int
+    fits: bool
+    reason: str = ""
+
+    def line(self) -> str:
+        return (f"weights {self.weights / GiB:.1f} GiB + {self.rows} rows x {self.row / GiB * 1024:.1f} MiB "
+                f"= {self.peak / GiB:.1f} GiB of {self.budget / GiB:.1f} GiB per device")
+
+
+def plan(arch: Arch, precision: str, prompt: int, new: int, device: Device, headroom: float = 0.9,
+         want: int | None = None) -> Plan:
+    """Rows per generate call for rows of ``prompt`` + ``new`` tokens: ``want`` (a set run.max_rows) or as
+    many as fit, at most 4,096. fits is False when the weights, or one row beside them, exceed the budget.
+
+    >>> p = plan(QWEN25_7B, "bf16", 512, 1024, Device("cuda", 80 * GiB))
+    >>> p.fits, p.rows, round(p.peak / GiB)
+    (True, 624, 72)
+    """
+    g = device.count
+    weights = math.ceil(weight_bytes(arch, precision) / g)
+    row = math.ceil(kv_bytes(arch, precision, prompt + new) / g) + transient_bytes(arch, precision, prompt)
+    budget = int(device.memory * headroom)
+    room = budget - RUNTIME[device.kind] - weights
+    most = int(max(0, room // row))
+    rows = want if want is not None else min(4096, most)
+    peak = int(RUNTIME[device.kind] + weights + max(rows, 1) * row)
+    if room <= 0:
+        return Plan(0, weights, row, peak, budget, False, "the weights alone exceed it")
+    if most < 1:
+        return Plan(0, weights, row, peak, budget, False, "not one row fits beside the weights")
+    return Plan(rows, weights, row, peak, budget, peak <= budget,
+                "" if peak <= budget else f"run.max_rows={rows} exceeds the {most} rows that fit")
+
+
+def vllm_check(arch: Arch, precision: str, tokens: int, gpu_memory: int, fraction: float, tp: int) -> str | None:
+    """None when a vLLM engine's share of a GPU (``fraction`` of ``gpu_memory``) holds its weights (÷ tp), its
+    runtime and the KV cache of one sequence of ``tokens`` (÷ tp); else the problem in words."""
+    weights = weight_bytes(arch, precision) / tp
+    kv = kv_bytes(arch, precision, tokens) / tp
+    room = fraction * gpu_memory - RUNTIME["cuda"] - weights
+    if room >= kv:
+        return None
+    return (f"a vLLM engine over {tp} GPU(s) holds {weights / GiB:.1f} GiB of weights per GPU, but "
+            f"model.vllm_memory_fraction={fraction} of {gpu_memory / GiB:.0f} GiB leaves "
+            f"{max(room, 0) / GiB:.1f} GiB beside them for the KV cache, and one {tokens}-token sequence needs "
+            f"{kv / GiB:.2f} GiB")
+
+
+# The shipped jobs' architectures (config.json as published; the tests keep the files themselves).
+QWEN25_7B = Arch(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)
