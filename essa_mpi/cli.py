@@ -6,7 +6,7 @@
     mpiexec -n 4 python -m essa_mpi --resume runs/essa run.generations=200   # continue (run.* overrides only)
     python -m essa_mpi sft --config jobs/gsm8k.yaml          # the LoRA SFT warm start alone
     mpiexec -n 4 python -m essa_mpi eval --config jobs/eval_math.yaml eval.adapters=base,runs/essa/adapter
-    python -m essa_mpi plot | latency | quantize | launch-check ...   # each with its own --help
+    python -m essa_mpi plot | latency | quantize | plan | launch-check ...   # each with its own --help
 
 Every rank parses and validates the same input; a bad value stops all ranks with one message and exit
 code 2 before any model is loaded. An unexpected error on any rank stops all ranks (exit code 1); a
@@ -39,9 +39,12 @@ COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CM
             "latency": "Appendix B's iteration-time model, ESSA vs gradient methods (latency --help); no MPI.",
             "plot": "Curves of runs from their metrics.jsonl: plot RUN_DIR [RUN_DIR ...] -o curves.png; no MPI.",
             "quantize": "A 4-bit GPTQ checkpoint of a model for model.precision=gptq (quantize --help); no MPI.",
+            "plan": "Memory per rank from the model's config.json: rows per call, peak GiB per GPU, fits or the fix "
+                    "(plan --help); no MPI, no weights.",
             "launch-check": "Every process prints its rank, the world size and the MPI library; exit 2 if the launch "
                             "split into one-rank worlds (--srun-mpi: the srun --mpi plugin to use)."}
 TOOLS = {"latency": "essa_mpi.latency_report", "plot": "essa_mpi.plot", "quantize": "essa_mpi.quantize",
+         "plan": "essa_mpi.plan",
          "launch-check": "essa_mpi.comm"}  # commands that take their own arguments: module.main(argv)
 
 
@@ -136,12 +139,23 @@ def check_placement(cfg, comm: Comm) -> None:
     placement(cfg.model, comm.local_rank, comm.local_size)
 
 
-def check_rank_memory(cfg, comm: Comm, task, command: str) -> None:
-    """The memory model's preflight for a search (``model.check_memory``): before any rank loads weights."""
-    if command == "run":
-        from essa_mpi.model import check_memory
+def check_rank_memory(cfg, comm: Comm, task, state, command: str) -> None:
+    """The memory model's preflight, before any rank loads weights: the search on every rank
+    (``model.check_memory``), the SFT warm start on rank 0 (``plan.sft_plan``)."""
+    from essa_mpi import memory
+    from essa_mpi.model import check_memory, rank_memory
+    from essa_mpi.plan import sft_fix, sft_plan
+    from essa_mpi.preflight import model_facts
 
+    if command == "run":
         check_memory(cfg, comm.local_rank, comm.local_size, task.prompt_tokens)
+    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    if comm.rank == 0 and needs_sft(cfg, state, command) and arch is not None:
+        device = rank_memory(cfg.model, 0, 1)
+        p = sft_plan(cfg, arch, device, device.count)
+        if not p.fits:
+            raise ValueError(f"the SFT warm start of {cfg.sft.max_length}-token rows: {p.line()}: {p.reason}; "
+                             f"{sft_fix(cfg, arch, device)}.")
 
 
 def needs_sft(cfg, state, command: str) -> bool:
@@ -173,6 +187,7 @@ def warm_start(cfg, comm: Comm, task) -> tuple:
     import torch
 
     from essa_mpi import sft
+    from essa_mpi.model import release_memory
 
     out, info = sft.sft_dir(cfg, task.sft), None
     if comm.rank == 0:
@@ -183,6 +198,7 @@ def warm_start(cfg, comm: Comm, task) -> tuple:
                 torch.set_num_threads(cfg.model.threads or comm.node_threads)  # all cores: the others sleep
                 print(f"SFT warm start: training {len(task.sft)} rows -> {out}", flush=True)
                 info = sft.train(cfg, task, out, log=lambda m: print(m, flush=True), tick=comm.beat)
+                release_memory()  # the SFT model is gone: hand its memory back before the search loads
         except BaseException:
             comm.idle_bcast(1)
             raise
@@ -276,7 +292,7 @@ def main(argv: list | None = None) -> int:
         comm.stall_timeout_s = cfg.run.stall_timeout_s
         first_error(comm, lambda: check_placement(cfg, comm))
         task = first_error(comm, lambda: load_task(cfg, state, command))
-        first_error(comm, lambda: check_rank_memory(cfg, comm, task, command))
+        first_error(comm, lambda: check_rank_memory(cfg, comm, task, state, command))
         lock = first_error(comm, lambda: claim(cfg, state, task, command) if comm.rank == 0 else None)
     except Refused as exc:
         if comm.rank == 0:

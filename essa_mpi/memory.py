@@ -80,7 +80,7 @@ def weight_bytes(arch: Arch, precision: str) -> int:
     """The whole model's weights as loaded at ``precision``.
 
     >>> round(weight_bytes(QWEN25_7B, "bf16") / GiB, 1), round(weight_bytes(QWEN25_7B, "gptq") / GiB, 1)
-    (14.2, 4.4)
+    (14.2, 5.2)
     """
     return int(arch.linear_params * LINEAR_BYTES[precision] + arch.other_params * COMPUTE_BYTES[precision])
 
@@ -132,7 +132,7 @@ def plan(arch: Arch, precision: str, prompt: int, new: int, device: Device, head
 
     >>> p = plan(QWEN25_7B, "bf16", 512, 1024, Device("cuda", 80 * GiB))
     >>> p.fits, p.rows, round(p.peak / GiB)
-    (True, 624, 72)
+    (True, 338, 72)
     """
     g = device.count
     weights = math.ceil(weight_bytes(arch, precision) / g)
@@ -164,5 +164,43 @@ def vllm_check(arch: Arch, precision: str, tokens: int, gpu_memory: int, fractio
             f"{kv / GiB:.2f} GiB")
 
 
+def sft_row_bytes(arch: Arch, precision: str, tokens: int, checkpointing: bool) -> int:
+    """One SFT row of ``tokens`` tokens in a forward + backward pass of LoRA training: the activations kept
+    for the backward pass (every layer's, or with gradient checkpointing each layer's input plus one layer
+    recomputed), and the logits over the vocabulary in fp32 with their log-softmax and gradient.
+
+    >>> [round(sft_row_bytes(LLAMA31_8B, "bf16", 2048, ckpt) / GiB, 1) for ckpt in (False, True)]
+    [15.2, 3.8]
+    """
+    b = COMPUTE_BYTES[precision]
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    layer = tokens * (8 * arch.hidden + 2 * q + 2 * kv + 4 * arch.intermediate) * b  # kept for backward
+    kept = (arch.layers * tokens * arch.hidden * b + layer) if checkpointing else arch.layers * layer
+    return kept + tokens * arch.vocab * 4 * 3
+
+
+def sft_plan(arch: Arch, precision: str, tokens: int, device: Device, batch: int, checkpointing: bool,
+             headroom: float = 0.9, want: int = 0) -> Plan:
+    """Rows per SFT micro-batch (``want``, or as many as fit, at most ``batch``): gradients accumulate over
+    batch / rows micro-batches.
+
+    >>> sft_plan(LLAMA31_8B, "bf16", 2048, Device("cuda", 80 * GiB), 128, False).rows
+    3
+    """
+    weights = math.ceil(weight_bytes(arch, precision) / device.count)
+    row = math.ceil(sft_row_bytes(arch, precision, tokens, checkpointing) / device.count)
+    budget = int(device.memory * headroom)
+    room = budget - RUNTIME[device.kind] - weights
+    most = int(max(0, room // row))
+    rows = want or min(batch, most)
+    peak = int(RUNTIME[device.kind] + weights + max(rows, 1) * row)
+    if most < 1:
+        reason = "the weights alone exceed it" if room <= 0 else "not one row fits beside the weights"
+        return Plan(0, weights, row, peak, budget, False, reason)
+    return Plan(rows, weights, row, peak, budget, peak <= budget,
+                "" if peak <= budget else f"sft.micro_batch={rows} exceeds the {most} rows that fit")
+
+
 # The shipped jobs' architectures (config.json as published; the tests keep the files themselves).
 QWEN25_7B = Arch(layers=28, hidden=3584, heads=28, kv_heads=4, head_dim=128, intermediate=18944, vocab=152064)
+LLAMA31_8B = Arch(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, intermediate=14336, vocab=128256)

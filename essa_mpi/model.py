@@ -235,7 +235,7 @@ def load_model(cfg: ModelConfig, local_rank: int = 0, local_size: int = 1) -> tu
         extra = {"quantization_config": quant} if quant else {}
         if spread:  # one rank over several GPUs: accelerate's device map, layers split in order
             extra.update(device_map="auto", max_memory=spread)
-        elif quant:
+        elif quant or device.type == "cuda":  # straight onto the GPU: no copy of the weights in host RAM first
             extra["device_map"] = {"": device}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra, **kw)
         if "device_map" not in extra:
@@ -295,6 +295,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if torch.is_tensor(getattr(p, "SCB", None)):  # bitsandbytes Int8Params row scales
             tensors.append(p.SCB)
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def release_memory() -> None:
+    """Collect what is unreachable (the SFT model and its optimizer) and hand cached CUDA blocks back, so a
+    vLLM engine's start-up check, or another rank on the GPU, does not count them as used."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+    trim_host_memory()
 
 
 def trim_host_memory() -> None:

@@ -34,7 +34,9 @@ def sft_dir(cfg: Config, rows: list | None = None) -> str:
     d = cfg.to_dict()
     shaping = {"model": d["model"], "adapter": {k: d["adapter"][k] for k in ("rank", "alpha", "target_modules")},
                "task": {k: d["task"][k] for k in ("name", "dataset", "sft_dataset", "sft_size", "system_prompt")},
-               "sft": {k: v for k, v in d["sft"].items() if k != "output_dir"}, "seed": cfg.search.seed,
+               "sft": {k: v for k, v in d["sft"].items() if k not in ("output_dir", "micro_batch",
+                                                                       "gradient_checkpointing")},
+               "seed": cfg.search.seed,  # (micro-batches and checkpointing change memory, not what is learned)
                "rows": digest(rows) if rows is not None else None}
     for key in ("threads", "device", "gpus_per_rank", "engine", "vllm_memory_fraction", "vllm_kv_cache_gib"):
         # where and how it runs, not what it learns
@@ -82,6 +84,46 @@ def collate(batch: list, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def accumulate(model, batch: list, micro: int, pad_id: int) -> float:
+    """Gradients of one optimizer step over ``batch`` (encoded rows), ``micro`` rows per forward/backward
+    pass. Each pass's loss (the model's mean over its completion tokens) is weighted by its share of the batch's
+    completion tokens, so the gradient and the loss equal one pass over the whole batch. → the batch's loss."""
+    labels = [torch.tensor(y[1:]) for _, y in batch]  # the model predicts token t+1 from t: labels shift by one
+    total = max(1, sum(int((y != -100).sum()) for y in labels))
+    loss_sum = 0.0
+    for m in range(0, len(batch), micro):
+        part = collate(batch[m: m + micro], pad_id)  # [micro, T]
+        n = int((part["labels"][:, 1:] != -100).sum())
+        if n == 0:
+            continue
+        loss = model(**{k: v.to(model.device) for k, v in part.items()}).loss * (n / total)
+        loss.backward()
+        loss_sum += float(loss.detach())
+    return loss_sum
+
+
+def micro_batch(cfg: Config) -> tuple:
+    """Rows per SFT forward/backward pass: sft.micro_batch, or (0) as many rows of sft.max_length tokens as
+    fit this device beside the weights (memory.sft_plan; the other ranks have loaded nothing yet, so on CPU
+    rank 0 may use the node's available RAM) → (rows, the plan's line)."""
+    from essa_mpi import memory
+    from essa_mpi.model import rank_memory
+    from essa_mpi.preflight import model_facts
+
+    s = cfg.sft
+    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    if arch is None:
+        return s.micro_batch or s.batch_size, "model shape unknown here: no memory estimate"
+    device = rank_memory(cfg.model, 0, 1)  # rank 0 alone: on CPU the node's available RAM
+    precision = "bf16" if cfg.model.precision == "gptq" else cfg.model.precision  # trained densified
+    p = memory.sft_plan(arch, precision, s.max_length, device, s.batch_size, s.gradient_checkpointing,
+                        cfg.run.memory_headroom, s.micro_batch)
+    if not p.fits:
+        raise ValueError(f"SFT of {s.max_length}-token rows: {p.line()}: {p.reason}; set sft.gradient_checkpointing="
+                         f"true, lower sft.max_length or sft.micro_batch, or use a 4-bit precision.")
+    return max(1, p.rows), p.line()
+
+
 def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -> dict:
     """Train the LoRA adapter on task.sft and save it to out_dir (atomically: temp dir + rename). tick() is
     called between the stages and after every step (the waiting ranks' sign of progress, Comm.beat)."""
@@ -103,9 +145,15 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -
     peft_cfg = LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, target_modules=cfg.adapter.target_modules,
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_cfg)
+    s = cfg.sft
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # PEFT: the frozen embedding's output must carry gradients
     model.train()
     rows = [encode_row(tok, task, r, cfg.sft.max_length) for r in task.sft]
-    s = cfg.sft
+    micro, plan_line = micro_batch(cfg)
+    log(f"SFT: {micro} rows per forward/backward pass, {math.ceil(s.batch_size / micro)} per step of "
+        f"{s.batch_size} rows ({plan_line})")
     steps = s.epochs * math.ceil(len(rows) / s.batch_size)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)  # linear decay to 0
@@ -113,18 +161,16 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -
     for epoch in range(s.epochs):
         order = np.random.default_rng([cfg.search.seed, 17, epoch]).permutation(len(rows))  # [rows]
         for start in range(0, len(rows), s.batch_size):
-            batch = collate([rows[i] for i in order[start: start + s.batch_size]], tok.pad_token_id)
-            loss = model(**{k: v.to(model.device) for k, v in batch.items()}).loss  # mean over completion tokens
-            loss.backward()
+            losses.append(accumulate(model, [rows[i] for i in order[start: start + s.batch_size]], micro,
+                                     tok.pad_token_id))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
             step += 1
             tick()
             if step % max(1, steps // 10) == 0 or step == steps:
                 log(f"SFT step {step}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
-    info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps,
+    info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps, "micro_batch": micro,
             "final_loss": float(np.mean(losses[-10:])), "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

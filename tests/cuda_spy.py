@@ -106,9 +106,12 @@ def install() -> None:
     def from_pretrained(path, *args, **kwargs):
         if kwargs.get("max_memory"):  # one rank over several GPUs: accelerate's map over these devices
             record["model_gpus"] = [driver.physical(i) for i in kwargs["max_memory"]]
-            record["current_gpu"] = driver.physical(driver.current)
-            raise Reached
-        return real_from(path, *args, **kwargs)
+        elif isinstance(kwargs.get("device_map"), dict):  # straight onto one GPU
+            record["model_gpus"] = [driver.physical(torch.device(d).index or 0) for d in kwargs["device_map"].values()]
+        else:
+            return real_from(path, *args, **kwargs)
+        record["current_gpu"] = driver.physical(driver.current)
+        raise Reached
 
     transformers.AutoModelForCausalLM.from_pretrained = from_pretrained
     sys.modules["vllm"] = fake_vllm(driver, record)

@@ -141,3 +141,22 @@ def test_first_contact_script_dry_run_skips_every_check_with_a_reason(tmp_path):
     assert set(checks) == {"cuda_reads_visible_devices_once", "ranks_on_own_gpus", "gptq_cuda",
                            "bf16_left_padded_generation", "hf_vs_vllm"}
     assert all(c["status"] == "skipped" and c["reason"] == "no CUDA device on this machine" for c in checks.values())
+
+
+def test_one_gpu_loads_straight_onto_it(eight_gpus, monkeypatch, tiny_dir):
+    """from_pretrained gets a device_map for one GPU as for several: no copy of the weights in host RAM first."""
+    import transformers
+
+    from essa_mpi.model import load_model
+
+    seen = {}
+
+    def from_pretrained(path, **kw):
+        seen.update(kw)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(RuntimeError, match="stop"):
+        load_model(ModelConfig(name_or_path=tiny_dir, device="cuda"), local_rank=3, local_size=8)
+    assert seen["device_map"] == {"": torch.device("cuda", 3)}

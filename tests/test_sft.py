@@ -78,3 +78,86 @@ def test_cache_key_and_reuse_follow_the_sft_rows_content(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "sft_info.json").write_text(json.dumps({"data_digest": sft.digest(rows)}))
     assert sft.is_done(str(tmp_path), rows) and not sft.is_done(str(tmp_path), edited)
+
+
+def test_accumulated_micro_batches_equal_one_batch(tiny_dir):
+    """The same step's gradients from one pass of 6 rows and from passes of 4 + 2 rows (float tolerance)."""
+    from peft import LoraConfig, get_peft_model
+
+    from essa_mpi.model import load_model
+
+    cfg = tiny_cfg(tiny_dir, "/unused")
+    cfg.model.precision = "fp32"
+    task = build_task(cfg.task, seed=0)
+    rows = [sft.encode_row(load_model(cfg.model)[1], task, r, 512) for r in task.sft[:6]]
+    grads = []
+    for micro in (6, 4, 1):
+        model, tok = load_model(cfg.model)
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights="gaussian"))
+        loss = sft.accumulate(model, rows, micro, tok.pad_token_id)
+        grads.append((loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    for loss, g in grads[1:]:
+        assert abs(loss - grads[0][0]) < 1e-5
+        for a, b in zip(g, grads[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_auto_micro_batches_keep_rows_times_tokens_within_the_memory_budget(tiny_dir, tmp_path, monkeypatch):
+    """A device with room for 3 rows beside the weights: every forward pass gets at most 3 rows of at most
+    sft.max_length tokens, and every optimizer step still sees its 16 rows."""
+    from essa_mpi import memory
+    from essa_mpi import model as model_mod
+    from essa_mpi.preflight import model_facts
+
+    cfg = tiny_cfg(tiny_dir, str(tmp_path / "sft"), batch_size=16, max_length=64)
+    arch = memory.Arch.from_facts(model_facts(cfg.model))
+    row = memory.sft_row_bytes(arch, cfg.model.precision, 64, False)
+    room = memory.RUNTIME["cpu"] + memory.weight_bytes(arch, cfg.model.precision) + 3.5 * row
+    monkeypatch.setattr(model_mod, "available_ram", lambda: int(room / cfg.run.memory_headroom))
+    seen, real_forward = [], None
+
+    def spy_load(*a, **kw):
+        nonlocal real_forward
+        model, tok = load_model_real(*a, **kw)
+        real_forward = model.forward
+        model.forward = lambda *args, **kwargs: (seen.append(tuple(kwargs["input_ids"].shape)),
+                                                 real_forward(*args, **kwargs))[1]
+        return model, tok
+
+    load_model_real = model_mod.load_model
+    monkeypatch.setattr(model_mod, "load_model", spy_load)
+    task = build_task(cfg.task, seed=0)
+    info = sft.train(cfg, task, cfg.sft.output_dir, log=lambda m: None)
+    assert info["micro_batch"] == 3
+    assert seen and all(r <= 3 and r * t <= 3 * 64 for r, t in seen), seen
+    assert sum(r for r, _ in seen) == len(task.sft)  # one epoch: every row once
+
+
+def test_the_sft_model_is_gone_and_cuda_cache_emptied_before_the_search(tiny_dir, tmp_path, monkeypatch):
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from essa_mpi import cli
+    from essa_mpi import model as model_mod
+
+    cfg = tiny_cfg(tiny_dir, str(tmp_path / "sft"), batch_size=16)
+    task = build_task(cfg.task, seed=0)
+    refs, at_empty = [], []
+    real = model_mod.load_model
+
+    def spy_load(*a, **kw):
+        model, tok = real(*a, **kw)
+        refs.append(weakref.ref(model))
+        return model, tok
+
+    monkeypatch.setattr(model_mod, "load_model", spy_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: at_empty.append([r() is None for r in refs]))
+    comm = SimpleNamespace(rank=0, idle_bcast=lambda *a: 0, beat=lambda: None, node_threads=1)
+    out, info = cli.warm_start(cfg, comm, task)
+    gc.collect()
+    assert info is not None and refs and at_empty == [[True]]

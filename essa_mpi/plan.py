@@ -1,0 +1,139 @@
+"""``python -m essa_mpi plan``: what a job needs per rank, from the model's config.json alone (no weights loaded).
+
+    python -m essa_mpi plan --config jobs/math.yaml                          # an 8 x 80 GiB node (H100)
+    python -m essa_mpi plan --config jobs/math.yaml --gib-per-gpu 141        # an H200 node
+    python -m essa_mpi plan --config jobs/fig5_qwen2.5-72b_bf16.yaml model.gpus_per_rank=4 --ranks-per-node 2
+    python -m essa_mpi plan --config jobs/helpsteer.yaml --model-config path/to/config.json
+
+For the search (task.max_new_tokens), eval (eval.max_new_tokens, eval.k samples per prompt) and the SFT warm
+start (sft.max_length, sft.micro_batch): the rank's devices, its weights, rows per generate call (or per SFT
+pass), the estimated peak GiB per device, and whether it fits, with the fix when it does not (essa_mpi/memory.py).
+The model's config.json comes from model.name_or_path (a directory, or the Hugging Face cache), or --model-config
+(a file, or a directory of ``<owner>--<name>.json`` files). Prompts are taken as --prompt-tokens long (the run
+measures them; ``plan`` loads no tokenizer). Exit 0 when every part fits, 1 when one does not, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from essa_mpi import memory
+from essa_mpi.config import load_config
+
+
+def arch_of(cfg, model_config: str | None) -> memory.Arch:
+    """The model's Arch from --model-config (a file, or a directory holding <owner>--<name>.json) or from what
+    preflight.model_facts finds locally."""
+    path = model_config
+    if path and os.path.isdir(path):
+        path = os.path.join(path, cfg.model.name_or_path.replace("/", "--") + ".json")
+        path = path if os.path.isfile(path) else None  # not there: the model's own files (a local model)
+    elif path and not os.path.isfile(path):
+        raise ValueError(f"--model-config: {path} not found; give the model's config.json.")
+    if path:
+        with open(path) as fh:
+            return memory.Arch.from_config(json.load(fh))
+    from essa_mpi.preflight import model_facts
+
+    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    if arch is None:
+        raise ValueError(f"{cfg.model.name_or_path}: its config.json is not here (nor in the Hugging Face cache); "
+                         f"download it (huggingface-cli download {cfg.model.name_or_path} config.json) or pass "
+                         f"--model-config FILE.")
+    return arch
+
+
+def rows_for(cfg, args, arch: memory.Arch, device: memory.Device) -> list:
+    """[(part, memory.Plan, fix)] for the search, eval and the SFT warm start of this config."""
+    m, t, e = cfg.model, cfg.task, cfg.eval
+    want = None if cfg.run.max_rows == "auto" else cfg.run.max_rows
+    more = f"model.gpus_per_rank={2 * m.gpus_per_rank}" if device.kind == "cuda" else "fewer ranks per node"
+    out = []
+    for part, new in (("search", t.max_new_tokens), ("eval", e.max_new_tokens)):
+        p = memory.plan(arch, m.precision, args.prompt_tokens, new, device, cfg.run.memory_headroom, want)
+        fix = (f"{more}, a 4-bit precision, or lower {part.replace('search', 'task')}.max_new_tokens" if p.rows == 0
+               else "run.max_rows=auto")
+        out.append((part, p, fix))
+    if cfg.adapter.path is None and cfg.adapter.warm_start == "sft":
+        p = sft_plan(cfg, arch, device, device.count)
+        out.append(("sft", p, "" if p.fits else sft_fix(cfg, arch, device)))
+    return out
+
+
+def sft_plan(cfg, arch: memory.Arch, device: memory.Device, gpus: int, checkpointing: bool | None = None):
+    """The SFT warm start on rank 0's ``gpus`` devices (a GPTQ base is trained dequantized: bf16)."""
+    s = cfg.sft
+    precision = "bf16" if cfg.model.precision == "gptq" else cfg.model.precision
+    ckpt = s.gradient_checkpointing if checkpointing is None else checkpointing
+    return memory.sft_plan(arch, precision, s.max_length, memory.Device(device.kind, device.memory, gpus),
+                           s.batch_size, ckpt, cfg.run.memory_headroom, s.micro_batch)
+
+
+def sft_fix(cfg, arch: memory.Arch, device: memory.Device) -> str:
+    """The cheapest change that makes the SFT fit: checkpointing, then more GPUs for the sft command."""
+    if not cfg.sft.gradient_checkpointing and sft_plan(cfg, arch, device, device.count, True).fits:
+        return "sft.gradient_checkpointing=true"
+    for g in (2, 4, 8):
+        if device.kind == "cuda" and g > device.count and sft_plan(cfg, arch, device, g, True).fits:
+            return (f"train it beforehand on {g} GPUs (python -m essa_mpi sft --config JOB model.gpus_per_rank={g} "
+                    f"sft.gradient_checkpointing=true) and set adapter.path")
+    return "a lower sft.max_length, or train it elsewhere and set adapter.path"
+
+
+def report(cfg, args) -> tuple:
+    """→ (lines to print, every part fits)."""
+    arch = arch_of(cfg, args.model_config)
+    m = cfg.model
+    g = m.gpus_per_rank
+    if args.gpus_per_node:
+        ranks = args.ranks_per_node or args.gpus_per_node // g
+        if ranks * g > args.gpus_per_node:
+            raise ValueError(f"{ranks} ranks per node x model.gpus_per_rank={g} need more than the node's "
+                             f"{args.gpus_per_node} GPUs; lower --ranks-per-node or model.gpus_per_rank.")
+        device = memory.Device("cuda", int(args.gib_per_gpu * memory.GiB), g)
+        where = f"{ranks} ranks per node, each on {g} x {args.gib_per_gpu:g} GiB GPU(s)"
+    else:
+        ranks = args.ranks_per_node or 1
+        device = memory.Device("cpu", int(args.ram_gib * memory.GiB / ranks))
+        where = f"{ranks} ranks on a CPU node of {args.ram_gib:g} GiB"
+    lines = [f"{m.name_or_path} ({m.precision}, engine {m.engine}): {where}; prompts of {args.prompt_tokens} tokens",
+             f"  weights {memory.weight_bytes(arch, m.precision) / memory.GiB:.1f} GiB in all"]
+    ok = True
+    if m.engine == "vllm" and device.kind == "cuda":
+        problem = memory.vllm_check(arch, m.precision, args.prompt_tokens + cfg.task.max_new_tokens, device.memory,
+                                    m.vllm_memory_fraction, g)
+        ok = problem is None
+        lines.append(f"  search (vLLM): {'fits' if ok else 'DOES NOT FIT: ' + problem}")
+    for part, p, fix in rows_for(cfg, args, arch, device):
+        if part == "search" and m.engine == "vllm" and device.kind == "cuda":
+            continue
+        unit = "rows per SFT pass" if part == "sft" else "rows per call"
+        verdict = "fits" if p.fits else f"DOES NOT FIT ({p.reason}); fix: {fix}"
+        lines.append(f"  {part:6s} {p.rows:5d} {unit}: peak {p.peak / memory.GiB:6.1f} of "
+                     f"{p.budget / memory.GiB:.1f} GiB per device; {verdict}")
+        ok &= p.fits
+    return lines, ok
+
+
+def main(argv: list) -> int:
+    ap = argparse.ArgumentParser(prog="python -m essa_mpi plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="the job's YAML file (default: the embedded default)")
+    ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0: plan for a CPU node)")
+    ap.add_argument("--gib-per-gpu", type=float, default=80.0, help="memory of one GPU in GiB (H100: 80, H200: 141)")
+    ap.add_argument("--ranks-per-node", type=int, default=0, help="default: GPUs per node / model.gpus_per_rank")
+    ap.add_argument("--ram-gib", type=float, default=24.0, help="a CPU node's available RAM (--gpus-per-node 0)")
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="the longest prompt, chat template included")
+    ap.add_argument("--model-config", help="the model's config.json, or a directory of <owner>--<name>.json")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = ap.parse_args(argv)
+    try:
+        lines, ok = report(load_config(args.config, args.overrides), args)
+    except ValueError as exc:
+        print(f"essa_mpi plan: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
+    return 0 if ok else 1
