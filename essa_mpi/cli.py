@@ -27,7 +27,7 @@ import traceback
 import yaml
 
 from essa_mpi import checkpoint, rundir, watchdog
-from essa_mpi.comm import Comm, Refused, first_error
+from essa_mpi.comm import Comm, Refused, first_error, same_everywhere
 from essa_mpi.config import RunConfig, apply_overrides, config_from_dict, help_text, load_config, repeated_keys
 from essa_mpi.launch import bind_rank, check_slot, check_world, node_gpus
 from essa_mpi.preflight import check
@@ -119,7 +119,10 @@ def claim(cfg, state, task, command: str):
                          f"{exc.filename}); choose a writable directory.") from None
     try:
         if state is None:
-            rundir.clear_for_fresh_run(cfg.run.output_dir, cfg.run.overwrite)
+            inputs = {"adapter.path": cfg.adapter.path, "task.dataset": cfg.task.dataset,
+                      "task.val_dataset": cfg.task.val_dataset, "task.sft_dataset": cfg.task.sft_dataset,
+                      "model.name_or_path": cfg.model.name_or_path}
+            rundir.clear_for_fresh_run(cfg.run.output_dir, cfg.run.overwrite, inputs)
         else:
             rundir.check_identity(state.identity, rundir.identity(cfg, task), cfg.run.output_dir)
     except BaseException:
@@ -137,6 +140,16 @@ def check_placement(cfg, comm: Comm) -> None:
     if comm.size > 1:  # a one-rank world: check_world already compared the launcher's count with MPI's
         check_slot(os.environ, comm.local_rank, comm.local_size)
     placement(cfg.model, comm.local_rank, comm.local_size)
+
+
+def input_digests(cfg, task) -> dict:
+    """What every rank must agree on before the first generation: each config section and the task's rows."""
+    d = cfg.to_dict()
+    out = {f"config section {name}": rundir.digest(section) for name, section in d.items()}
+    if task is not None:
+        out.update({"training rows": rundir.digest(task.train), "validation rows": rundir.digest(task.val),
+                    "SFT rows": rundir.digest(task.sft)})
+    return out
 
 
 def check_rank_memory(cfg, comm: Comm, task, state, command: str) -> None:
@@ -175,6 +188,7 @@ def load_task(cfg, state, command: str):
     task = build_task(cfg.task, cfg.search.seed)
     if needs_sft(cfg, state, command):
         sft.check_rows(task, cfg)
+        sft.check_output_dir(sft.sft_dir(cfg, task.sft))
     if command == "run":  # before any model loads: the tokenizer and the context from the model's header
         note = fit_prompts(task, load_tokenizer(cfg.model), (model_facts(cfg.model) or {}).get("context"),
                            cfg.task.max_new_tokens, cfg.task.long_prompts)
@@ -292,6 +306,7 @@ def main(argv: list | None = None) -> int:
         comm.stall_timeout_s = cfg.run.stall_timeout_s
         first_error(comm, lambda: check_placement(cfg, comm))
         task = first_error(comm, lambda: load_task(cfg, state, command))
+        first_error(comm, lambda: same_everywhere(comm, input_digests(cfg, task)))
         first_error(comm, lambda: check_rank_memory(cfg, comm, task, state, command))
         lock = first_error(comm, lambda: claim(cfg, state, task, command) if comm.rank == 0 else None)
     except Refused as exc:

@@ -288,6 +288,36 @@ def first_error(comm: Comm, fn: Callable[[], Any]) -> Any:
     return result
 
 
+def same_everywhere(comm: Comm, digests: dict) -> None:
+    """One allgather at start of every rank's {input: digest}: ValueError (the same on every rank) naming the
+    first input the ranks disagree on and which ranks hold which, e.g. an MPMD launch or a stale node-local
+    copy of a dataset. Later collectives assume every rank draws and evaluates the same population."""
+    with comm.watch("the start-up check that every rank read the same inputs"):
+        every = comm.world.allgather(digests)
+    for key in digests:
+        groups: dict = {}
+        for r, d in enumerate(every):
+            groups.setdefault(d.get(key), []).append(r)
+        if len(groups) > 1:
+            held = "; ".join(f"ranks {_ranks(rs)}: {str(d)[:8]}" for d, rs in groups.items())
+            raise ValueError(f"the ranks read different {key} ({held}); every rank must get the same config and "
+                             f"data files: launch one command for all ranks, and give every node the same copy.")
+
+
+def _ranks(ranks: list) -> str:
+    """Rank numbers, runs shortened.
+
+    >>> _ranks([0, 1, 2, 5])
+    '0-2,5'
+    """
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ",".join(out)
+
+
 def cores() -> set:
     """The CPU cores this process may run on (its affinity mask, which a launcher's binding narrows)."""
     return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))

@@ -300,9 +300,19 @@ def config_from_dict(data: dict) -> Config:
     return Config(**{name: _section_from_dict(name, data.get(name) or {}) for name in SECTIONS})
 
 
+def validation_due(cfg: Config, generation: int) -> bool:
+    """The search mean is validated at generation g (0 included) every task.val_every generations and at the
+    last one; one rule for the run loop and for a resume deciding which validation it measures again.
+
+    >>> validation_due(Config(), 6), validation_due(Config(), 7), validation_due(Config(), 18)
+    (True, False, True)
+    """
+    return bool(cfg.task.val_size) and (generation % cfg.task.val_every == 0 or generation == cfg.run.generations)
+
+
 def apply_overrides(data: dict, overrides: list) -> dict:
-    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a nested dict; a key given twice
-    takes the last value (``repeated_keys`` says so)."""
+    """Apply ``section.key=value`` strings (``override_value``) to a nested dict; a key given twice takes the
+    last value (``repeated_keys`` says so)."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ValueError(f"override {item!r} is not of the form section.key=value (e.g. search.popsize=32).")
@@ -314,8 +324,29 @@ def apply_overrides(data: dict, overrides: list) -> dict:
             data[section] = {}
         if not isinstance(data[section], dict):
             raise _not_a_section(section, data[section])
-        data[section][name] = yaml.safe_load(raw) if raw != "" else None
+        data[section][name] = override_value(raw)
     return data
+
+
+def override_value(raw: str) -> Any:
+    """The value of ``key=raw``: numbers, booleans, null and [lists] as YAML reads them; any other text as
+    written (YAML would cut ``runs/exp #3`` at its comment and read ``Answer: yes`` as a mapping).
+
+    >>> [override_value(v) for v in ("8", "1e-4", "true", "", "[q_proj, v_proj]", "runs/exp #3", "Answer: yes")]
+    [8, '1e-4', True, None, ['q_proj', 'v_proj'], 'runs/exp #3', 'Answer: yes']
+    """
+    if raw == "":
+        return None
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if " #" in raw or isinstance(value, dict):
+        return raw
+    if isinstance(value, str):
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        return value if quoted else raw
+    return value
 
 
 def repeated_keys(overrides: list) -> str | None:

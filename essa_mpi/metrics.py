@@ -99,9 +99,10 @@ def read_rows(path: str) -> tuple:
     return rows, problems
 
 
-def reconcile(path: str, generation: int, rewards: np.ndarray, sigmas: list) -> tuple:
+def reconcile(path: str, generation: int, rewards: np.ndarray, sigmas: list, revalidate: bool = True) -> tuple:
     """Make metrics.jsonl agree with the checkpoint a resume starts from (rank 0): drop incomplete lines, the
-    generations past the checkpoint and the due validation the resume measures again; re-create from the
+    generations past the checkpoint and (``revalidate``) the checkpoint generation's validation, which the
+    resume measures again; re-create from the
     checkpoint's records ([generation, popsize] rewards, the replayed sigma after each) any generation's line
     the log lacks (a kill between checkpoint and log). Every generation then appears exactly once.
     → (rows kept, note or None). The file is replaced whole (temp file, rename)."""
@@ -109,7 +110,7 @@ def reconcile(path: str, generation: int, rewards: np.ndarray, sigmas: list) -> 
     kept, seen = [], set()
     for m in rows:
         g = m.get("generation", 0)
-        if not isinstance(g, int) or g > generation or (g == generation and "val_reward" in m):
+        if not isinstance(g, int) or g > generation or (g == generation and "val_reward" in m and revalidate):
             continue
         if "reward_mean" in m:
             if g in seen:

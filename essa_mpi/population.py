@@ -35,7 +35,13 @@ def fit_prompts(task: Task, tok, context: int | None, max_new_tokens: int, polic
                                  f"{max_new_tokens} it exceeds the model's context of {context}; shorten or drop the "
                                  f"row, lower task.max_new_tokens, or set task.long_prompts=truncate.")
             ids = tok(row["prompt"], add_special_tokens=False)["input_ids"]
-            row["prompt"] = tok.decode(ids[: max(0, len(ids) - (n - limit))])
+            keep = len(ids) - (n - limit)
+            if keep < 1:  # the template alone, or nearly, fills what max_new_tokens leaves: nothing to keep
+                raise ValueError(f"task.long_prompts=truncate cannot fit {split} row {i}: with task.max_new_tokens="
+                                 f"{max_new_tokens} the model's context of {context} leaves {max(limit, 0)} tokens, "
+                                 f"and its chat template and system prompt take {n - len(ids)} of them; lower "
+                                 f"task.max_new_tokens.")
+            row["prompt"] = tok.decode(ids[:keep])
             cut += 1
     return f"task.long_prompts=truncate: cut {cut} prompt(s) to fit the context of {context} tokens" if cut else None
 

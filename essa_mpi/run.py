@@ -21,7 +21,7 @@ import torch
 
 from essa_mpi import checkpoint, watchdog
 from essa_mpi.comm import RECORD, Comm, first_error, record_counts
-from essa_mpi.config import Config, step_scale
+from essa_mpi.config import Config, step_scale, validation_due
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog, reward_stats
 from essa_mpi.model import load_model, peak_memory, rows_per_call, trim_host_memory, weight_bytes
@@ -220,7 +220,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         base = validate(p, comm, None)["val_reward"]
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
-        if cfg.task.val_size and (g % cfg.task.val_every == 0 or g == cfg.run.generations):  # same on every rank
+        if validation_due(cfg, g):  # same on every rank
             t = time.perf_counter()
             metrics = validate(p, comm, p.search.mean, g)
             val_s = time.perf_counter() - t  # validation alone: exporting best_adapter/ is run time, not val_s

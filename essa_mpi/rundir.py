@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from essa_mpi.checkpoint import write_failed, writing
+from essa_mpi.config import validation_due
 from essa_mpi.metrics import reconcile
 
 LOCK = "run.lock"
@@ -147,9 +148,10 @@ def _remove_stale(path: str) -> None:
         pass
 
 
-def clear_for_fresh_run(out_dir: str, overwrite: bool) -> None:
+def clear_for_fresh_run(out_dir: str, overwrite: bool, inputs: dict | None = None) -> None:
     """A fresh run needs a directory without essa_mpi outputs or other files; run.overwrite=true removes
-    essa_mpi's own outputs (OUTPUTS) and leaves anything else."""
+    essa_mpi's own outputs (OUTPUTS) and leaves anything else, but never what the run reads (``inputs``:
+    {config key: path}, e.g. an adapter.path inside out_dir/best_adapter)."""
     present = sorted(n for n in os.listdir(out_dir) if not n.startswith(LOCK))
     if not present:
         return
@@ -160,10 +162,16 @@ def clear_for_fresh_run(out_dir: str, overwrite: bool) -> None:
         raise ValueError(f"run.output_dir={out_dir} already holds {', '.join(present[:5])}"
                          f"{' ...' if len(present) > 5 else ''} but no checkpoint; choose a new run.output_dir, or "
                          f"set run.overwrite=true to replace essa_mpi's outputs there.")
-    for name in present:
-        if name in OUTPUTS:
-            full = os.path.join(out_dir, name)
-            shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+    doomed = [os.path.join(out_dir, n) for n in present if n in OUTPUTS]
+    for key, path in (inputs or {}).items():
+        real = os.path.realpath(path) if path else None
+        hit = next((d for d in doomed if real and (real == os.path.realpath(d) or
+                                                   real.startswith(os.path.realpath(d) + os.sep))), None)
+        if hit:
+            raise ValueError(f"run.overwrite=true would remove {hit}, which {key}={path} reads; copy it out of "
+                             f"{out_dir} first (or point {key} at the copy), or choose another run.output_dir.")
+    for full in doomed:
+        shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
 
 
 def digest(obj) -> str:
@@ -241,9 +249,11 @@ def past_validation(cfg, lead: bool, state, sigmas: list) -> tuple:
     if state is None:
         return val, base
     restore_best(out)
-    # the resume validates its first generation again when one is due (every rank decides alike, without
-    # reading this file); the same state gives the same value, so that line is dropped, not duplicated
-    kept, note = reconcile(os.path.join(out, "metrics.jsonl"), state.generation, state.rewards, sigmas)
+    # the resume validates its first generation again when one is due there (every rank decides alike, without
+    # reading this file); the same state gives the same value, so that line is dropped, not duplicated; when
+    # none is due (a finished run continued to more generations), the line is the only record and stays
+    again = validation_due(cfg, state.generation)
+    kept, note = reconcile(os.path.join(out, "metrics.jsonl"), state.generation, state.rewards, sigmas, again)
     if note:
         print(note, file=sys.stderr, flush=True)
     for m in kept:

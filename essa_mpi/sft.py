@@ -56,6 +56,18 @@ def is_done(out_dir: str, rows: list | None = None) -> bool:
         return json.load(fh).get("data_digest") in (None, digest(rows))
 
 
+def check_output_dir(out_dir: str) -> None:
+    """ValueError when out_dir holds files but no adapter this program wrote (sft_info.json): the SFT replaces
+    the directory when it ends, and a user's folder must not go with it."""
+    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+        return
+    ours = ("sft_info.json", "adapter_config.json")
+    if not any(os.path.isfile(os.path.join(out_dir, name)) for name in ours):
+        found = ", ".join(sorted(os.listdir(out_dir))[:3])
+        raise ValueError(f"sft.output_dir={out_dir} holds files that are not an SFT adapter ({found} ...); the SFT "
+                         f"would replace them: choose an empty or new directory.")
+
+
 def check_rows(task: Task, cfg: Config) -> None:
     if not task.sft:
         raise ValueError(f"task {cfg.task.name} has no SFT completions; give task.sft_dataset=FILE.jsonl with "
@@ -178,6 +190,7 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "sft_info.json"), "w") as fh:
         json.dump(info, fh, indent=1)
+    check_output_dir(out_dir)  # (again: the directory may have changed during the training)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     return info

@@ -61,3 +61,36 @@ def returns_none(completions, **_):
 
 def returns_strings(completions, **_):
     return ["0.5"] * len(completions)
+
+
+def constant(completions, **_):
+    return [0.5] * len(completions)
+
+
+def os_exit_0(completions, **_):
+    import os
+
+    os._exit(0)
+
+
+def changes_cwd_and_sigterm(completions, **_):
+    import os
+    import signal
+
+    os.chdir("/")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return [0.0] * len(completions)
+
+
+def zero_d_array(completions, **_):
+    import numpy as np
+
+    return np.array(0.5)
+
+
+def too_big(completions, **_):
+    return [1e39] * len(completions)
+
+
+def keyboard_interrupt(completions, **_):
+    raise KeyboardInterrupt

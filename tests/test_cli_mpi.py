@@ -115,6 +115,44 @@ def test_killed_run_resumes_bit_identically(tiny_dir, tmp_path, uninterrupted6):
     assert summaries[1]["val_chain"] == summaries[0]["val_chain"], "a resume keeps the validation history"
 
 
+def test_continuing_a_finished_run_keeps_its_last_validation_and_best(tiny_dir, tmp_path):
+    """A 3-generation run validates at 0, 2 and 3 (the last); continued to 5 it validates 4 and 5, and the
+    generation-3 line, which nothing measures again, stays in metrics.jsonl, summary.json and the best."""
+    out = tmp_path / "run"
+    assert mpirun(1, tiny_args(tiny_dir, out, 3)).returncode == 0
+    before = json.loads((out / "summary.json").read_text())
+    res = mpirun(1, ["--resume", str(out), "run.generations=5"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    after = json.loads((out / "summary.json").read_text())
+    vals = [m["generation"] for m in metrics(str(out)) if "val_reward" in m]
+    assert vals == [0, 2, 3, 4, 5] and list(after["val_reward"]) == ["0", "2", "3", "4", "5"]
+    assert after["val_reward"]["3"] == before["val_reward"]["3"]
+    best = max(after["val_reward"].values())
+    assert after["best_val"]["val_reward"] == best
+    assert after["best_val"]["generation"] == min(int(g) for g, v in after["val_reward"].items() if v == best)
+
+
+@pytest.mark.parametrize("what", ["config", "data"])
+def test_ranks_that_read_different_inputs_stop_before_the_first_generation(tiny_dir, tmp_path, what):
+    """An MPMD launch with another popsize on rank 1 (it used to die in an MPI 'message truncated' abort), or a
+    dataset path that holds other rows on one rank's node (a stale copy; here: another working directory)."""
+    out = tmp_path / "run"
+    for d, rows in (("a", 40), ("b", 41)):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "data.jsonl").write_text("".join(json.dumps({"prompt": f"p{i}"}) + "\n" for i in range(rows)))
+    args = tiny_args(tiny_dir, out, 2) + ["task.name=custom", "task.dataset=data.jsonl",
+                                          "task.reward_fn=mpi_rewards:constant"]
+    rank = [sys.executable, "-m", "essa_mpi", *args]
+    other = rank + ["search.popsize=8"] if what == "config" else rank
+    cmd = [MPIEXEC, "-n", "1", "-wdir", str(tmp_path / "a"), *rank, ":", "-n", "1", "-wdir",
+           str(tmp_path / ("a" if what == "config" else "b")), *other]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert res.returncode == 2, res.stderr[-3000:]
+    key = "config section search" if what == "config" else "training rows"
+    assert f"the ranks read different {key} (ranks 0: " in res.stderr and "; ranks 1: " in res.stderr
+    assert not (out / "checkpoint.h5").exists()
+
+
 def test_existing_checkpoint_needs_resume(runs_by_ranks, tiny_dir):
     res = mpirun(2, tiny_args(tiny_dir, runs_by_ranks[1]), timeout=120)
     assert res.returncode != 0 and "--resume" in res.stderr

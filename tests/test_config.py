@@ -142,3 +142,26 @@ def test_adapter_config_mismatch_reported_without_the_model(no_embedded_package,
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8, "target_modules": ["q_proj"]}))
     with pytest.raises(ValueError, match="has rank r=8 but adapter.rank=4"):
         validate(load_config(None, [f"adapter.path={tmp_path}"]))
+
+
+def test_override_values_are_text_unless_they_are_numbers_booleans_or_lists():
+    """'run.output_dir=runs/exp #3' wrote to runs/exp (YAML read the rest as a comment); 'Answer: yes' was a mapping."""
+    cfg = load_config(None, ["run.output_dir=runs/exp #3", "task.system_prompt=Answer: yes", "search.popsize=8",
+                             "adapter.target_modules=[q_proj, v_proj]", "run.max_rows=auto", "run.max_rows=64"])
+    assert cfg.run.output_dir == "runs/exp #3" and cfg.task.system_prompt == "Answer: yes"
+    assert cfg.search.popsize == 8 and cfg.adapter.target_modules == ["q_proj", "v_proj"] and cfg.run.max_rows == 64
+    with pytest.raises(ValueError, match=r"run.max_rows='many' is neither a number nor one of the words it takes; "
+                                         r"write e.g. run.max_rows=auto"):
+        load_config(None, ["run.max_rows=many"])
+
+
+def test_truncating_prompts_that_cannot_fit_at_all_is_refused(tiny):
+    from essa_mpi.population import fit_prompts
+    from essa_mpi.tasks import build_task
+
+    _, tok = tiny
+    task = build_task(load_config(None, ["task.name=toy", "task.val_size=2"]).task, seed=0)
+    with pytest.raises(ValueError, match=r"task.long_prompts=truncate cannot fit training row 0: .* lower "
+                                         r"task.max_new_tokens"):
+        fit_prompts(task, tok, context=64, max_new_tokens=60, policy="truncate")
+    assert all(r["prompt"] for r in task.train)  # nothing was cut to empty before the refusal

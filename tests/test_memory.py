@@ -1,4 +1,4 @@
-"""The memory model, `python -m essa_mpi plan` over every shipped job, and the preflight that refuses what cannot fit."""
+"""The memory model, `python -m essa_mpi plan` over every shipped job, the preflight that refuses what cannot fit."""
 
 import glob
 import json

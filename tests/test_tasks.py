@@ -1,6 +1,7 @@
 import json
 import re
 
+import mpi_rewards
 import numpy as np
 import pytest
 
@@ -135,12 +136,29 @@ def test_unusable_reward_fn_is_an_error(path, match):
                                            (lambda completions, **_: ["a", "b"], "returned str 'a' for completion 0"),
                                            (lambda completions, **_: None, "returned NoneType None"),
                                            (lambda completions, **_: __import__("sys").exit(0),
-                                            r"called sys.exit\(0\)")])
+                                            r"called sys.exit\(0\)"),
+                                           (mpi_rewards.os_exit_0, r"called os._exit\(0\)"),
+                                           (mpi_rewards.keyboard_interrupt, "raised KeyboardInterrupt"),
+                                           (mpi_rewards.zero_d_array, r"returned an array of shape \(\)"),
+                                           (mpi_rewards.too_big, "returned 1e\\+39 for completion 0, beyond the "
+                                                                 "float32 range")])
 def test_broken_reward_output_is_an_error_naming_it(reward, match):
     task = build_task(TaskConfig(name="toy", val_size=2), seed=0)
     task.reward = reward
     with pytest.raises(RuntimeError, match=match):
         score_rows(task, ["a", "b"], task.train[:2])
+
+
+def test_a_reward_that_changes_the_working_directory_or_sigterm_is_put_back():
+    import os
+    import signal
+
+    task = build_task(TaskConfig(name="toy", val_size=2), seed=0)
+    task.reward = mpi_rewards.changes_cwd_and_sigterm
+    cwd, handler = os.getcwd(), signal.getsignal(signal.SIGTERM)
+    with pytest.warns(UserWarning, match=r"changed SIGTERM, the working directory \(to /\); put back"):
+        score_rows(task, ["a", "b"], task.train[:2])
+    assert os.getcwd() == cwd and signal.getsignal(signal.SIGTERM) is handler
 
 
 def test_batch_too_large_is_an_error(tmp_path):

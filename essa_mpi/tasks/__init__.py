@@ -13,8 +13,13 @@ reward, since pycma minimises).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
+import os
+import signal
+import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -76,13 +81,46 @@ def score_rows(task: Task, completions: list, rows: list) -> np.ndarray:
     """
     name = getattr(task.reward, "__qualname__", type(task.reward).__name__)
     try:
-        values = task.reward(completions, **columns(rows))
+        with guarded(name):
+            values = task.reward(completions, **columns(rows))
     except SystemExit as exc:  # a reward may not end the rank: the others would wait for its records
         raise RuntimeError(f"reward function {name} called sys.exit({exc.code!r}); a reward must return one float "
                            f"per completion (raise an exception for an error).") from None
-    except Exception as exc:
+    except (Exception, KeyboardInterrupt) as exc:  # Ctrl-C itself is handled by watchdog, never raised here
         raise RuntimeError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
     return as_rewards(values, len(completions), name)
+
+
+@contextlib.contextmanager
+def guarded(name: str):
+    """Around a reward call: ``os._exit`` from the reward raises instead (a rank that vanished with exit code 0
+    left the job to end 'successfully' with no line and no checkpoint), and a working directory or SIGINT/
+    SIGTERM handler the reward changed is put back, with a warning (relative run paths and Ctrl-C must keep
+    working). Running user rewards in a process of their own would also contain forks and daemons, but the
+    reward models need the rank's own GPU and weights; this keeps them in the rank."""
+    real_exit, cwd = os._exit, os.getcwd()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread()
+
+    def refuse(code: int = 0):
+        if threading.current_thread() is not main:  # the watchdogs' own exits pass
+            real_exit(code)
+        raise RuntimeError(f"reward function {name} called os._exit({code}); a reward must return one float per "
+                           f"completion (raise an exception for an error)")
+
+    os._exit = refuse
+    try:
+        yield
+    finally:
+        os._exit = real_exit
+        changed = [s.name for s, h in handlers.items() if signal.getsignal(s) is not h]
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if os.getcwd() != cwd:
+            changed.append(f"the working directory (to {os.getcwd()})")
+            os.chdir(cwd)
+        if changed:
+            warnings.warn(f"reward function {name} changed {', '.join(changed)}; put back", stacklevel=3)
 
 
 def as_rewards(values, n: int, name: str) -> np.ndarray:
@@ -94,6 +132,9 @@ def as_rewards(values, n: int, name: str) -> np.ndarray:
     Traceback (most recent call last):
     RuntimeError: reward function f returned str '0.5' for completion 0; it must return one float per completion.
     """
+    if isinstance(values, np.ndarray) and values.ndim != 1:
+        raise RuntimeError(f"reward function {name} returned an array of shape {values.shape}; it must return one "
+                           f"float per completion ({n}), a list or 1-d array.")
     if not isinstance(values, (list, tuple, np.ndarray)):
         raise RuntimeError(f"reward function {name} returned {type(values).__name__} {_short(values)}; it must return "
                            f"a list with one float per completion ({n}).")
@@ -104,6 +145,13 @@ def as_rewards(values, n: int, name: str) -> np.ndarray:
         if not isinstance(v, (int, float, np.integer, np.floating, np.bool_)):
             raise RuntimeError(f"reward function {name} returned {type(v).__name__} {_short(v)} for completion {i}; "
                                f"it must return one float per completion.")
+        try:
+            big = np.isfinite(float(v)) and abs(float(v)) > np.finfo(np.float32).max  # records carry float32: inf
+        except OverflowError:  # an int past float64
+            big = True
+        if big:
+            raise RuntimeError(f"reward function {name} returned {_short(v)} for completion {i}, beyond the float32 "
+                               f"range (±3.4e38) the reward records carry; scale the reward down.")
     return np.asarray(values, dtype=np.float64).reshape(-1)  # [n]
 
 
