@@ -18,6 +18,7 @@ fix. Rank 0 holds ``run.output_dir/run.lock`` for the whole run: one run per dir
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import os
@@ -158,11 +159,10 @@ def check_rank_memory(cfg, comm: Comm, task, state, command: str) -> None:
     from essa_mpi import memory
     from essa_mpi.model import check_memory, rank_memory
     from essa_mpi.plan import sft_fix, sft_plan
-    from essa_mpi.preflight import model_facts
 
     if command == "run":
         check_memory(cfg, comm.local_rank, comm.local_size, task.prompt_tokens)
-    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    arch = memory.arch_for(cfg.model)
     if comm.rank == 0 and needs_sft(cfg, state, command) and arch is not None:
         device = rank_memory(cfg.model, 0, 1)
         p = sft_plan(cfg, arch, device, device.count)
@@ -181,8 +181,8 @@ def load_task(cfg, state, command: str):
         return None
     from essa_mpi import sft
     from essa_mpi.model import load_tokenizer
+    from essa_mpi.modelfiles import model_facts
     from essa_mpi.population import fit_prompts
-    from essa_mpi.preflight import model_facts
     from essa_mpi.tasks import build_task
 
     task = build_task(cfg.task, cfg.search.seed)
@@ -328,17 +328,38 @@ def describe(exc: BaseException, tail: str) -> str:
 
     >>> describe(OSError(28, "No space left on device", "runs/x/summary.json"), "")
     'could not write runs/x/summary.json: No space left on device; free space or choose another run.output_dir.'
+    >>> describe(IsADirectoryError(21, "Is a directory", "runs/x/metrics.jsonl"), "")
+    'could not use runs/x/metrics.jsonl: Is a directory; remove or rename it (a file is expected there).'
     """
     if isinstance(exc, SystemExit):
         return (f"sys.exit({exc.code!r}) was called inside the run (by a reward or other user code?), which is "
                 f"not a finished run; raise an exception instead.{tail}")
     if isinstance(exc, OSError) and exc.filename:
-        return f"could not write {exc.filename}: {exc.strerror}; free space or choose another run.output_dir.{tail}"
+        return f"could not {os_error_fix(exc)}{tail}"
     frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
     if isinstance(exc, (RuntimeError, ValueError)) and (frame is None or frame.filename.startswith(PACKAGE)):
         return f"{str(exc).rstrip('.')}.{tail}"  # raised by essa_mpi itself: its messages say what to do
     where = f" (at {os.path.basename(frame.filename)}:{frame.lineno})" if frame else ""
     return f"{type(exc).__name__}: {exc}{where}; rerun with --debug for the traceback.{tail}"
+
+
+OS_FIXES = {  # errno -> (verb, what to do): an OSError said by what it is, not all as a full disk
+    errno.ENOSPC: ("write", "free space or choose another run.output_dir"),
+    errno.EDQUOT: ("write", "your disk quota is full: free space or choose another run.output_dir"),
+    errno.EACCES: ("use", "no permission: fix the permissions or choose another path"),
+    errno.EPERM: ("use", "not permitted (immutable or owned by another user?): choose another path"),
+    errno.EROFS: ("write", "the filesystem is read-only: choose a writable run.output_dir"),
+    errno.EISDIR: ("use", "remove or rename it (a file is expected there)"),
+    errno.ENOTDIR: ("use", "a part of the path is a file, not a directory: fix the path"),
+    errno.ENAMETOOLONG: ("use", "the path is too long: choose a shorter run.output_dir"),
+    errno.ENOENT: ("find", "it does not exist (a relative path after user code changed the working directory?): "
+                           "fix the path or give an absolute one"),
+}
+
+
+def os_error_fix(exc: OSError) -> str:
+    verb, fix = OS_FIXES.get(exc.errno, ("use", "fix the path or choose another run.output_dir"))
+    return f"{verb} {exc.filename}: {exc.strerror}; {fix}."
 
 
 def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = False) -> int:

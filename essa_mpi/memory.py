@@ -1,6 +1,6 @@
 """The memory model: bytes of the weights per device, of one generated row, and the most rows per call that fit.
 
-    arch = Arch.from_config(json.load(open("config.json")))              # or Arch.from_facts(preflight.model_facts(m))
+    arch = Arch.from_config(json.load(open("config.json")))              # or arch_for(cfg.model): found locally
     p = plan(arch, "bf16", prompt=512, new=1024, device=Device("cuda", 80 * 2**30))
     p.rows, p.peak, p.fits                                                # rows per generate call, bytes, bool
 
@@ -58,7 +58,7 @@ class Arch:
 
     @classmethod
     def from_facts(cls, f: dict) -> Arch | None:
-        """From ``preflight.model_facts`` (config.json or a GGUF header); None where a number is missing."""
+        """From ``modelfiles.model_facts`` (config.json or a GGUF header); None where a number is missing."""
         keys = ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "vocab")
         if not all(f.get(k) for k in keys):
             return None
@@ -74,6 +74,14 @@ class Arch:
     def other_params(self) -> int:
         """Embedding, head (unless tied), norms: kept in the compute dtype at every precision."""
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
+
+
+def arch_for(model_cfg) -> Arch | None:
+    """The Arch of model.name_or_path from its local config.json or GGUF header; None for a hub id whose config
+    is not in the local cache."""
+    from essa_mpi.modelfiles import model_facts
+
+    return Arch.from_facts(model_facts(model_cfg) or {})
 
 
 def weight_bytes(arch: Arch, precision: str) -> int:

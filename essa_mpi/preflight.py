@@ -13,9 +13,9 @@ import importlib.util
 import json
 import os
 import re
-import struct
 
 from essa_mpi.config import BENCHMARKS, EMBEDDED_MODEL, SFT_CACHE, Config, ModelConfig, split_label, validate
+from essa_mpi.modelfiles import model_facts
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _FILE_EXT = (".json", ".jsonl", ".gguf", ".yaml", ".yml", ".txt", ".csv", ".parquet", ".safetensors", ".bin")
@@ -78,94 +78,6 @@ def check_model_path(m: ModelConfig) -> None:
                          f"(owner/name); fix the path or use '{EMBEDDED_MODEL}'.")
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def gguf_scalars(path: str) -> dict:
-    """The scalar keys of a GGUF file's key-value header ({"llama.context_length": 8192, ...}); arrays and
-    strings other than general.architecture are skipped. Written here because gguf.GGUFReader parses every
-    field, the 49k-entry vocabulary included: 5.7 s per rank for the embedded model, for four integers."""
-    out: dict = {}
-    with open(path, "rb") as fh:
-        magic, _version, _tensors, count = struct.unpack("<4sIQQ", fh.read(24))
-        if magic != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file (magic {magic!r}); fix model.name_or_path.")
-
-        def string() -> bytes:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            return fh.read(n)
-
-        def skip(kind: int) -> None:
-            if kind == 8:
-                fh.seek(struct.unpack("<Q", fh.read(8))[0], 1)
-            elif kind == 9:
-                inner, n = struct.unpack("<IQ", fh.read(12))
-                if inner in _GGUF_SCALARS:
-                    fh.seek(n * struct.calcsize(_GGUF_SCALARS[inner]), 1)
-                else:
-                    for _ in range(n):
-                        skip(inner)
-            else:
-                fh.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
-
-        for _ in range(count):
-            key = string().decode()
-            (kind,) = struct.unpack("<I", fh.read(4))
-            if kind in _GGUF_SCALARS:
-                fmt = _GGUF_SCALARS[kind]
-                out[key] = struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
-            elif kind == 8 and key == "general.architecture":
-                out[key] = string().decode()
-            else:
-                skip(kind)
-    return out
-
-
-def model_facts(m: ModelConfig) -> dict | None:
-    """{"context", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "layers", "vocab", "tied",
-    "source"} from the model's config.json or GGUF header; None for a hub id not in the local cache (checked when
-    it loads). A GGUF header does not say whether the head is tied; "tied" is assumed (small models)."""
-    from essa_mpi.model import resolve
-
-    path, gguf = resolve(m)
-    if gguf:
-        file = os.path.join(path, gguf)
-        kv = gguf_scalars(file)
-        arch = kv.get("general.architecture", "llama")
-        get = lambda k: kv.get(f"{arch}.{k}")  # noqa: E731
-        raw = {"context": get("context_length"), "hidden": get("embedding_length"),
-               "heads": get("attention.head_count"), "kv_heads": get("attention.head_count_kv"),
-               "intermediate": get("feed_forward_length"), "head_dim": get("attention.key_length"),
-               "layers": get("block_count"), "vocab": get("vocab_size"), "tied": True}  # SmolLM2: tied
-        return {**raw, "head_dim": raw["head_dim"] or _div(raw["hidden"], raw["heads"]), "source": file}
-    conf = os.path.join(path, "config.json")
-    if not os.path.isfile(conf):
-        try:
-            from huggingface_hub import try_to_load_from_cache
-        except ImportError:
-            return None
-        conf = try_to_load_from_cache(path, "config.json")
-        if not isinstance(conf, str):
-            return None
-    try:
-        with open(conf) as fh:
-            c = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{conf} is not readable JSON ({exc}); fix or replace the model's config.json.") from None
-    c = {**c, **(c.get("text_config") or {})}  # multimodal configs nest the language model's
-    heads = c.get("num_attention_heads")
-    return {"context": c.get("max_position_embeddings") or c.get("n_positions"), "hidden": c.get("hidden_size"),
-            "heads": heads, "kv_heads": c.get("num_key_value_heads") or heads,
-            "intermediate": c.get("intermediate_size"),
-            "head_dim": c.get("head_dim") or _div(c.get("hidden_size"), heads), "source": conf,
-            "layers": c.get("num_hidden_layers"), "vocab": c.get("vocab_size"),
-            "tied": bool(c.get("tie_word_embeddings"))}
-
-
-def _div(a, b):
-    return a // b if a and b else None
-
-
 def module_widths(f: dict) -> dict:
     """{module name: (in_features, out_features)} of the Llama-family projections the facts determine.
 
@@ -195,6 +107,9 @@ def check_model_shape(cfg: Config, f: dict, command: str) -> None:
     if cfg.model.precision == "int4" and f.get("hidden") and f["hidden"] % 64 and cfg.model.device != "cuda":
         raise ValueError(f"model.precision=int4 on CPU needs layer widths divisible by 64 (bitsandbytes NF4 blocks); "
                          f"hidden_size={f['hidden']} in {f['source']}: use int8 or bf16.")
+    if cfg.model.engine == "vllm" and cfg.model.device != "cuda" and f.get("head_dim") and f["head_dim"] < 32:
+        raise ValueError(f"model.engine=vllm on CPU: vLLM's CPU attention takes head_dim 32 or more, and "
+                         f"{f['source']} has {f['head_dim']}; use model.engine=hf.")
 
 
 def check_adapter_config(cfg: Config) -> None:

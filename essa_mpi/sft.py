@@ -120,10 +120,9 @@ def micro_batch(cfg: Config) -> tuple:
     rank 0 may use the node's available RAM) → (rows, the plan's line)."""
     from essa_mpi import memory
     from essa_mpi.model import rank_memory
-    from essa_mpi.preflight import model_facts
 
     s = cfg.sft
-    arch = memory.Arch.from_facts(model_facts(cfg.model) or {})
+    arch = memory.arch_for(cfg.model)
     if arch is None:
         return s.micro_batch or s.batch_size, "model shape unknown here: no memory estimate"
     device = rank_memory(cfg.model, 0, 1)  # rank 0 alone: on CPU the node's available RAM

@@ -4,7 +4,8 @@ import json
 
 import numpy as np
 
-from essa_mpi.metrics import read_rows, reconcile
+from essa_mpi.jsonl import read_rows
+from essa_mpi.metrics import reconcile
 
 
 def write(path, lines):

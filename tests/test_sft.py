@@ -109,7 +109,7 @@ def test_auto_micro_batches_keep_rows_times_tokens_within_the_memory_budget(tiny
     sft.max_length tokens, and every optimizer step still sees its 16 rows."""
     from essa_mpi import memory
     from essa_mpi import model as model_mod
-    from essa_mpi.preflight import model_facts
+    from essa_mpi.modelfiles import model_facts
 
     cfg = tiny_cfg(tiny_dir, str(tmp_path / "sft"), batch_size=16, max_length=64)
     arch = memory.Arch.from_facts(model_facts(cfg.model))

@@ -30,8 +30,8 @@ def one(rows: int, prompt: int, new: int) -> dict:
     from essa_mpi import memory
     from essa_mpi.config import ModelConfig, TaskConfig
     from essa_mpi.model import load_model, weight_bytes
+    from essa_mpi.modelfiles import model_facts
     from essa_mpi.population import PopulationEvaluator
-    from essa_mpi.preflight import model_facts
     from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
     from essa_mpi.tasks import build_task
 

@@ -1,0 +1,44 @@
+"""The package's import graph has no cycle, counting the imports inside functions (ARCHITECTURE: nothing points up)."""
+
+import ast
+import os
+
+PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "essa_mpi")
+
+
+def imports() -> dict:
+    """{module: {essa_mpi modules it imports anywhere in its file}}."""
+    graph = {}
+    for root, _, files in os.walk(PKG):
+        for f in files:
+            if not f.endswith(".py"):
+                continue
+            path = os.path.join(root, f)
+            name = os.path.relpath(path, os.path.dirname(PKG))[:-3].replace(os.sep, ".").removesuffix(".__init__")
+            found = set()
+            for node in ast.walk(ast.parse(open(path).read())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("essa_mpi"):
+                    found |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+                elif isinstance(node, ast.Import):
+                    found |= {a.name for a in node.names if a.name.startswith("essa_mpi")}
+            graph[name] = found
+    return {m: {d for d in deps if d in graph and d != m and d != "essa_mpi"} for m, deps in graph.items()}
+
+
+def test_no_import_cycles():
+    graph, done, stack = imports(), set(), []
+
+    def visit(m):
+        if m in stack:
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(m):] + [m]))
+        if m in done:
+            return
+        stack.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        stack.pop()
+        done.add(m)
+
+    assert len(graph) > 25 and "essa_mpi.jsonl" in graph["essa_mpi.plot"] & graph["essa_mpi.metrics"]
+    for m in sorted(graph):
+        visit(m)
