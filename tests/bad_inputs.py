@@ -13,6 +13,18 @@ import json
 import os
 
 
+def case_args(extra: list, tiny_dir: str, out: str) -> list:
+    """A case's full command line: its extra arguments over the tiny-model run writing to out (a resume or an
+    eval keeps its own form)."""
+    from test_cli_mpi import tiny_args
+
+    if extra[0] == "--resume":
+        return extra
+    if extra[0] == "eval":
+        return ["eval", *tiny_args(tiny_dir, out), *extra[1:]]
+    return tiny_args(tiny_dir, out) + extra
+
+
 def make_files(root: str, tiny_dir: str) -> dict:
     """Broken configs, datasets, reward modules, models and adapters under root → {name: path}."""
     f = {"root": root, "tiny": tiny_dir}
@@ -152,6 +164,14 @@ CASES = {
     "output_dir under a file": (lambda f: [f"run.output_dir={f['a_file']}/run"], "lies under the file"),
     "sft output under a file": (lambda f: ["adapter.warm_start=sft", f"sft.output_dir={f['a_file']}/sft"],
                                 "sft.output_dir="),
+    "vLLM on CPU below head_dim 32": (lambda f: ["model.engine=vllm", "model.precision=fp32"],
+                                      "vLLM's CPU attention takes head_dim 32 or more"),
+    "truncate that cannot fit": (lambda f: ["task.long_prompts=truncate", "task.max_new_tokens=250"],
+                                 "task.long_prompts=truncate cannot fit training row 0"),
+    "sft output_dir holding a user's files": (lambda f: ["adapter.warm_start=sft",
+                                                         f"sft.output_dir={f['root']}/has_files"],
+                                              "holds files that are not an SFT adapter"),
+    "override with a comment sign": (lambda f: ["search.popsize=8 #3"], "search.popsize='8 #3' has type str"),
     "prompt longer than the context": (lambda f: ["task.name=custom", f"task.dataset={f['long_prompt.jsonl']}",
                                                   "task.reward_fn=json:dumps"],
                                        "training row 17 is "),

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from bad_inputs import CASES, make_files
+from bad_inputs import CASES, case_args, make_files
 from conftest import tmpfs
 from test_cli_mpi import ENV, HERE, history, launch, metrics, mpirun, tiny_args
 
@@ -68,22 +68,44 @@ def run_case(args: list, files: dict, timeout: int = 120) -> tuple:
     return res, time.time() - t
 
 
+REAL_PROCESS_CASES = ["YAML malformed", "resume missing", "dataset missing", "output_dir holds files",
+                      "prompt longer than the context"]  # also as real processes: one line, no rank left
+
+
+@pytest.fixture(scope="module")
+def corpus(files, tiny_dir, tmp_path_factory):
+    """Every case in one mpiexec -n 2 job (tests/corpus_driver.py): {case: exit, stdout, stderr, seconds}."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    (tmp / "files.json").write_text(json.dumps(files))
+    env = {**ENV, "PYTHONPATH": f"{HERE}:{files['root']}"}
+    cmd = launch(2, [])[:-3] + [sys.executable, os.path.join(HERE, "corpus_driver.py"), str(tmp / "files.json"),
+                                tiny_dir, str(tmp / "out"), str(tmp / "result.json")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((tmp / "result.json").read_text())
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_corpus(case, files, tiny_dir, tmp_path):
-    make_args, fragment = CASES[case]
-    out = tmp_path / "run"
-    extra = make_args(files)
-    args = extra if extra[0] == "--resume" else ["eval", *tiny_args(tiny_dir, out), *extra[1:]] \
-        if extra[0] == "eval" else tiny_args(tiny_dir, out) + extra
-    res, seconds = run_case(args, files)
-    lines = res.stderr.strip().splitlines()
-    record("corpus", case, res.returncode, seconds, error_line(res.stderr))
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("essa_mpi: error: ") and fragment in lines[0], res.stderr[-2000:]
-    assert "solution_length" not in res.stdout, "a model was loaded"
-    assert ranks_gone(str(out)), "a rank outlived mpiexec"
+def test_bad_input_corpus(case, files, corpus):
+    got = corpus[case]
+    lines = got["stderr"].strip().splitlines()
+    record("corpus", case, got["exit"], got["seconds"], error_line(got["stderr"]))
+    assert got["exit"] == 2, got["stderr"][-2000:]
+    assert len(lines) == 1 and lines[0].startswith("essa_mpi: error: ") and CASES[case][1] in lines[0], got["stderr"]
+    assert "solution_length" not in got["stdout"], "a model was loaded"
     if case == "output_dir holds files":
         assert open(os.path.join(files["root"], "has_files", "notes.txt")).read() == "my notes\n"
+
+
+@pytest.mark.parametrize("case", REAL_PROCESS_CASES)
+def test_bad_input_as_a_real_process(case, files, tiny_dir, tmp_path):
+    make_args, fragment = CASES[case]
+    out = tmp_path / "run"
+    res, seconds = run_case(case_args(make_args(files), tiny_dir, str(out)), files)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("essa_mpi: error: ") and fragment in lines[0], res.stderr[-2000:]
+    assert ranks_gone(str(out)), "a rank outlived mpiexec"
 
 
 def start(args: list, env=None) -> subprocess.Popen:
@@ -399,3 +421,18 @@ def test_lock_of_a_killed_unreaped_process_is_stale(tmp_path):
     finally:
         child.kill()
         child.wait()
+
+
+def test_overwrite_never_removes_what_the_run_reads(tmp_path):
+    """adapter.path inside the run's own best_adapter/: run.overwrite=true stops instead of deleting it."""
+    from essa_mpi.rundir import clear_for_fresh_run
+
+    (tmp_path / "best_adapter").mkdir()
+    (tmp_path / "best_adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match=r"run.overwrite=true would remove .*best_adapter, which "
+                                         r"adapter.path=.*best_adapter reads; copy it out"):
+        clear_for_fresh_run(str(tmp_path), True, {"adapter.path": str(tmp_path / "best_adapter")})
+    assert (tmp_path / "best_adapter" / "adapter_config.json").exists() and (tmp_path / "metrics.jsonl").exists()
+    clear_for_fresh_run(str(tmp_path), True, {"adapter.path": None})
+    assert not (tmp_path / "best_adapter").exists()
