@@ -362,14 +362,20 @@ def os_error_fix(exc: OSError) -> str:
     return f"{verb} {exc.filename}: {exc.strerror}; {fix}."
 
 
+def stopped_note(out: str) -> str:
+    """What a signal leaves: a checkpoint to resume, or (the SFT warm start, the model load) none yet."""
+    if os.path.isfile(os.path.join(out, checkpoint.FILENAME)):
+        return f"the last checkpoint is kept; continue with --resume {out}"
+    return "no generation was checkpointed yet; run the same command again (a finished SFT warm start is reused)"
+
+
 def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = False) -> int:
     """Run the command with the watchdogs armed; every failure ends every rank with one line."""
     if lock is not None:
         watchdog.on_exit(lock.release)
     out = cfg.run.output_dir
     kept = f" The last checkpoint (if any) is kept: continue with --resume {out}." if command == "run" else ""
-    watchdog.install_signal_handlers(
-        (lambda: f"the last checkpoint is kept; continue with --resume {out}") if command == "run" else None)
+    watchdog.install_signal_handlers((lambda: stopped_note(out)) if command == "run" else None)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)
     except Refused as exc:  # found on every rank alike (first_error): no rank is left waiting

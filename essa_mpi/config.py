@@ -283,7 +283,12 @@ def _section_from_dict(name: str, data: dict) -> Any:
         if key not in hints:
             raise _unknown(f"{name}.{key}", known)
         values[key] = _check_type(f"{name}.{key}", value, hints[key])
+        if key in PATH_KEYS and isinstance(values[key], str) and values[key].startswith("~"):
+            values[key] = os.path.expanduser(values[key])  # as a shell would (YAML and key=value reach no shell)
     return cls(**values)
+
+
+PATH_KEYS = {"name_or_path", "path", "dataset", "val_dataset", "sft_dataset", "output_dir", "data_dir"}
 
 
 def _not_a_section(name: str, data: Any) -> ValueError:
@@ -374,11 +379,14 @@ def load_config(path: str | None = None, overrides: list | None = None) -> Confi
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+    """safe_load that refuses a key given twice in one mapping (PyYAML silently keeps the last); merge keys
+    (``<<: *defaults``) work as in YAML, a key written beside them overriding the merged one."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
@@ -388,6 +396,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def read_yaml(path: str) -> dict:
     """A YAML config file → its mapping (empty file → {}); ValueError naming the file and line otherwise."""
+    if os.path.isdir(path):
+        raise ValueError(f"config file {path!r} is a directory; pass a YAML file to --config (e.g. jobs/math.yaml).")
     if not os.path.isfile(path):
         raise ValueError(f"config file {path!r} does not exist; pass an existing YAML file to --config.")
     try:
@@ -465,6 +475,9 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
     for name, seed in (("search.seed", s.seed), ("task.seed", t.seed)):
         if seed is not None and not 0 <= seed < 2**32:
             raise ValueError(f"{name}={seed} must fit in uint32 (0 <= seed < 2**32).")
+    if cfg.model.threads > 4096:
+        raise ValueError(f"model.threads={cfg.model.threads} is more threads than any node has cores; set it to the "
+                         f"cores per rank, or 0 for automatic.")
     _at_least(("model.gpus_per_rank", cfg.model.gpus_per_rank, 1), ("model.threads", cfg.model.threads, 0),
               ("task.reward_timeout_s", t.reward_timeout_s, 0), ("run.stall_timeout_s", r.stall_timeout_s, 0),
               ("task.batch_size", t.batch_size, 1),
@@ -544,6 +557,11 @@ def _validate_eval(e: EvalConfig) -> None:
     _at_least(("eval.max_new_tokens", e.max_new_tokens, 1), ("eval.limit", e.limit, 0))
     if not e.adapters:
         raise ValueError("eval.adapters is empty; list 'base' and/or adapter directories (LABEL=DIR).")
+    labels = [split_label(a)[0] for a in e.adapters]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise ValueError(f"eval.adapters gives the label {twice[0]!r} twice (one would replace the other in the "
+                         f"tables); label them apart, e.g. A={twice[0]},B=DIR.")
 
 
 def help_text() -> str:

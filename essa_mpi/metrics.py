@@ -88,13 +88,14 @@ def reconcile(path: str, generation: int, rewards: np.ndarray, sigmas: list, rev
     the log lacks (a kill between checkpoint and log). Every generation then appears exactly once.
     → (rows kept, note or None). The file is replaced whole (temp file, rename)."""
     rows, problems = read_rows(path) if os.path.isfile(path) else ([], [])
+    last = {m.get("generation"): i for i, m in enumerate(rows) if "reward_mean" in m}  # a generation's newest line
     kept, seen = [], set()
-    for m in rows:
+    for i, m in enumerate(rows):
         g = m.get("generation", 0)
         if not isinstance(g, int) or g > generation or (g == generation and "val_reward" in m and revalidate):
             continue
         if "reward_mean" in m:
-            if g in seen:
+            if last[g] != i:  # an older line of the same generation (a run killed and resumed before this fix)
                 continue
             seen.add(g)
         kept.append(m)

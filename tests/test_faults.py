@@ -436,3 +436,16 @@ def test_overwrite_never_removes_what_the_run_reads(tmp_path):
     assert (tmp_path / "best_adapter" / "adapter_config.json").exists() and (tmp_path / "metrics.jsonl").exists()
     clear_for_fresh_run(str(tmp_path), True, {"adapter.path": None})
     assert not (tmp_path / "best_adapter").exists()
+
+
+@pytest.mark.parametrize("kind", ["lock holding a JSON list", "lock is a directory", "log is a directory"])
+def test_run_directory_files_of_the_wrong_kind(tmp_path, kind):
+    from essa_mpi.rundir import LOCK, RunLock
+
+    if kind == "lock holding a JSON list":  # not a record a live run wrote: taken over, as an empty lock is
+        (tmp_path / LOCK).write_text("[1, 2]")
+        RunLock.acquire(str(tmp_path)).release()
+        return
+    (tmp_path / (LOCK if kind == "lock is a directory" else "metrics.jsonl")).mkdir()
+    with pytest.raises(ValueError, match=r"is a directory, where essa_mpi keeps a file of that name; move it away"):
+        RunLock.acquire(str(tmp_path))

@@ -33,3 +33,20 @@ def test_reconcile_cuts_damage_and_later_generations_and_recreates_missing_ones(
 def test_reconcile_without_a_log_recreates_every_generation(tmp_path):
     rows, note = reconcile(str(tmp_path / "metrics.jsonl"), 2, np.ones((2, 3), np.float32), [0.5, 0.4])
     assert [m["generation"] for m in rows] == [1, 2] and "re-created generation(s) [1, 2]" in note
+
+
+def test_two_lines_for_one_generation_keep_the_newest(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    write(log, [{"generation": 1, "reward_mean": 0.1, "sigma": 1.0},
+                {"generation": 1, "reward_mean": 0.5, "sigma": 0.9}])
+    rows, _ = reconcile(str(log), 1, np.array([[0.5, 0.5]], np.float32), [0.9])
+    assert rows == [{"generation": 1, "reward_mean": 0.5, "sigma": 0.9}]
+
+
+def test_a_validation_nothing_measures_again_is_kept(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    write(log, [{"generation": 3, "reward_mean": 0.5}, {"generation": 3, "val_reward": 1.0}])
+    rows, _ = reconcile(str(log), 3, np.array([[0.5]] * 3, np.float32), [0.9] * 3, revalidate=False)
+    assert {"generation": 3, "val_reward": 1.0} in rows
+    rows, _ = reconcile(str(log), 3, np.array([[0.5]] * 3, np.float32), [0.9] * 3, revalidate=True)
+    assert {"generation": 3, "val_reward": 1.0} not in rows
