@@ -338,9 +338,14 @@ def main(argv: list) -> int:
     ``srun -n 2 python -m essa_mpi launch-check``: each process prints its rank, the world size and the MPI
     library, and exits 2 if the launch did not form one world (the check every essa_mpi run makes first).
     ``python -m essa_mpi.comm`` is the same entry, kept for old scripts."""
+    import argparse
+
     from essa_mpi.launch import check_world, srun_mpi_plugin
 
-    if argv[:1] == ["--srun-mpi"]:
+    ap = argparse.ArgumentParser(prog="python -m essa_mpi launch-check", description=main.__doc__)
+    ap.add_argument("--srun-mpi", action="store_true", help="print the srun --mpi plugin for the loaded MPI (no MPI)")
+    args = ap.parse_args(argv)
+    if args.srun_mpi:
         print(srun_mpi_plugin(library_version()))
         return 0
     comm = Comm()

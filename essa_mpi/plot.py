@@ -94,6 +94,8 @@ def main(argv: list) -> int:
     try:
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
             raise ValueError(f"-o {args.out}: its directory does not exist; create it or choose another path.")
+        if os.path.isdir(args.out):
+            raise ValueError(f"-o {args.out} is a directory; give the PNG file to write (e.g. {args.out}/curves.png).")
         print(plot(args.runs, args.out, args.labels.split(",") if args.labels else None, args.title))
     except ValueError as exc:
         print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)

@@ -209,6 +209,10 @@ def check_eval_files(cfg: Config) -> None:
         if src not in BENCHMARKS and not os.path.isfile(src):
             raise ValueError(f"eval.benchmarks: {b!r} is neither a known benchmark ({', '.join(BENCHMARKS)}) nor "
                              f"a JSONL file; fix the name or the path.")
+        if src not in BENCHMARKS:  # a local file: its rows and golds are read now, not after the model loads
+            from essa_mpi.tasks.benchmarks import load_benchmark
+
+            load_benchmark(b, e.data_dir, e.limit)
     for entry in e.adapters:
         path = split_label(entry)[1]
         if path != "base" and not os.path.isfile(os.path.join(path, "adapter_config.json")):

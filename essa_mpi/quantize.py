@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 
@@ -46,7 +47,23 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--group-size", type=int, default=128)
     args = ap.parse_args(argv)
+    from essa_mpi.config import ModelConfig
+    from essa_mpi.preflight import check_model_path
 
+    try:  # bad input: one line, exit 2, before the model loads
+        if args.samples < 1 or args.group_size < 8 or args.group_size % 8:
+            raise ValueError(f"--samples {args.samples} must be >= 1 and --group-size {args.group_size} a multiple "
+                             f"of 8 (GPTQ checkpoints use 32, 64 or 128).")
+        check_model_path(ModelConfig(name_or_path=args.model, device="cpu"))
+        if os.path.isfile(args.out):
+            raise ValueError(f"--out {args.out} is a file; give a directory for the checkpoint.")
+    except ValueError as exc:
+        print(f"essa_mpi quantize: error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    return quantize(args)
+
+
+def quantize(args) -> int:
     from safetensors.torch import save_file
 
     from essa_mpi.config import ModelConfig

@@ -61,6 +61,7 @@ def make_files(root: str, tiny_dir: str) -> dict:
     write("not_a_checkpoint/checkpoint.h5", b"\x89HDF\r\n\x1a\n" + os.urandom(200))
     write("has_files/notes.txt", "my notes\n")
     write("a_file", "not a directory\n")
+    write("nogold.jsonl", "".join(json.dumps({"problem": f"{i}+1"}) + "\n" for i in range(5)))
     write("long_prompt.jsonl", "".join(json.dumps({"prompt": ("word " * 400) if i == 17 else f"p{i}"}) + "\n"
                                        for i in range(40)))
     return f
@@ -164,6 +165,8 @@ CASES = {
     "output_dir under a file": (lambda f: [f"run.output_dir={f['a_file']}/run"], "lies under the file"),
     "sft output under a file": (lambda f: ["adapter.warm_start=sft", f"sft.output_dir={f['a_file']}/sft"],
                                 "sft.output_dir="),
+    "eval benchmark without golds": (lambda f: ["eval", "eval.max_new_tokens=6", f"eval.benchmarks={f['nogold.jsonl']}",
+                                                "eval.adapters=base"], "and a gold answer"),
     "vLLM on CPU below head_dim 32": (lambda f: ["model.engine=vllm", "model.precision=fp32"],
                                       "vLLM's CPU attention takes head_dim 32 or more"),
     "truncate that cannot fit": (lambda f: ["task.long_prompts=truncate", "task.max_new_tokens=250"],

@@ -449,3 +449,17 @@ def test_run_directory_files_of_the_wrong_kind(tmp_path, kind):
     (tmp_path / (LOCK if kind == "lock is a directory" else "metrics.jsonl")).mkdir()
     with pytest.raises(ValueError, match=r"is a directory, where essa_mpi keeps a file of that name; move it away"):
         RunLock.acquire(str(tmp_path))
+
+
+def test_side_commands_refuse_bad_arguments_with_one_line(tmp_path, capsys):
+    from essa_mpi import comm, plot, quantize
+
+    assert quantize.main(["--model", "/missing/model", "--out", str(tmp_path / "q")]) == 2
+    assert quantize.main(["--out", str(tmp_path / "q"), "--samples", "0"]) == 2
+    assert plot.main([str(tmp_path), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "neither an existing path" in err[0] and "--samples 0 must be >= 1" in err[1]
+    assert "is a directory; give the PNG file" in err[2] and not (tmp_path / "q").exists()
+    with pytest.raises(SystemExit) as stop:
+        comm.main(["--help"])  # was ignored: the check ran instead
+    assert stop.value.code == 0 and "launch-check" in capsys.readouterr().out
