@@ -38,7 +38,7 @@ def test_unbiased_pass_at_k_matches_brute_force():
 def test_avg_and_pass_from_samples(monkeypatch, tiny_dir, bench, tmp_path):
     answers = {"1+1?": ["\\boxed{2}", "3", "2", "x"], "half?": ["$\\frac12$", "1/2", "\\boxed{0.5}", "0.50"],
                "x?": ["no", "no", "no", "no"]}
-    monkeypatch.setattr(evaluate, "sample", lambda model, tok, prompts, cfg: [answers[p] for p in prompts])
+    monkeypatch.setattr(evaluate, "sample", lambda model, tok, prompts, cfg, rows=256: [answers[p] for p in prompts])
     cfg = load_config(None, [f"model.name_or_path={tiny_dir}", "model.device=cpu", f"eval.benchmarks=toy={bench}",
                              "eval.k=4", "eval.pass_k=2", f"eval.output_dir={tmp_path}"])
     report = evaluate.evaluate(cfg, Comm())

@@ -76,7 +76,8 @@ def test_a_launchers_own_binding_is_kept_and_a_jobs_gpu_list_is_split(eight_rank
 
 
 def test_real_mpiexec_ranks_bind_by_hydras_local_rank_and_mpi_confirms_it(tiny_dir, tmp_path):
-    case = [{"gpus": 2, "local_size": 2, "launcher": "real", "args": base_args(tiny_dir, tmp_path / "run")}]
+    args = [a for a in base_args(tiny_dir, tmp_path) if not a.startswith("run.output_dir")]
+    case = [{"gpus": 2, "local_size": 2, "launcher": "real", "args": args + [f"run.output_dir={tmp_path}/run"]}]
     res = spy(case, tmp_path / "out.{rank}.json", tmp_path, [MPIEXEC, "-n", "2"])
     assert res.returncode == 0, res.stderr[-3000:]
     seen = [json.loads((tmp_path / f"out.{r}.json").read_text())[0][0] for r in (0, 1)]
