@@ -374,7 +374,7 @@ def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = Fals
     if lock is not None:
         watchdog.on_exit(lock.release)
     out = cfg.run.output_dir
-    kept = f" The last checkpoint (if any) is kept: continue with --resume {out}." if command == "run" else ""
+    kept = (lambda: f" {stopped_note(out)[0].upper()}{stopped_note(out)[1:]}.") if command == "run" else (lambda: "")
     watchdog.install_signal_handlers((lambda: stopped_note(out)) if command == "run" else None)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)
@@ -385,7 +385,7 @@ def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = Fals
     except (Exception, SystemExit) as exc:  # one rank's failure must stop all ranks, never leave them waiting
         if debug:
             traceback.print_exc()
-        watchdog.say(describe(exc, "" if isinstance(exc, checkpoint.CheckpointWriteError) else kept))
+        watchdog.say(describe(exc, "" if isinstance(exc, checkpoint.CheckpointWriteError) else kept()))
         if comm.size > 1:
             watchdog.stop(1)  # releases the lock, lets the line through, aborts every rank
         return 1

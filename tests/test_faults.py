@@ -377,7 +377,9 @@ def test_reward_that_exits_the_process_ends_every_rank(tiny_dir, tmp_path):
     res = mpirun(2, tiny_args(tiny_dir, out) + ["task.reward_fn=mpi_rewards:exits_process"], timeout=60)
     record("fault", "reward calls os._exit(3) on every rank", res.returncode, time.time() - t,
            error_line(res.stderr), "nothing to keep (before generation 1)")
-    assert res.returncode != 0 and ranks_gone(str(out))
+    assert res.returncode == 1 and ranks_gone(str(out)), res.stderr[-2000:]
+    assert "reward function exits_process called os._exit(3); a reward must return" in res.stderr
+    assert "No generation was checkpointed yet; run the same command again" in res.stderr  # not "--resume"
 
 
 def test_deadline_fires_once_for_a_block_that_overruns(monkeypatch):

@@ -86,9 +86,15 @@ def score_rows(task: Task, completions: list, rows: list) -> np.ndarray:
     except SystemExit as exc:  # a reward may not end the rank: the others would wait for its records
         raise RuntimeError(f"reward function {name} called sys.exit({exc.code!r}); a reward must return one float "
                            f"per completion (raise an exception for an error).") from None
+    except _Exited as exc:
+        raise RuntimeError(str(exc)) from None
     except (Exception, KeyboardInterrupt) as exc:  # Ctrl-C itself is handled by watchdog, never raised here
         raise RuntimeError(f"reward function {name} raised {type(exc).__name__}: {exc}") from exc
     return as_rewards(values, len(completions), name)
+
+
+class _Exited(Exception):
+    """os._exit called by a reward (``guarded``)."""
 
 
 @contextlib.contextmanager
@@ -105,8 +111,8 @@ def guarded(name: str):
     def refuse(code: int = 0):
         if threading.current_thread() is not main:  # the watchdogs' own exits pass
             real_exit(code)
-        raise RuntimeError(f"reward function {name} called os._exit({code}); a reward must return one float per "
-                           f"completion (raise an exception for an error)")
+        raise _Exited(f"reward function {name} called os._exit({code}); a reward must return one float per "
+                      f"completion (raise an exception for an error)")
 
     os._exit = refuse
     try:
