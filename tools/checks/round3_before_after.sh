@@ -8,7 +8,8 @@ cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONWARNINGS=ignore PYTHONPATH="${ESSA_CODE:-$ROOT}:$ROOT/tests"
 W=$(mktemp -d)
-python tests/tiny.py "$W/tiny" >/dev/null 2>&1
+python "$ROOT/tests/tiny.py" "$W/tiny" >/dev/null 2>&1
+cd "$W"  # not the checkout: python -m puts the working directory first on sys.path, before ESSA_CODE
 BASE=(model.name_or_path=$W/tiny model.device=cpu model.threads=1 adapter.rank=2 adapter.warm_start=none task.name=toy
       task.batch_size=3 task.val_size=4 task.val_every=2 task.max_new_tokens=6 search.popsize=7 run.progress=false)
 ess() { mpiexec -n 2 python -m essa_mpi "$@"; }
@@ -38,8 +39,8 @@ echo "  best_adapter still there: $([ -f $W/r3/best_adapter/adapter_config.json 
 timed "4 long_prompts=truncate, max_new_tokens=250" ess "${BASE[@]}" run.generations=1 run.output_dir=$W/r4 \
   task.long_prompts=truncate task.max_new_tokens=250
 # 5. an override holding ' #'
-(cd $W && timed "5 run.output_dir='r5 #3'" ess "${BASE[@]}" run.generations=1 "run.output_dir=r5 #3")
-echo "  wrote to: $(cd $W && ls -d r5* 2>/dev/null | tr '\n' ' ')"
+timed "5 run.output_dir='r5 #3'" ess "${BASE[@]}" run.generations=1 "run.output_dir=r5 #3"
+echo "  wrote to: $(ls -d r5* 2>/dev/null | sed 's/.*/[&]/' | tr '\n' ' ')"
 # 6. an MPMD launch where rank 1 has another popsize
 t0=$SECONDS
 mpiexec -n 1 python -m essa_mpi "${BASE[@]}" run.generations=2 run.output_dir=$W/r6 : \
