@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import multiprocessing
 import os
 import shutil
 import sys
@@ -196,11 +197,9 @@ class VLLMEngine:
     def close(self) -> None:
         """Remove the scratch directory and end the engine's tensor-parallel workers (tp > 1), which a killed
         rank would otherwise leave holding their GPUs."""
-        shutil.rmtree(self.scratch, ignore_errors=True)
-        import multiprocessing
-
         for child in multiprocessing.active_children():
             child.terminate()
+        shutil.rmtree(self.scratch, ignore_errors=True)  # last: the moment before the rank's exit
 
 
 PORT_BASE, PORTS_PER_RANK = 29600, 50  # vLLM's own ports (distributed init, tp workers' queues) per local rank
