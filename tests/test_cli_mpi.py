@@ -115,11 +115,11 @@ def test_killed_run_resumes_bit_identically(tiny_dir, tmp_path, uninterrupted6):
     assert summaries[1]["val_chain"] == summaries[0]["val_chain"], "a resume keeps the validation history"
 
 
-def test_continuing_a_finished_run_keeps_its_last_validation_and_best(tiny_dir, tmp_path):
+def test_continuing_a_finished_run_keeps_its_last_validation_and_best(runs_by_ranks, tmp_path):
     """A 3-generation run validates at 0, 2 and 3 (the last); continued to 5 it validates 4 and 5, and the
     generation-3 line, which nothing measures again, stays in metrics.jsonl, summary.json and the best."""
     out = tmp_path / "run"
-    assert mpirun(1, tiny_args(tiny_dir, out, 3)).returncode == 0
+    shutil.copytree(runs_by_ranks[1], out)  # a copy: the fixture's runs are shared
     before = json.loads((out / "summary.json").read_text())
     res = mpirun(1, ["--resume", str(out), "run.generations=5"])
     assert res.returncode == 0, res.stderr[-3000:]

@@ -90,7 +90,7 @@ def wait_for(path, proc, timeout=300):
 def test_rank_invariant_with_the_engine_inside_each_rank(tiny_vllm, tmp_path):
     """-n 2 equals -n 1. While the -n 2 run generates, each rank has no child process (the engine runs inside
     it, so none can outlive it) and has tcmalloc and libiomp mapped (it re-executed itself before MPI started)."""
-    proc = subprocess.Popen(launch(2, vllm_args(tiny_vllm, tmp_path / "n2", generations=8)), env=ENV,
+    proc = subprocess.Popen(launch(2, vllm_args(tiny_vllm, tmp_path / "n2", generations=4)), env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(tmp_path / "n2" / "metrics.jsonl", proc)  # its first line comes after the engine is built
     ranks = ranks_of(proc)
@@ -101,7 +101,7 @@ def test_rank_invariant_with_the_engine_inside_each_rank(tiny_vllm, tmp_path):
         assert "libtcmalloc" in maps and "libiomp5" in maps
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-    res = mpirun(1, vllm_args(tiny_vllm, tmp_path / "n1", generations=8), timeout=600)
+    res = mpirun(1, vllm_args(tiny_vllm, tmp_path / "n1", generations=4), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     runs = {n: checkpoint.load(str(tmp_path / f"n{n}" / checkpoint.FILENAME)) for n in (1, 2)}
     np.testing.assert_array_equal(runs[1].rewards, runs[2].rewards)
