@@ -257,12 +257,11 @@ def test_one_run_per_directory(tiny_dir, tmp_path):
     proc = start(tiny_args(tiny_dir, out, 2000))
     try:
         wait_for_generation(out, 1, proc)
-        for args in (tiny_args(tiny_dir, out), ["--resume", str(out)]):
-            t = time.time()
-            res = mpirun(2, args, timeout=120)
-            record("fault", f"second {'resume' if args[0] == '--resume' else 'run'} into a live run's directory",
-                   res.returncode, time.time() - t, error_line(res.stderr), "the live run untouched")
-            assert res.returncode == 2 and f"run.output_dir={out} is in use by pid" in res.stderr, res.stderr[-2000:]
+        t = time.time()  # even with run.overwrite=true; a --resume takes the same lock (RunLock.acquire)
+        res = mpirun(2, [*tiny_args(tiny_dir, out), "run.overwrite=true"], timeout=120)
+        record("fault", "second run (run.overwrite=true) into a live run's directory", res.returncode,
+               time.time() - t, error_line(res.stderr), "the live run untouched")
+        assert res.returncode == 2 and f"run.output_dir={out} is in use by pid" in res.stderr, res.stderr[-2000:]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
