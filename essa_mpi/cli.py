@@ -162,8 +162,8 @@ def check_rank_memory(cfg, comm: Comm, task, state, command: str) -> None:
 
     if command == "run":
         check_memory(cfg, comm.local_rank, comm.local_size, task.prompt_tokens)
-    arch = memory.arch_for(cfg.model)
-    if comm.rank == 0 and needs_sft(cfg, state, command) and arch is not None:
+    arch = memory.arch_for(cfg.model) if comm.rank == 0 and needs_sft(cfg, state, command) else None
+    if arch is not None:
         device = rank_memory(cfg.model, 0, 1)
         p = sft_plan(cfg, arch, device, device.count)
         if not p.fits:
@@ -374,7 +374,11 @@ def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = Fals
     if lock is not None:
         watchdog.on_exit(lock.release)
     out = cfg.run.output_dir
-    kept = (lambda: f" {stopped_note(out)[0].upper()}{stopped_note(out)[1:]}.") if command == "run" else (lambda: "")
+
+    def kept() -> str:  # the failure line's tail, decided when it happens (is there a checkpoint yet?)
+        note = stopped_note(out) if command == "run" else ""
+        return f" {note[:1].upper()}{note[1:]}." if note else ""
+
     watchdog.install_signal_handlers((lambda: stopped_note(out)) if command == "run" else None)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)

@@ -46,14 +46,14 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     """Load the model on this rank and wire adapter, evaluator and search (Alg. 1, lines 1-7)."""
     threads = cfg.model.threads or comm.threads
     torch.set_num_threads(threads)
+    rows = rows_per_call(cfg, comm.local_rank, comm.local_size, task.prompt_tokens, cfg.task.max_new_tokens)
     engine = None
     if cfg.model.engine == "vllm":  # vLLM holds the weights; SVD-LoRA needs only the modules' names and shapes
         from essa_mpi.vllm_engine import load_engine
 
         mine = comm.share(cfg.search.popsize, cfg.task.batch_size)[0]  # this rank's candidates: its adapters
-        rows = rows_per_call(cfg, comm.local_rank, comm.local_size, task.prompt_tokens, cfg.task.max_new_tokens)[0]
-        model, tok, engine = load_engine(cfg, comm.local_rank, comm.local_size, mine.stop - mine.start, threads, rows,
-                                         task.prompt_tokens + cfg.task.max_new_tokens)
+        model, tok, engine = load_engine(cfg, comm.local_rank, comm.local_size, mine.stop - mine.start, threads,
+                                         rows[0], task.prompt_tokens + cfg.task.max_new_tokens)
     else:
         model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
     a = cfg.adapter
@@ -67,7 +67,6 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
         values = adapter.searched_values()  # [n]
         stds = np.maximum(values, 1e-3 * values.max())  # a rank-deficient SFT factor's zero values still move
     search = make_search(cfg, adapter.solution_length, stds)
-    rows = rows_per_call(cfg, comm.local_rank, comm.local_size, task.prompt_tokens, cfg.task.max_new_tokens)
     if engine is None:
         ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, rows[0])
     else:

@@ -116,19 +116,18 @@ def accumulate(model, batch: list, micro: int, pad_id: int) -> float:
 
 def micro_batch(cfg: Config) -> tuple:
     """Rows per SFT forward/backward pass: sft.micro_batch, or (0) as many rows of sft.max_length tokens as
-    fit this device beside the weights (memory.sft_plan; the other ranks have loaded nothing yet, so on CPU
+    fit this device beside the weights (plan.sft_plan; the other ranks have loaded nothing yet, so on CPU
     rank 0 may use the node's available RAM) → (rows, the plan's line)."""
     from essa_mpi import memory
     from essa_mpi.model import rank_memory
+    from essa_mpi.plan import sft_plan
 
     s = cfg.sft
     arch = memory.arch_for(cfg.model)
     if arch is None:
         return s.micro_batch or s.batch_size, "model shape unknown here: no memory estimate"
     device = rank_memory(cfg.model, 0, 1)  # rank 0 alone: on CPU the node's available RAM
-    precision = "bf16" if cfg.model.precision == "gptq" else cfg.model.precision  # trained densified
-    p = memory.sft_plan(arch, precision, s.max_length, device, s.batch_size, s.gradient_checkpointing,
-                        cfg.run.memory_headroom, s.micro_batch)
+    p = sft_plan(cfg, arch, device, device.count)  # the plan preflight and `plan` print (a GPTQ base as bf16)
     if not p.fits:
         raise ValueError(f"SFT of {s.max_length}-token rows: {p.line()}: {p.reason}; set sft.gradient_checkpointing="
                          f"true, lower sft.max_length or sft.micro_batch, or use a 4-bit precision.")
