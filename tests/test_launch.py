@@ -160,3 +160,25 @@ def test_one_gpu_loads_straight_onto_it(eight_gpus, monkeypatch, tiny_dir):
     with pytest.raises(RuntimeError, match="stop"):
         load_model(ModelConfig(name_or_path=tiny_dir, device="cuda"), local_rank=3, local_size=8)
     assert seen["device_map"] == {"": torch.device("cuda", 3)}
+
+
+def test_a_signal_during_start_up_ends_the_rank_with_one_line(tmp_path):
+    """SIGTERM while the rank is still importing torch/transformers: one line and exit 143, no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "essa_mpi", f"run.output_dir={tmp_path}/run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 10
+    while time.time() < deadline:  # until __main__ has set its handler (SigCgt bit 15); the imports take longer
+        caught = next((int(line.split()[1], 16) for line in open(f"/proc/{proc.pid}/status")
+                       if line.startswith("SigCgt:")), 0)
+        if caught & (1 << (signal.SIGTERM - 1)):
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip() == "essa_mpi: stopped by SIGTERM while starting; nothing was written."
