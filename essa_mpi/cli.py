@@ -291,6 +291,9 @@ def main(argv: list | None = None) -> int:
     if from_shell:
         preload(early, command)
     debug = args.debug or os.environ.get("ESSA_DEBUG", "") not in ("", "0")
+    # Signals from here on are read by a helper thread, so a rank blocked in MPI (a peer that was stopped while
+    # starting never arrives) still ends; nothing to keep, nothing to say but the signal until the run starts.
+    watchdog.install_signal_handlers()
     comm = Comm()
     watchdog.configure(comm.rank, comm.abort if comm.size > 1 else None)
     try:  # every process of a launch that split into one-rank worlds says so (each is its own rank 0)
@@ -298,7 +301,6 @@ def main(argv: list | None = None) -> int:
     except ValueError as exc:
         print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
         return 2
-    watchdog.install_signal_handlers()  # until the run starts: nothing to keep, nothing to say but the signal
     comm.stall_timeout_s = RunConfig.stall_timeout_s  # the default guards the checks until the config is known
     lock = None
     try:

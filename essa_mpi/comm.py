@@ -18,6 +18,7 @@ float64 mean of float32 prompt rewards a one-rank run takes (``candidate_rewards
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -96,12 +97,26 @@ def record_counts(popsize: int, batch: int, world: int) -> list:
     return [(p.stop - p.start) if per_prompt else (c.stop - c.start) for c, p in shares(popsize, batch, world)]
 
 
+def init_mpi():
+    """``from mpi4py import MPI``, which runs MPI_Init: here, not at import time, so the algorithm modules never
+    need MPI. MPI_Init waits in C for every rank (with the GIL held), where no Python signal handler can run:
+    a SIGTERM from scancel or mpiexec would wait there for good once a peer had already exited (seen in CI:
+    a rank stopped while importing, its peer hung in MPI_Init). So SIGINT and SIGTERM take their default
+    action, ending the process at once, for as long as MPI_Init runs; the caller's handlers come back after."""
+    held = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        from mpi4py import MPI
+    finally:
+        for sig, handler in held.items():
+            signal.signal(sig, handler)
+    return MPI
+
+
 class Comm:
     """Thin wrapper over ``MPI.COMM_WORLD`` (works without mpiexec as a one-rank world)."""
 
     def __init__(self) -> None:
-        from mpi4py import MPI  # here, not at import time, so the algorithm modules never need MPI
-
+        MPI = init_mpi()
         self.MPI = MPI
         self.world = MPI.COMM_WORLD
         self.rank = self.world.Get_rank()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 TIMEOUT_EXIT = 3  # exit status of a job stopped by a deadline (reward or stall timeout)
 _guard = threading.Lock()  # critical() against the signal thread
-_state = {"rank": 0, "stop": None, "critical": 0, "pending": None, "on_exit": [], "describe": None}
+_state = {"rank": None, "stop": None, "critical": 0, "pending": None, "on_exit": [], "describe": None}
 
 
 def configure(rank: int, stop: Callable[[int], None] | None = None) -> None:
@@ -33,7 +33,7 @@ def configure(rank: int, stop: Callable[[int], None] | None = None) -> None:
 
 def say(text: str) -> None:
     """One line on stderr, prefixed like every essa_mpi error, flushed before anything is killed."""
-    sys.stderr.write(f"essa_mpi: error on rank {_state['rank']}: {text}\n")
+    sys.stderr.write(f"essa_mpi: error on rank {_state['rank'] or 0}: {text}\n")
     sys.stderr.flush()
 
 
@@ -80,9 +80,13 @@ def _run_hooks() -> None:
 
 def _exit_on(signum: int) -> None:
     _run_hooks()
+    name = signal.Signals(signum).name
+    if _state["rank"] is None:  # before configure(): MPI is still starting (the line __main__'s handler says)
+        sys.stderr.write(f"essa_mpi: stopped by {name} while starting; nothing was written.\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
     tail = _state["describe"]() if _state["describe"] else ""
-    sys.stderr.write(f"essa_mpi: rank {_state['rank']} stopped by {signal.Signals(signum).name}"
-                     f"{'; ' + tail if tail else ''}\n")
+    sys.stderr.write(f"essa_mpi: rank {_state['rank']} stopped by {name}{'; ' + tail if tail else ''}\n")
     sys.stderr.flush()
     os._exit(128 + signum)
 

@@ -252,6 +252,41 @@ def test_signal_stops_every_rank_with_one_line_and_keeps_the_checkpoint(tiny_dir
     assert mpirun(2, ["--resume", str(out), f"run.generations={stopped_at + 1}"]).returncode == 0
 
 
+HOLD_RANK_0 = """import os, sys, time
+class Hold:  # rank 0 stops in the import of essa_mpi.cli, its start-up signal handler already set, until killed
+    def find_spec(self, name, path=None, target=None):
+        while name == "essa_mpi.cli" and os.environ.get("PMI_RANK") == "0":
+            time.sleep(0.1)
+sys.meta_path.insert(0, Hold())
+"""
+
+
+def test_a_signal_while_one_rank_starts_and_its_peer_waits_in_mpi_init_ends_the_job(tiny_dir, tmp_path):
+    """Rank 0 still importing, rank 1 inside MPI_Init waiting for it (C code, where no Python handler runs): a
+    SIGTERM to mpiexec ends both at once. Before, rank 0 left with its start-up line and rank 1 waited in MPI_Init
+    for good (a CI run hung 60 s on it)."""
+    (tmp_path / "hold").mkdir()
+    (tmp_path / "hold" / "sitecustomize.py").write_text(HOLD_RANK_0)
+    out = tmp_path / "held"
+    proc = start(tiny_args(tiny_dir, out), {**ENV, "PYTHONPATH": f"{tmp_path / 'hold'}:{ENV['PYTHONPATH']}"})
+    deadline = time.time() + 60
+    while time.time() < deadline:  # rank 1 has loaded libmpi: it is in MPI_Init, which cannot finish
+        try:
+            if "libmpi" in open(f"/proc/{rank_pid(str(out), 1)}/maps").read():
+                break
+        except (AssertionError, OSError):
+            pass
+        time.sleep(0.05)
+    time.sleep(0.5)
+    t = time.time()
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    record("fault", "SIGTERM while rank 0 imports and rank 1 waits in MPI_Init", proc.returncode, time.time() - t,
+           error_line(err), "nothing (before generation 1)")
+    assert time.time() - t < 10 and ranks_gone(str(out)), err[-2000:]
+    assert proc.returncode != 0 and "essa_mpi: stopped by SIGTERM while starting; nothing was written." in err, err
+
+
 def test_one_run_per_directory(tiny_dir, tmp_path):
     out = tmp_path / "live"
     proc = start(tiny_args(tiny_dir, out, 2000))
