@@ -19,6 +19,26 @@ from essa_mpi.launch import gpu_ids
 from essa_mpi.modelfiles import resolve
 
 
+def import_transformers() -> None:
+    """Import transformers' model and generation code with scikit-learn hidden. transformers imports sklearn
+    (and with it SciPy) whenever it is installed, for assisted decoding, which essa_mpi never uses: 0.8 s of
+    every rank's start on this CPU (the ifeval extra's lm-eval installs it). Hidden for this import only
+    (``importlib.util.find_spec`` reads a ``None`` in sys.modules as "not installed"); code that needs sklearn
+    later imports it as usual. Call it after ``launch.bind_rank`` (cli.main): nothing here starts CUDA."""
+    import contextlib
+    import sys
+
+    hide = "sklearn" not in sys.modules
+    if hide:
+        sys.modules["sklearn"] = None
+    try:
+        with contextlib.suppress(ImportError):  # another transformers may keep it elsewhere: nothing lost
+            import transformers.generation.candidate_generator  # noqa: F401
+    finally:
+        if hide:
+            del sys.modules["sklearn"]
+
+
 def on_cpu(cfg: ModelConfig) -> bool:
     """model.device resolved: cpu, or auto on a machine without CUDA."""
     return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
