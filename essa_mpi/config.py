@@ -64,6 +64,12 @@ class ModelConfig:
                                      "lower it when a reward model shares the GPU.")
     vllm_kv_cache_gib: float = _f(0.0, "engine=vllm: KV-cache space per rank in GiB; 0 = automatic (GPU: what "
                                   "vllm_memory_fraction leaves after the weights; CPU: 2 GiB).")
+    share_prefix: bool = _f(True, "engine=hf, greedy decoding (search, validation): compute the head all prompts "
+                            "of a call share (chat template, system prompt, common lead-in) once per candidate, "
+                            "not once per row (essa_mpi/decode.py).")
+    drop_finished: bool = _f(True, "engine=hf, greedy decoding: a row that emitted EOS leaves the batch instead of "
+                             "being computed until the batch's longest answer ends. Both this and share_prefix "
+                             "false: transformers' generate.")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from essa_mpi.comm import candidate_rewards
+from essa_mpi.decode import greedy
 from essa_mpi.svd_lora import SVDLoRA
 from essa_mpi.tasks import Task, score_rows
 
@@ -49,12 +50,16 @@ def fit_prompts(task: Task, tok, context: int | None, max_new_tokens: int, polic
 class PopulationEvaluator:
     """Turns candidate offset vectors into generations and rewards (the "problem" beside the search)."""
 
-    def __init__(self, model, tokenizer, adapter: SVDLoRA, task: Task, max_new_tokens: int, max_rows: int) -> None:
+    def __init__(self, model, tokenizer, adapter: SVDLoRA, task: Task, max_new_tokens: int, max_rows: int,
+                 share_prefix: bool = False, drop_finished: bool = False) -> None:
+        """share_prefix, drop_finished: decode with essa_mpi.decode.greedy (model.share_prefix/drop_finished);
+        both False: transformers' generate."""
         from essa_mpi.model import decoding
 
         self.model, self.tok, self.adapter, self.task = model, tokenizer, adapter, task
         self.max_rows = max_rows
         self.gen_cfg = decoding(tokenizer, max_new_tokens)  # greedy
+        self.share_prefix, self.drop_finished = share_prefix, drop_finished
 
     def texts(self, examples: list) -> list:
         """Each example's prompt in the task's messages and the model's chat template, ready to generate after."""
@@ -76,10 +81,16 @@ class PopulationEvaluator:
             self.adapter.clear()
         else:
             self.adapter.set_candidates(offsets)
-        ids = enc["input_ids"].repeat(C, 1)  # [C*P, T]
-        mask = enc["attention_mask"].repeat(C, 1)  # [C*P, T]
-        out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
-        new = out[:, ids.shape[1]:]  # [C*P, new]
+        if self.share_prefix or self.drop_finished:
+            prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]  # P lists
+            g = self.gen_cfg
+            new = greedy(self.model, self.adapter, prompts, C, g.max_new_tokens, g.eos_token_id, g.pad_token_id,
+                         self.share_prefix, self.drop_finished)  # C*P lists of token ids
+        else:
+            ids = enc["input_ids"].repeat(C, 1)  # [C*P, T]
+            mask = enc["attention_mask"].repeat(C, 1)  # [C*P, T]
+            out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
+            new = out[:, ids.shape[1]:]  # [C*P, new]
         self.adapter.clear()
         return self.tok.batch_decode(new, skip_special_tokens=True)
 

@@ -68,7 +68,8 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
         stds = np.maximum(values, 1e-3 * values.max())  # a rank-deficient SFT factor's zero values still move
     search = make_search(cfg, adapter.solution_length, stds)
     if engine is None:
-        ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, rows[0])
+        ev = PopulationEvaluator(model, tok, adapter, task, cfg.task.max_new_tokens, rows[0], cfg.model.share_prefix,
+                                 cfg.model.drop_finished)
     else:
         from essa_mpi.vllm_engine import VLLMEvaluator
 

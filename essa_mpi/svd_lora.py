@@ -2,6 +2,7 @@
 
     adapter = SVDLoRA.attach(model, factors, fraction=1.0)   # factors from load_lora_factors/fresh_lora_factors
     adapter.set_candidates(offsets)                           # offsets [C, solution_length]; rows = C x P
+    adapter.set_rows(rows)                                    # or: row i uses candidate rows[i] (rows dropped)
     ...model.generate(...)                                     # row c*P + p uses candidate c
     adapter.clear()                                            # plain base model again
 
@@ -137,6 +138,7 @@ class SVDLoRALinear(nn.Module):
             self.register_buffer(name, t.float().contiguous().to(dev), persistent=False)
         # V_A [n_in, r], U_A [r, r], Vh_B = V_B^T [r, r], M_t = M^T [r, r], U_B_t [r, n_out], s_A, s_B [r]
         self.folded = None  # [C, r, n_out] per-candidate diag(s_A) M^T diag(s_B) U_B^T, or None
+        self.rows = None  # [rows] candidate of each batch row once rows left the batch (set_rows), or None
 
     def set_values(self, s_A: torch.Tensor, s_B: torch.Tensor) -> None:
         """s_A, s_B [C, r]: candidate c's singular values. Folding the r x n_out product once per call
@@ -145,19 +147,23 @@ class SVDLoRALinear(nn.Module):
         self.folded = W @ self.U_B_t  # [C, r, n_out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)  # [C*P, T, n_out]
+        y = self.base(x)  # [rows, T, n_out]
         if self.folded is None:
             return y
         C, r, n_out = self.folded.shape
         rows = x.shape[0]
-        assert rows % C == 0, f"{rows} rows do not split into {C} candidates"
-        h = x.to(self.V_A.dtype) @ self.V_A  # V_A^T x: [C*P, T, r]
-        h = h.reshape(C, -1, r)  # [C, P*T, r] (rows of candidate c are contiguous)
+        h = x.to(self.V_A.dtype) @ self.V_A  # V_A^T x: [rows, T, r]
+        if self.rows is None:  # candidate-major in equal groups: candidate c's rows are contiguous
+            assert rows % C == 0, f"{rows} rows do not split into {C} candidates"
+            W, groups = self.folded, C  # [C, r, n_out]
+        else:  # rows left the batch (decode.greedy): row i uses candidate rows[i]
+            W, groups = self.folded.index_select(0, self.rows), rows  # [rows, r, n_out]
+        h = h.reshape(groups, -1, r)  # [groups, rows/groups*T, r]
         if y.dtype == h.dtype and y.is_contiguous():  # accumulate into the base output we own: no new tensor
-            y.view(C, -1, n_out).baddbmm_(h, self.folded)  # [C, P*T, n_out]
-            return y  # [C*P, T, n_out]
-        out = torch.baddbmm(y.reshape(C, -1, n_out).to(h.dtype), h, self.folded)  # [C, P*T, n_out]
-        return out.reshape(y.shape).to(y.dtype)  # [C*P, T, n_out]
+            y.view(groups, -1, n_out).baddbmm_(h, W)  # [groups, rows/groups*T, n_out]
+            return y  # [rows, T, n_out]
+        out = torch.baddbmm(y.reshape(groups, -1, n_out).to(h.dtype), h, W)  # [groups, rows/groups*T, n_out]
+        return out.reshape(y.shape).to(y.dtype)  # [rows, T, n_out]
 
     def rebuild(self, s_A: torch.Tensor, s_B: torch.Tensor) -> tuple:
         """Alg. 1, line 11.1 / 16: A' = U_A diag(s_A) V_A^T [r, n_in], B' = U_B diag(s_B) V_B^T [n_out, r].
@@ -234,9 +240,15 @@ class SVDLoRA:
         for i, m in enumerate(self.modules):
             m.set_values(*self.values(offsets, i))
 
+    def set_rows(self, rows: torch.Tensor | None) -> None:
+        """rows [R] long: batch row i uses candidate rows[i] (after finished rows left the batch, decode.greedy);
+        None: rows c*P..c*P+P-1 use candidate c (set_candidates' layout)."""
+        for m in self.modules:
+            m.rows = None if rows is None else rows.to(m.V_A.device)
+
     def clear(self) -> None:
         for m in self.modules:
-            m.folded = None
+            m.folded, m.rows = None, None
 
     def digest(self) -> str:
         """16 hex digits of sha256 over every module's frozen bases and singular values (what a resumed run

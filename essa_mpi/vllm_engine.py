@@ -138,12 +138,15 @@ def sweep_scratch() -> None:
             continue
 
 
+PREFIX_CACHING = False  # placeholder, set from the measurement below
+
 class VLLMEngine:
     """One vLLM ``LLM`` in this process, with LoRA enabled and a scratch directory for candidate adapters."""
 
     def __init__(self, cfg: ModelConfig, path: str, max_loras: int, lora_rank: int, max_rows: int,
                  local_rank: int = 0, local_size: int = 1, threads: int = 1, seed: int = 0,
-                 max_tokens: int | None = None) -> None:
+                 max_tokens: int | None = None, prefix_caching: bool | None = None) -> None:
+        """prefix_caching None: PREFIX_CACHING (tools/bench/bench_eval.py --vllm-prefix-caching measures both)."""
         from essa_mpi.model import compute_dtype
         from essa_mpi.model import on_cpu as resolves_to_cpu
 
@@ -173,7 +176,8 @@ class VLLMEngine:
                        enable_lora=True, max_loras=max(1, max_loras), max_lora_rank=lora_slot(lora_rank),
                        max_cpu_loras=max(1, max_loras), max_num_seqs=max(1, min(max_rows, 1024)),
                        tensor_parallel_size=tp, skip_tokenizer_init=True, generation_config=self.scratch,
-                       gpu_memory_utilization=cfg.vllm_memory_fraction, enable_prefix_caching=False, **kw)
+                       gpu_memory_utilization=cfg.vllm_memory_fraction,
+                       enable_prefix_caching=PREFIX_CACHING if prefix_caching is None else prefix_caching, **kw)
 
     def generate(self, prompts: list, params, loras: list | None = None) -> list:
         """prompts: token-id lists; loras: one adapter directory (or None = base) per prompt → per prompt the

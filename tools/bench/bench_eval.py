@@ -9,6 +9,12 @@ Ways (greedy, every row generates exactly N new tokens; timed end to end from to
   vllm_base     vLLM on the same C x P rows without LoRA: vLLM's ceiling
   vllm_lora     vLLM with each candidate a LoRA adapter, rebuilt and written each call (model.engine=vllm)
   hf_sequential one candidate at a time (--sequential; issue 2's baseline)
+--decoding (issue 35): the greedy paths of model.engine=hf on answers that end at EOS, not forced lengths —
+  generate (transformers, today's path), prefix (model.share_prefix only), drop (model.drop_finished only),
+  both (the default) — at the default's shape (16 candidates x 48 arithmetic prompts x 12 tokens) and a long
+  one (4 x 16 GSM8K questions x 256 tokens under a ~150-token system prompt): seconds per call, tokens/s of the
+  answers, and the share of completions equal to generate's → bench_decode.json.
+    python tools/bench/bench_eval.py --decoding --precisions bf16 fp32 --repeats 3
 The process re-executes itself with tcmalloc and Intel OpenMP preloaded when vLLM is installed (as a
 model.engine=vllm run does), so both engines are measured with the same allocator and OpenMP.
 """
@@ -90,7 +96,7 @@ def vllm_ways(args, precision: str, task) -> dict:
     sk, tok = skeleton(path, precision), load_tokenizer(cfg)
     adapter = SVDLoRA.attach(sk, factors(sk, args.rank), fraction=1.0)
     engine = VLLMEngine(cfg, path, max(args.candidates), args.rank, max(args.candidates) * args.prompts,
-                        threads=args.threads)
+                        threads=args.threads, prefix_caching=args.vllm_prefix_caching)
     ev = VLLMEvaluator(engine, tok, adapter, task, 1, 10**9, lora_alpha=2.0 * args.rank)
     examples = task.train[: args.prompts]
     enc = ev.encode(examples)
@@ -107,6 +113,56 @@ def vllm_ways(args, precision: str, task) -> dict:
     return out
 
 
+DECODING = {"generate": (False, False), "prefix": (True, False), "drop": (False, True), "both": (True, True)}
+LONG_SYSTEM = ("You are a patient math tutor. Read the problem carefully and work through it one step at a time. "
+               "For every step, say which quantities you combine and why, write the arithmetic out in full, and "
+               "check that the units match. Keep whole numbers as whole numbers and round money to cents only at "
+               "the end. When the problem gives a rate, turn it into a per-unit amount first. When it mentions a "
+               "percentage, convert it to a fraction of the right base. After the last step, restate the question "
+               "in one sentence and confirm that your number answers it. Then place your final answer, a number "
+               "alone with no units, in \\boxed{}.")  # ~150 tokens in SmolLM2's tokenizer
+
+
+def decoding_shapes(data: str) -> dict:
+    """name → (candidates, task config, prompts, new tokens): the default's shape and a long-generation one."""
+    return {"default": (16, TaskConfig(name="arithmetic", val_size=0), 48, 12),
+            "long": (4, TaskConfig(name="gsm8k", dataset=os.path.join(data, "gsm8k", "train.jsonl"), val_size=0,
+                                   sft_size=0, system_prompt=LONG_SYSTEM), 16, 256)}
+
+
+def decoding_ways(args, precision: str) -> list:
+    """Issue 35's rows at one precision: seconds per generate call of each greedy path (best of repeats), the
+    answers' tokens/s, and the share of completions equal to transformers' generate."""
+    model, tok = load_model(ModelConfig(name_or_path=args.model, device=args.device, precision=precision))
+    adapter = SVDLoRA.attach(model, factors(model, args.rank), fraction=1.0)
+    rows = []
+    for shape, (C, tcfg, P, N) in decoding_shapes(args.data).items():
+        if shape not in args.shapes:
+            continue
+        task = build_task(tcfg, seed=0)
+        examples, X = task.train[:P], offsets(adapter, C)
+        evs = {way: PopulationEvaluator(model, tok, adapter, task, N, 10**9, *flags) for way, flags in DECODING.items()}
+        enc = evs["generate"].encode(examples)  # [P, T]
+        texts, seconds = {}, {}
+        for way, ev in evs.items():
+            ev.generate(X[:1], enc)  # warm-up
+
+            def call(ev=ev, way=way, X=X, enc=enc, texts=texts):
+                texts[way] = ev.generate(X, enc)  # [C*P] completions
+            seconds[way] = timed(call, args.repeats)
+            print(precision, shape, way, round(seconds[way], 2), flush=True)
+        ref = texts["generate"]
+        tokens = sum(len(t) for t in tok(ref, add_special_tokens=False)["input_ids"])  # the answers' tokens
+        rows.append({"precision": precision, "shape": shape, "candidates": C, "prompts": P, "new_tokens": N,
+                     "prompt_tokens": [int(n) for n in enc["attention_mask"].sum(1).aminmax()],
+                     "answer_tokens": tokens, "seconds": {k: round(v, 3) for k, v in seconds.items()},
+                     "tokens_per_s": {k: round(tokens / v, 1) for k, v in seconds.items()},
+                     "vs_generate": {k: round(v / seconds["generate"], 3) for k, v in seconds.items()},
+                     "equal_to_generate": {k: round(sum(a == b for a, b in zip(t, ref)) / len(ref), 4)
+                                           for k, t in texts.items()}})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -120,8 +176,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed repeats per way after one warm-up (best kept)")
     ap.add_argument("--sequential", action="store_true", help="also time one candidate at a time (HF)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--out", default=os.path.join(RESULTS, "bench_eval.json"))
+    ap.add_argument("--vllm-prefix-caching", type=int, choices=[0, 1], default=None,
+                    help="vLLM's enable_prefix_caching (default: essa_mpi.vllm_engine.PREFIX_CACHING)")
+    ap.add_argument("--decoding", action="store_true", help="time the greedy paths of issue 35 instead")
+    ap.add_argument("--shapes", nargs="+", default=["default", "long"], choices=["default", "long"])
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(RESULTS), "..", "..", "shared", "data"))
+    ap.add_argument("--out", default=None, help="default: tools/results/bench_eval.json (bench_decode.json)")
     args = ap.parse_args()
+    args.out = args.out or os.path.join(RESULTS, "bench_decode.json" if args.decoding else "bench_eval.json")
+    if args.decoding:
+        torch.set_num_threads(args.threads)
+        rows = [r for precision in args.precisions for r in decoding_ways(args, precision)]
+        report = {"model": args.model, "device": args.device, "threads": args.threads, "lora_rank": args.rank,
+                  "repeats": args.repeats, "torch": torch.__version__, "results": rows}
+        with open(args.out, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(json.dumps(rows, indent=1))
+        print(f"wrote {args.out}")
+        return
     if "vllm" in args.engines and args.device == "cpu":
         from essa_mpi.vllm_engine import preload_env
 
