@@ -20,8 +20,12 @@ from essa_mpi.svd_lora import SVDLoRA
 
 def export_adapter(adapter: SVDLoRA, solution: np.ndarray, out_dir: str, lora_alpha: float,
                    base_model_name: str | None = None) -> None:
-    from peft import LoraConfig
     from safetensors.torch import save_file
+
+    from essa_mpi.model import hidden
+
+    with hidden("bitsandbytes"):  # peft imports it when installed (0.7 s here); a config needs none of it
+        from peft import LoraConfig
 
     r = adapter.rank
     scale = lora_alpha / r

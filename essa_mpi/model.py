@@ -9,8 +9,10 @@ The model is put in eval mode with gradients off; the tokenizer pads on the left
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
 
 import torch
 
@@ -19,24 +21,28 @@ from essa_mpi.launch import gpu_ids
 from essa_mpi.modelfiles import resolve
 
 
-def import_transformers() -> None:
-    """Import transformers' model and generation code with scikit-learn hidden. transformers imports sklearn
-    (and with it SciPy) whenever it is installed, for assisted decoding, which essa_mpi never uses: 0.8 s of
-    every rank's start on this CPU (the ifeval extra's lm-eval installs it). Hidden for this import only
-    (``importlib.util.find_spec`` reads a ``None`` in sys.modules as "not installed"); code that needs sklearn
-    later imports it as usual. Call it after ``launch.bind_rank`` (cli.main): nothing here starts CUDA."""
-    import contextlib
-    import sys
-
-    hide = "sklearn" not in sys.modules
+@contextlib.contextmanager
+def hidden(name: str):
+    """Imports inside the block see the optional package ``name`` as not installed, unless this process has
+    imported it already (``importlib.util.find_spec`` reads a ``None`` in sys.modules as "not installed");
+    code that needs it later imports it as usual."""
+    hide = name not in sys.modules
     if hide:
-        sys.modules["sklearn"] = None
+        sys.modules[name] = None
     try:
-        with contextlib.suppress(ImportError):  # another transformers may keep it elsewhere: nothing lost
-            import transformers.generation.candidate_generator  # noqa: F401
+        yield
     finally:
         if hide:
-            del sys.modules["sklearn"]
+            del sys.modules[name]
+
+
+def import_transformers() -> None:
+    """Import transformers' model and generation code without scikit-learn. transformers imports sklearn (and
+    with it SciPy) whenever it is installed, for assisted decoding, which essa_mpi never uses: 0.8 s of every
+    rank's start on this CPU (the ifeval extra's lm-eval installs it). Call it after ``launch.bind_rank``
+    (cli.main); nothing here starts CUDA."""
+    with hidden("sklearn"), contextlib.suppress(ImportError):  # another transformers may import it elsewhere
+        import transformers.generation.candidate_generator  # noqa: F401
 
 
 def on_cpu(cfg: ModelConfig) -> bool:

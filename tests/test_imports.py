@@ -55,3 +55,20 @@ def test_a_rank_starts_without_scikit_learn_which_stays_importable():
             "print('sklearn' in sys.modules, 'scipy.stats' in sys.modules); import sklearn.metrics; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False", "ok"], out.stderr[-2000:]
+
+
+def test_exporting_the_adapter_does_not_import_bitsandbytes(tmp_path):
+    """peft imports bitsandbytes when installed (0.7 s at the end of every run); a config file needs none of it,
+    and a quantized run has imported it already when it loaded the model."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tiny import make_model, make_tokenizer; from essa_mpi.export import export_adapter; "
+            "from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors; m = make_model(len(make_tokenizer())); "
+            "a = SVDLoRA.attach(m, fresh_lora_factors(m, ['q_proj'], 2, 4.0, 0), 1.0); "
+            f"export_adapter(a, [0.0] * a.solution_length, {str(tmp_path)!r}, 4.0); "
+            "print('bitsandbytes' in sys.modules); import bitsandbytes; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.stdout.split() == ["False", "ok"], out.stderr[-2000:]
+    assert (tmp_path / "adapter_config.json").exists()
