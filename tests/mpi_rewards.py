@@ -59,10 +59,6 @@ def returns_none(completions, **_):
     return None
 
 
-def returns_strings(completions, **_):
-    return ["0.5"] * len(completions)
-
-
 def constant(completions, **_):
     return [0.5] * len(completions)
 

@@ -207,21 +207,24 @@ def test_adapter_rank_mismatch(tiny_dir, tmp_path, runs_by_ranks):
 
 
 @pytest.mark.parametrize("step_scale", ["uniform", "singular"])
-def test_warm_start_from_exported_adapter(tiny_dir, tmp_path, runs_by_ranks, step_scale):
+def test_warm_start_from_exported_adapter(tiny_dir, runs_by_ranks, step_scale):
     """From an adapter, search.step_scale=singular gives coordinate i the step sigma0 x its singular value
-    (pycma's sigma_vec in the checkpoint), recomputed here from the adapter file itself."""
-    from essa_mpi.config import ModelConfig
+    (pycma's sigma_vec, as a checkpoint stores it), recomputed here from the adapter file itself. In process:
+    run.build is what the CLI calls (a whole run from an adapter: test_chain_mpi.py, from the SFT warm start)."""
+    from essa_mpi.comm import Comm
+    from essa_mpi.config import ModelConfig, load_config
     from essa_mpi.model import load_model
+    from essa_mpi.run import build
     from essa_mpi.svd_lora import SVDLoRA, load_lora_factors
+    from essa_mpi.tasks import build_task
 
-    exported, out = os.path.join(runs_by_ranks[1], "adapter"), tmp_path / "warm"
-    res = mpirun(2, tiny_args(tiny_dir, out, generations=1) + [f"adapter.path={exported}",
-                                                                f"search.step_scale={step_scale}"])
-    assert res.returncode == 0, res.stderr[-3000:]
+    exported = os.path.join(runs_by_ranks[1], "adapter")
+    cfg = load_config(None, tiny_args(tiny_dir, "unused", generations=1) + [f"adapter.path={exported}",
+                                                                            f"search.step_scale={step_scale}"])
+    scales = build(cfg, Comm(), build_task(cfg.task, cfg.search.seed)).search.state_arrays()["sigma_vec"]  # [n]
     model = load_model(ModelConfig(name_or_path=tiny_dir, device="cpu"))[0]
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     values = SVDLoRA.attach(model, load_lora_factors(model, exported, targets, 2), 1.0).searched_values()  # [n]
-    scales = history(str(out)).cma["sigma_vec"]  # [n]
     expect = np.maximum(values, 1e-3 * values.max()) if step_scale == "singular" else np.ones_like(values)
     np.testing.assert_allclose(scales, expect, rtol=1e-6)
 

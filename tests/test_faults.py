@@ -152,11 +152,7 @@ def test_hung_reward_stops_the_job_naming_the_function(tiny_dir, tmp_path):
     assert proc.returncode == 3 and time.time() - t < 30
     assert "reward function hangs_on_rank_1_after_marker did not return within task.reward_timeout_s=3 s" in err
     assert "Traceback" not in err and ranks_gone(str(out))
-    kept = history(str(out)).generation
-    assert kept >= 2
-    res = mpirun(2, ["--resume", str(out), f"run.generations={kept + 2}"])  # without ESSA_HANG: no hang
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert history(str(out)).generation == kept + 2
+    assert history(str(out)).generation >= 2  # a checkpoint to resume (resumes after a stop: the tests below)
 
 
 def test_stopped_rank_is_named_by_the_stall_watchdog(tiny_dir, tmp_path):
@@ -249,7 +245,8 @@ def test_signal_stops_every_rank_with_one_line_and_keeps_the_checkpoint(tiny_dir
                                        "metrics.jsonl"]
     stopped_at = history(str(out)).generation
     assert 2 <= stopped_at < 2000
-    assert mpirun(2, ["--resume", str(out), f"run.generations={stopped_at + 1}"]).returncode == 0
+    if sig == signal.SIGTERM:  # what either signal keeps resumes (once is enough: the same files)
+        assert mpirun(2, ["--resume", str(out), f"run.generations={stopped_at + 1}"]).returncode == 0
 
 
 HOLD_RANK_0 = """import os, sys, time
@@ -303,14 +300,15 @@ def test_one_run_per_directory(tiny_dir, tmp_path):
     assert not os.path.exists(out / "run.lock"), "the lock outlived its run"
 
 
-def test_stale_lock_of_a_dead_process_is_taken_over(tiny_dir, tmp_path):
-    out = tmp_path / "stale"
-    out.mkdir()
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    """(A whole run taking over the lock of a rank killed by MPI_Abort: the stall watchdog test's resume.)"""
+    from essa_mpi import rundir
+
     dead = subprocess.Popen(["true"])
     dead.wait()
-    (out / "run.lock").write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}, "start": null}}')
-    res = mpirun(2, tiny_args(tiny_dir, out, 1))
-    assert res.returncode == 0, res.stderr[-2000:]
+    (tmp_path / rundir.LOCK).write_text(f'{{"host": "{os.uname().nodename}", "pid": {dead.pid}, "start": null}}')
+    rundir.RunLock.acquire(str(tmp_path)).release()
+    assert not (tmp_path / rundir.LOCK).exists()
 
 
 def test_overwrite_replaces_only_essa_outputs(tiny_dir, tmp_path, uninterrupted6):
@@ -325,12 +323,26 @@ def test_overwrite_replaces_only_essa_outputs(tiny_dir, tmp_path, uninterrupted6
     assert history(str(out)).generation == 2 and len([m for m in metrics(str(out)) if "reward_mean" in m]) == 2
 
 
-def test_resume_refuses_a_changed_model(tiny_dir, tmp_path):
+def test_resume_refuses_a_changed_model_or_changed_task_data(tiny_dir, tmp_path):
+    """One run on a copy of the model and a data file of its own; a resume after either changed is refused, and
+    the checkpoint is kept."""
     from tiny import save_tiny
 
-    model, out = tmp_path / "model", tmp_path / "run"
+    model, data, out = tmp_path / "model", tmp_path / "d.jsonl", tmp_path / "run"
     shutil.copytree(tiny_dir, model)
-    assert mpirun(2, tiny_args(str(model), out, 2)).returncode == 0
+    data.write_text("".join(f'{{"prompt": "Write words: p{i}"}}\n' for i in range(30)))
+    args = tiny_args(str(model), out, 2) + ["task.name=custom", f"task.dataset={data}",
+                                            "task.reward_fn=mpi_rewards:nan_for_some"]
+    assert mpirun(2, args).returncode == 0
+    kept = (out / checkpoint.FILENAME).read_bytes()
+    original = data.read_text()
+    data.write_text(original.replace("p7", "p8"))
+    t = time.time()
+    res = mpirun(2, ["--resume", str(out), "run.generations=3"])
+    record("fault", "resume after the dataset was edited", res.returncode, time.time() - t, error_line(res.stderr),
+           "checkpoint untouched")
+    assert res.returncode == 2 and "the task's training or validation rows changed" in res.stderr, res.stderr[-2000:]
+    data.write_text(original)
     save_tiny(str(model))  # same shapes, same config: other weights (a different seed would do the same)
     with open(model / "model.safetensors", "r+b") as fh:
         fh.seek(-8, os.SEEK_END)
@@ -340,34 +352,21 @@ def test_resume_refuses_a_changed_model(tiny_dir, tmp_path):
     record("fault", "resume after the model's weights changed", res.returncode, time.time() - t,
            error_line(res.stderr), "checkpoint untouched")
     assert res.returncode == 2 and "the model files at model.name_or_path changed" in res.stderr, res.stderr[-2000:]
+    assert (out / checkpoint.FILENAME).read_bytes() == kept
 
 
-def test_resume_refuses_changed_task_data(tiny_dir, tmp_path):
-    data, out = tmp_path / "d.jsonl", tmp_path / "run"
-    data.write_text("".join(f'{{"prompt": "Write words: p{i}"}}\n' for i in range(30)))
-    args = tiny_args(tiny_dir, out, 2) + ["task.name=custom", f"task.dataset={data}",
-                                          "task.reward_fn=mpi_rewards:nan_for_some"]
-    assert mpirun(2, args).returncode == 0
-    data.write_text(data.read_text().replace("p7", "p8"))
-    t = time.time()
-    res = mpirun(2, ["--resume", str(out), "run.generations=3"])
-    record("fault", "resume after the dataset was edited", res.returncode, time.time() - t, error_line(res.stderr),
-           "checkpoint untouched")
-    assert res.returncode == 2 and "the task's training or validation rows changed" in res.stderr
-
-
-def test_corrupt_latest_checkpoint_falls_back_and_resumes_bit_identically(tiny_dir, tmp_path, uninterrupted6):
+def test_corrupt_latest_checkpoint_falls_back_and_resumes_bit_identically(tmp_path, uninterrupted6):
     full, broken = uninterrupted6, tmp_path / "broken"
-    assert mpirun(2, tiny_args(tiny_dir, broken, 3)).returncode == 0
+    shutil.copytree(full, broken)  # a finished 6-generation run (a copy: the fixture is shared)
     with open(broken / checkpoint.FILENAME, "r+b") as fh:
         fh.truncate(1000)
     t = time.time()
     res = mpirun(2, ["--resume", str(broken), "run.generations=6"])
     record("fault", "resume with a truncated checkpoint.h5", res.returncode, time.time() - t,
            next(line for line in res.stderr.splitlines() if "WARNING" in line), "fell back to checkpoint.prev.h5 "
-           "(generation 2); final state bit-identical to an uninterrupted run")
+           "(generation 5); final state bit-identical to an uninterrupted run")
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "Resuming from" in res.stderr and "generation 2" in res.stderr
+    assert "Resuming from" in res.stderr and "generation 5" in res.stderr
     a, b = history(str(full)), history(str(broken))
     assert np.array_equal(a.seeds, b.seeds) and np.array_equal(a.rewards, b.rewards)
     assert all(np.array_equal(a.cma[k], b.cma[k]) for k in a.cma)

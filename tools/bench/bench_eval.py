@@ -10,10 +10,11 @@ Ways (greedy, every row generates exactly N new tokens; timed end to end from to
   vllm_lora     vLLM with each candidate a LoRA adapter, rebuilt and written each call (model.engine=vllm)
   hf_sequential one candidate at a time (--sequential; issue 2's baseline)
 --decoding (issue 35): the greedy paths of model.engine=hf on answers that end at EOS, not forced lengths —
-  generate (transformers, today's path), prefix (model.share_prefix only), drop (model.drop_finished only),
-  both (the default) — at the default's shape (16 candidates x 48 arithmetic prompts x 12 tokens) and a long
-  one (4 x 16 GSM8K questions x 256 tokens under a ~150-token system prompt): seconds per call, tokens/s of the
-  answers, and the share of completions equal to generate's → bench_decode.json.
+  generate (transformers, today's path), loop (decode.greedy with neither saving: its loop alone), prefix
+  (model.share_prefix only), drop (model.drop_finished only), both (the default) — at the default's shape
+  (16 candidates x 48 arithmetic prompts x 12 tokens) and a long one (4 x 16 GSM8K questions x 256 tokens
+  under a ~150-token system prompt): seconds per call, tokens/s of the answers, and the share of
+  completions equal to generate's → bench_decode.json.
     python tools/bench/bench_eval.py --decoding --precisions bf16 fp32 --repeats 3
 The process re-executes itself with tcmalloc and Intel OpenMP preloaded when vLLM is installed (as a
 model.engine=vllm run does), so both engines are measured with the same allocator and OpenMP.
@@ -22,6 +23,7 @@ model.engine=vllm run does), so both engines are measured with the same allocato
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -130,6 +132,18 @@ def decoding_shapes(data: str) -> dict:
                                    sft_size=0, system_prompt=LONG_SYSTEM), 16, 256)}
 
 
+def loop_only(ev: PopulationEvaluator, X: np.ndarray, enc: dict) -> list:
+    """decode.greedy with neither saving: how its own loop compares with generate's (bench row "loop")."""
+    from essa_mpi.decode import greedy
+
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+    ev.adapter.set_candidates(X)
+    new = greedy(ev.model, ev.adapter, prompts, len(X), ev.gen_cfg.max_new_tokens, ev.gen_cfg.eos_token_id,
+                 ev.gen_cfg.pad_token_id, share_prefix=False, drop_finished=False)
+    ev.adapter.clear()
+    return ev.tok.batch_decode(new, skip_special_tokens=True)
+
+
 def decoding_ways(args, precision: str) -> list:
     """Issue 35's rows at one precision: seconds per generate call of each greedy path (best of repeats), the
     answers' tokens/s, and the share of completions equal to transformers' generate."""
@@ -144,11 +158,12 @@ def decoding_ways(args, precision: str) -> list:
         evs = {way: PopulationEvaluator(model, tok, adapter, task, N, 10**9, *flags) for way, flags in DECODING.items()}
         enc = evs["generate"].encode(examples)  # [P, T]
         texts, seconds = {}, {}
-        for way, ev in evs.items():
-            ev.generate(X[:1], enc)  # warm-up
+        for way, ev in [("generate", evs["generate"]), ("loop", None), *list(evs.items())[1:]]:
+            gen = ev.generate if ev else functools.partial(loop_only, evs["generate"])
+            gen(X[:1], enc)  # warm-up
 
-            def call(ev=ev, way=way, X=X, enc=enc, texts=texts):
-                texts[way] = ev.generate(X, enc)  # [C*P] completions
+            def call(gen=gen, way=way, X=X, enc=enc, texts=texts):
+                texts[way] = gen(X, enc)  # [C*P] completions
             seconds[way] = timed(call, args.repeats)
             print(precision, shape, way, round(seconds[way], 2), flush=True)
         ref = texts["generate"]
@@ -178,6 +193,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--vllm-prefix-caching", type=int, choices=[0, 1], default=None,
                     help="vLLM's enable_prefix_caching (default: essa_mpi.vllm_engine.PREFIX_CACHING)")
+    ap.add_argument("--long-system", action="store_true", help="the ~150-token system prompt of --decoding's long "
+                    "shape before every arithmetic prompt (a shared head for prefix caching)")
     ap.add_argument("--decoding", action="store_true", help="time the greedy paths of issue 35 instead")
     ap.add_argument("--shapes", nargs="+", default=["default", "long"], choices=["default", "long"])
     ap.add_argument("--data", default=os.path.join(os.path.dirname(RESULTS), "..", "..", "shared", "data"))
@@ -202,7 +219,8 @@ def main() -> None:
             os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
     torch.set_num_threads(args.threads)
-    task = build_task(TaskConfig(name="arithmetic", val_size=0), seed=0)
+    system = LONG_SYSTEM if args.long_system else None
+    task = build_task(TaskConfig(name="arithmetic", val_size=0, system_prompt=system), seed=0)
     rows = []
     for precision in args.precisions:  # HF first: vLLM's in-process engine pins the process's OpenMP threads
         seconds = {key: dict(w) for key, w in hf_ways(args, precision, task).items()} if "hf" in args.engines else {}
