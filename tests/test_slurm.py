@@ -18,7 +18,7 @@ from essa_mpi import checkpoint
 pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
                                 reason="sbatch not found: no SLURM here (run tools/slurm_local.sh up as root)")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GENERATIONS = 30
+GENERATIONS = 20  # long enough that a requeue at generation 2 lands mid-run
 CPU_NODE = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1"]  # the CPU-node command line
 
 
