@@ -39,6 +39,16 @@ def shared_prefix(prompts: list) -> int:
     return min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)
 
 
+def unpadded(enc: dict) -> list:
+    """A left-padded tokenizer batch (input_ids, attention_mask [P, T]) → its P prompts' token-id lists.
+
+    >>> unpadded({"input_ids": torch.tensor([[0, 5, 6], [7, 8, 9]]),
+    ...           "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]])})
+    [[5, 6], [7, 8, 9]]
+    """
+    return [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+
+
 def suffix_batch(prompts: list, start: int, pad: int) -> tuple:
     """The prompts from token ``start`` on, left-padded → input ids [P, S], the 2-D mask over prefix and
     suffix [P, start + S] and the suffix's position ids [P, S] (real tokens counted, as ``generate`` does).

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from essa_mpi.comm import candidate_rewards
-from essa_mpi.decode import greedy
+from essa_mpi.decode import greedy, unpadded
 from essa_mpi.svd_lora import SVDLoRA
 from essa_mpi.tasks import Task, score_rows
 
@@ -82,7 +82,7 @@ class PopulationEvaluator:
         else:
             self.adapter.set_candidates(offsets)
         if self.share_prefix or self.drop_finished:
-            prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]  # P lists
+            prompts = unpadded(enc)  # P token-id lists
             g = self.gen_cfg
             new = greedy(self.model, self.adapter, prompts, C, g.max_new_tokens, g.eos_token_id, g.pad_token_id,
                          self.share_prefix, self.drop_finished)  # C*P lists of token ids

@@ -211,6 +211,8 @@ def test_warm_start_from_exported_adapter(tiny_dir, runs_by_ranks, step_scale):
     """From an adapter, search.step_scale=singular gives coordinate i the step sigma0 x its singular value
     (pycma's sigma_vec, as a checkpoint stores it), recomputed here from the adapter file itself. In process:
     run.build is what the CLI calls (a whole run from an adapter: test_chain_mpi.py, from the SFT warm start)."""
+    import torch
+
     from essa_mpi.comm import Comm
     from essa_mpi.config import ModelConfig, load_config
     from essa_mpi.model import load_model
@@ -221,7 +223,11 @@ def test_warm_start_from_exported_adapter(tiny_dir, runs_by_ranks, step_scale):
     exported = os.path.join(runs_by_ranks[1], "adapter")
     cfg = load_config(None, tiny_args(tiny_dir, "unused", generations=1) + [f"adapter.path={exported}",
                                                                             f"search.step_scale={step_scale}"])
-    scales = build(cfg, Comm(), build_task(cfg.task, cfg.search.seed)).search.state_arrays()["sigma_vec"]  # [n]
+    threads = torch.get_num_threads()
+    try:  # build sets torch's threads (model.threads=1): this process's other tests keep theirs
+        scales = build(cfg, Comm(), build_task(cfg.task, cfg.search.seed)).search.state_arrays()["sigma_vec"]  # [n]
+    finally:
+        torch.set_num_threads(threads)
     model = load_model(ModelConfig(name_or_path=tiny_dir, device="cpu"))[0]
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
     values = SVDLoRA.attach(model, load_lora_factors(model, exported, targets, 2), 1.0).searched_values()  # [n]

@@ -35,7 +35,7 @@ def evaluator(parts, share_prefix, drop_finished, new_tokens=10):
 def token_rows(ev, offsets, examples):
     """C*P lists of new token ids from whichever path ev uses (EOS included, padding cut)."""
     enc = ev.encode(examples)
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+    prompts = decode.unpadded(enc)
     ev.adapter.set_candidates(offsets)
     try:
         if ev.share_prefix or ev.drop_finished:
@@ -72,7 +72,7 @@ def test_shared_head_is_computed_once_per_candidate(parts, monkeypatch):
     ev = evaluator(parts, True, True)
     examples = task.train[:4]
     enc = ev.encode(examples)
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+    prompts = decode.unpadded(enc)
     head = decode.shared_prefix(prompts)
     assert head >= decode.MIN_PREFIX and head >= len(tok(SYSTEM)["input_ids"])
     calls = []

@@ -134,9 +134,9 @@ def decoding_shapes(data: str) -> dict:
 
 def loop_only(ev: PopulationEvaluator, X: np.ndarray, enc: dict) -> list:
     """decode.greedy with neither saving: how its own loop compares with generate's (bench row "loop")."""
-    from essa_mpi.decode import greedy
+    from essa_mpi.decode import greedy, unpadded
 
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"])]
+    prompts = unpadded(enc)
     ev.adapter.set_candidates(X)
     new = greedy(ev.model, ev.adapter, prompts, len(X), ev.gen_cfg.max_new_tokens, ev.gen_cfg.eos_token_id,
                  ev.gen_cfg.pad_token_id, share_prefix=False, drop_finished=False)
