@@ -38,7 +38,8 @@ def sft_dir(cfg: Config, rows: list | None = None) -> str:
                                                                        "gradient_checkpointing")},
                "seed": cfg.search.seed,  # (micro-batches and checkpointing change memory, not what is learned)
                "rows": digest(rows) if rows is not None else None}
-    for key in ("threads", "device", "gpus_per_rank", "engine", "vllm_memory_fraction", "vllm_kv_cache_gib"):
+    for key in ("threads", "device", "gpus_per_rank", "engine", "vllm_memory_fraction", "vllm_kv_cache_gib",
+                "share_prefix", "drop_finished"):
         # where and how it runs, not what it learns
         shaping["model"].pop(key)
     key = digest(shaping)[:12]

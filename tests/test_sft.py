@@ -61,7 +61,8 @@ def test_training_lowers_the_loss_and_saves_a_loadable_adapter(tiny_dir, tmp_pat
 
 def test_cache_directory_depends_on_what_shapes_the_adapter():
     base = Config()
-    same = load_config(None, ["model.threads=3", "run.generations=99", "search.popsize=4"])
+    same = load_config(None, ["model.threads=3", "run.generations=99", "search.popsize=4",
+                              "model.share_prefix=false", "model.drop_finished=false"])  # how search decodes
     other = [load_config(None, [o]) for o in ("sft.learning_rate=1e-4", "adapter.rank=8", "task.sft_size=10",
                                               "search.seed=1", "model.precision=fp32")]
     assert sft.sft_dir(base) == sft.sft_dir(same) and sft.sft_dir(base).startswith("runs/sft/arithmetic-")
