@@ -38,3 +38,9 @@ def test_trl_defaults_the_baseline_relies_on():
 
     c = GRPOConfig(**settings())
     assert (c.loss_type, c.top_p, c.top_k, c.num_iterations, c.scale_rewards) == ("dapo", 1.0, 0, 1, "group")
+
+
+def test_the_seed_decides_the_row_order_and_identity_keeps_the_tasks():
+    a, b = grpo_baseline.row_order(300, 0, "seed"), grpo_baseline.row_order(300, 1, "seed")
+    assert sorted(a) == list(range(300)) and (a != b).any() and (a == grpo_baseline.row_order(300, 0, "seed")).all()
+    assert grpo_baseline.row_order(300, 7, "identity").tolist() == list(range(300))

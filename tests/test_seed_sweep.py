@@ -1,0 +1,64 @@
+"""tools/bench/seed_sweep.py: distributions over seeds, the rank test, and which runs count as finished."""
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench"))
+import seed_sweep  # noqa: E402
+
+
+def fake_run(root, arm, seed, vals, step_s=120.0, val_s=10.0):
+    """A run folder whose metrics.jsonl validates `vals` every step_s training seconds (val_s each)."""
+    out = seed_sweep.run_dir(str(root), arm, seed)
+    os.makedirs(out)
+    with open(os.path.join(out, "metrics.jsonl"), "w") as fh:
+        for i, v in enumerate(vals):
+            fh.write(json.dumps({"generation": 3 * i, "wall_s": i * step_s + (i + 1) * val_s, "val_reward": v,
+                                 "val_s": val_s}) + "\n")
+    return out
+
+
+def test_median_range_and_never_counted_as_last():
+    s = seed_sweep.spread([3.0, None, 1.0, None, None])
+    assert (s["median"], s["min"], s["max"], s["censored"]) == (None, 1.0, None, 3)  # most never reached it
+    assert seed_sweep.spread([0.2, 0.1, 0.3])["median"] == 0.2
+
+
+def test_rank_test_separates_clean_samples_and_ties_give_no_evidence():
+    t = seed_sweep.rank_test([0.30, 0.31, 0.32, 0.33, 0.34], [0.10, 0.11, 0.12, 0.13, 0.14])
+    assert t["U"] == 25 and t["p"] < 0.01 and t["method"] == "exact"  # 2/252 two-sided
+    assert seed_sweep.rank_test([None] * 5, [None] * 5)["p"] == 1.0
+    assert seed_sweep.rank_test([1.0, 2.0, None], [None, None, None])["U"] < 4.5  # reached beats never
+
+
+def test_report_reads_finished_runs_only_and_tests_the_named_arms(tmp_path):
+    for seed in range(3):
+        fake_run(tmp_path, "ESSA uniform", seed, [0.10, 0.20, 0.25, 0.30, 0.30, 0.31])
+        fake_run(tmp_path, "GRPO lr 3e-4 fp32", seed, [0.10, 0.10, 0.12 + 0.01 * seed, 0.13, 0.14, 0.15])
+    fake_run(tmp_path, "GRPO lr 3e-4 fp32", 3, [0.10, 0.30])  # killed after 2 minutes: not counted
+    assert not seed_sweep.finished(seed_sweep.run_dir(str(tmp_path), "GRPO lr 3e-4 fp32", 3), 600)
+    args = argparse.Namespace(runs=str(tmp_path), budget_s=600.0, test=["ESSA uniform", "GRPO lr 3e-4 fp32"])
+    summary = seed_sweep.report(args)
+    essa, grpo = summary["arms"]["ESSA uniform"], summary["arms"]["GRPO lr 3e-4 fp32"]
+    assert essa["final"]["n"] == grpo["final"]["n"] == 3
+    assert essa["final"]["median"] == 0.31 and essa["min_to_10"]["median"] == 2.0  # 0.20 at 120 s: + 10 points
+    assert grpo["min_to_10"]["censored"] == 3 and grpo["best"]["median"] == 0.15
+    assert summary["test"]["final"]["U"] == 9.0
+    lines = seed_sweep.table(summary).splitlines()
+    assert lines[2].startswith("| ESSA uniform | 3 | 0.100 | 0.310 [0.310, 0.310] |")
+    assert "never [never, never], 3 never" in lines[3] and "Mann-Whitney U" in lines[-1]
+
+
+def test_an_unfinished_run_is_moved_aside_and_run_again(tmp_path, monkeypatch):
+    out = fake_run(tmp_path, "ESSA uniform", 0, [0.1, 0.2])
+    launched = []
+    monkeypatch.setattr(seed_sweep, "essa", lambda ns, sft, o, ov: launched.append((ns.seed, o, ov)))
+    args = argparse.Namespace(runs=str(tmp_path), budget_s=600.0)
+    seed_sweep.launch(args, "ESSA uniform", 0, "adapter")
+    assert launched == [(0, out, seed_sweep.ESSA_PAPER)] and not os.path.exists(out)
+    assert [d for d in os.listdir(os.path.dirname(out)) if d.startswith("s0.unfinished-")]
+    fake_run(tmp_path, "ESSA uniform", 0, [0.1, 0.2, 0.2, 0.2, 0.2, 0.2])  # a finished run is kept
+    seed_sweep.launch(args, "ESSA uniform", 0, "adapter")
+    assert len(launched) == 1

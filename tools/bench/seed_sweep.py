@@ -1,0 +1,227 @@
+"""ESSA against GRPO over seeds (issue 34): every arm x every seed from one SFT start, one training budget each;
+then per arm the distribution over seeds, a rank test between two arms, and a plot.
+
+    A=runs/sft/arithmetic-68748a3963b1    # the bare-gold 300 start in fp32 (tools/results/README.md, seeds_*)
+    python tools/bench/seed_sweep.py --adapter $A --runs runs/seeds_bare300 --seeds 0-4 \\
+        --arms "ESSA uniform" "GRPO lr 3e-4 fp32"                     # about 13 min of wall clock per run
+    python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \\
+        --test "ESSA uniform" "GRPO lr 3e-4 fp32"                     # JSON, table and plot under tools/results/
+
+What the seed decides (``--seeds``; it is search.seed for both methods, with task.seed=0 so the 200 validation
+problems, the training rows and the start never move): ESSA's CMA-ES candidates and its mini-batch order; GRPO's
+training-row order, TRL's sampler and the sampled completions. Nothing else is random.
+
+Runs go seed-major (every arm of seed 0, then of seed 1, ...), so a sweep cut short stays balanced. A finished
+run (a validation at or past the budget) is kept; an unfinished one is moved aside (``s<seed>.unfinished-<time>``)
+and run again. Each run is ``bench_vs_grpo.essa`` / ``bench_vs_grpo.grpo``: 2 cores, 10 minutes of training,
+validation excluded from the clock, every method validated by essa_mpi's evaluator on the same problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+from bench_vs_grpo import RESULTS, curve, essa, grpo  # one home for how a run is launched and read
+from sweep_table import row
+
+ESSA_PAPER = ["model.precision=fp32", "search.step_scale=uniform", "search.mean_lr=1", "task.batch_size=24"]
+ARMS = {  # name -> (method, GRPO learning rate, overrides); the names are the results' row labels
+    "ESSA uniform": ("essa", None, ESSA_PAPER),  # the paper's setting (uniform steps, mean_lr 1, 24 prompts), fp32
+    "ESSA default": ("essa", None, []),  # today's defaults: bf16, singular steps, mean_lr 0.5, 48 prompts
+    "GRPO lr 3e-4 fp32": ("grpo", 3e-4, ["model.precision=fp32"]),
+    "GRPO lr 3e-4 bf16": ("grpo", 3e-4, []),
+    "GRPO lr 1e-4 fp32": ("grpo", 1e-4, ["model.precision=fp32"]),
+    "GRPO lr 1e-4 bf16": ("grpo", 1e-4, []),
+}
+
+
+def slug(arm: str) -> str:
+    """'GRPO lr 3e-4 fp32' -> 'grpo_lr_3e-4_fp32': the arm's folder under --runs."""
+    return arm.lower().replace(" ", "_")
+
+
+def run_dir(runs: str, arm: str, seed: int) -> str:
+    return os.path.join(runs, slug(arm), f"s{seed}")
+
+
+def finished(out: str, budget_s: float) -> bool:
+    """The run validated at or past its training budget (its last act before it stops)."""
+    path = os.path.join(out, "metrics.jsonl")
+    return os.path.exists(path) and any(t >= budget_s for t, _ in curve(out))
+
+
+def launch(args, arm: str, seed: int, sft_dir: str) -> None:
+    """One run of one arm at one seed, through bench_vs_grpo's launchers (the same settings as its sweeps)."""
+    method, lr, overrides = ARMS[arm]
+    out = run_dir(args.runs, arm, seed)
+    if finished(out, args.budget_s):
+        return
+    if os.path.exists(out):  # killed part-way: keep it for inspection, measure again from the start
+        os.rename(out, f"{out}.unfinished-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    ns = argparse.Namespace(budget_s=args.budget_s, sft_size=300, seed=seed, essa_val_every=3, prompts=8, group=8,
+                            val_every_s=120.0, grpo=overrides)
+    print(f"seed_sweep: {arm}, seed {seed} -> {out}", flush=True)
+    if method == "essa":
+        essa(ns, sft_dir, out, overrides)
+    else:
+        grpo(ns, sft_dir, "grpo", lr, out)
+
+
+def seeds_of(spec: str) -> list:
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,2' -> [0, 2]."""
+    if "-" in spec:
+        lo, hi = map(int, spec.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(s) for s in spec.split(",")]
+
+
+def run_summary(out: str, budget_s: float) -> dict:
+    """One run: its curve (points past the budget + 5% dropped, as bench_vs_grpo does for every method), final
+    and best validation, minutes of training to start + 5 / + 10 points (None: never), and steps taken."""
+    points = [(t, v) for t, v in curve(out) if t <= 1.05 * budget_s]
+    with open(os.path.join(out, "metrics.jsonl")) as fh:
+        steps = max(json.loads(line).get("generation", 0) for line in fh if line.strip())
+    r = row(points)
+    return {"curve": points, "start": r["start"], "final": r["end"], "best": r["best"],
+            "min_to_5": None if r["to5"] is None else round(r["to5"] / 60, 2),
+            "min_to_10": None if r["to10"] is None else round(r["to10"] / 60, 2), "steps": steps}
+
+
+def spread(values: list) -> dict:
+    """Median and range over seeds; None (never reached) counts as +inf, so a median of None means most never did."""
+    xs = sorted(math.inf if v is None else v for v in values)
+    med = statistics.median(xs)
+    fin = lambda x: None if math.isinf(x) else round(x, 4)  # noqa: E731
+    return {"median": fin(med), "min": fin(xs[0]), "max": fin(xs[-1]), "n": len(xs),
+            "censored": sum(v is None for v in values)}
+
+
+def rank_test(a: list, b: list) -> dict:
+    """Two-sided Mann-Whitney U of arm a against arm b; never-reached times rank last (as +inf), tied together."""
+    from scipy.stats import mannwhitneyu
+
+    xa, xb = [math.inf if v is None else v for v in a], [math.inf if v is None else v for v in b]
+    if len(set(xa) | set(xb)) == 1:  # all equal (every run censored, say): no evidence either way
+        return {"U": len(xa) * len(xb) / 2, "p": 1.0, "method": "all values tied"}
+    res = mannwhitneyu(xa, xb, alternative="two-sided", method="auto")
+    method = "exact" if len(set(xa + xb)) == len(xa + xb) and max(len(xa), len(xb)) <= 8 else "asymptotic (ties)"
+    return {"U": float(res.statistic), "p": round(float(res.pvalue), 4), "method": method}
+
+
+def report(args) -> dict:
+    arms = {}
+    for arm in ARMS:
+        seeds = sorted(int(d[1:]) for d in os.listdir(os.path.join(args.runs, slug(arm)))
+                       if d[1:].isdigit()) if os.path.isdir(os.path.join(args.runs, slug(arm))) else []
+        runs = {s: run_summary(run_dir(args.runs, arm, s), args.budget_s) for s in seeds
+                if finished(run_dir(args.runs, arm, s), args.budget_s)}
+        if runs:
+            arms[arm] = {"seeds": runs, **{k: spread([r[k] for r in runs.values()])
+                                           for k in ("final", "best", "min_to_5", "min_to_10", "steps")}}
+    out = {"budget_s": args.budget_s, "runs": args.runs, "arms": arms}
+    if args.test and all(a in arms for a in args.test):
+        a, b = (arms[x]["seeds"].values() for x in args.test)
+        a, b = list(a), list(b)
+        out["test"] = {"arms": args.test, **{k: rank_test([r[k] for r in a], [r[k] for r in b])
+                                            for k in ("final", "best", "min_to_5", "min_to_10")}}
+    return out
+
+
+def table(summary: dict) -> str:
+    """Markdown: per arm the seeds, then median [min, max] of final, best, minutes to + 5 / + 10 points."""
+    def cell(s: dict, pts: bool) -> str:
+        f = (lambda x: "never" if x is None else (f"{x:.3f}" if pts else f"{x:.1f}"))
+        never = f", {s['censored']} never" if s["censored"] else ""
+        return f"{f(s['median'])} [{f(s['min'])}, {f(s['max'])}]{never}"
+
+    lines = ["| arm | seeds | start | final validation | best validation | min to start + 5 | min to start + 10 "
+             "| steps in budget |", "|---|---|---|---|---|---|---|---|"]
+    for arm, a in summary["arms"].items():
+        starts = sorted({r["start"] for r in a["seeds"].values()})
+        lines.append(f"| {arm} | {a['final']['n']} | {' / '.join(f'{s:.3f}' for s in starts)} | "
+                     f"{cell(a['final'], True)} | {cell(a['best'], True)} | {cell(a['min_to_5'], False)} | "
+                     f"{cell(a['min_to_10'], False)} | {a['steps']['median']:.0f} [{a['steps']['min']:.0f}, "
+                     f"{a['steps']['max']:.0f}] |")
+    if "test" in summary:
+        t = summary["test"]
+        lines.append("")
+        lines.append(f"Mann-Whitney U, {t['arms'][0]} vs {t['arms'][1]} (two-sided): " + "; ".join(
+            f"{k} U = {t[k]['U']:.1f}, p = {t[k]['p']:.4f} ({t[k]['method']})"
+            for k in ("final", "best", "min_to_5", "min_to_10")))
+    return "\n".join(lines)
+
+
+def held(points: list, t: float) -> float:
+    """The run's validation at training second t: its last validation at or before t (a step function)."""
+    return [v for s, v in points if s <= t][-1]
+
+
+def plot(summary: dict, out: str, title: str) -> None:
+    """Every seed a thin line, the arm's median over seeds (of the step functions, every 10 s) thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    grid = [10.0 * i for i in range(int(summary["budget_s"] // 10) + 1)]  # training seconds
+    for i, (arm, a) in enumerate(summary["arms"].items()):
+        color = f"C{i}"
+        curves = [r["curve"] for r in a["seeds"].values()]
+        for c in curves:
+            t, v = zip(*c)
+            ax.plot([x / 60 for x in t], v, color=color, lw=0.7, alpha=0.45, drawstyle="steps-post")
+        med = [statistics.median(held(c, t) for c in curves) for t in grid]
+        ax.plot([t / 60 for t in grid], med, color=color, lw=2.8, drawstyle="steps-post",
+                label=f"{arm}: median of {len(curves)} seeds (final {a['final']['median']:.3f})")
+    ax.set_xlabel("training wall clock, validation excluded (min)")
+    ax.set_ylabel("validation accuracy (200 problems)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", required=True, help="the sweep's folder: <runs>/<arm>/s<seed>/ per run")
+    ap.add_argument("--adapter", help="the SFT adapter every run starts from (needed to run, not to --report)")
+    ap.add_argument("--seeds", default="0-4", help="'0-4' or '0,2,5'")
+    ap.add_argument("--arms", nargs="+", choices=list(ARMS), default=[])
+    ap.add_argument("--budget-s", type=float, default=600.0, help="training seconds per run (validation excluded)")
+    ap.add_argument("--report", action="store_true", help="summarise the finished runs under --runs")
+    ap.add_argument("--name", help="results file stem under tools/results/ (with --report)")
+    ap.add_argument("--title", default="SmolLM2-135M arithmetic, 2 CPU cores, 10 minutes of training per run")
+    ap.add_argument("--test", nargs=2, metavar=("ARM_A", "ARM_B"), help="rank-test these two arms")
+    args = ap.parse_args(argv)
+    if args.arms:
+        if not args.adapter or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+            print(f"seed_sweep: --adapter {args.adapter} is not an adapter folder; make it with python -m essa_mpi "
+                  "sft (see this file's docstring)", file=sys.stderr)
+            return 2
+        for seed in seeds_of(args.seeds):  # seed-major: a sweep cut short stays balanced across arms
+            for arm in args.arms:
+                launch(args, arm, seed, args.adapter)
+    if args.report:
+        summary = report(args)
+        print(table(summary))
+        if args.name:
+            with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as fh:
+                json.dump(summary, fh, indent=1)
+            with open(os.path.join(RESULTS, f"{args.name}.md"), "w") as fh:
+                fh.write(table(summary) + "\n")
+            plot(summary, os.path.join(RESULTS, f"{args.name}.png"), args.title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
