@@ -62,3 +62,8 @@ def test_an_unfinished_run_is_moved_aside_and_run_again(tmp_path, monkeypatch):
     fake_run(tmp_path, "ESSA uniform", 0, [0.1, 0.2, 0.2, 0.2, 0.2, 0.2])  # a finished run is kept
     seed_sweep.launch(args, "ESSA uniform", 0, "adapter")
     assert len(launched) == 1
+
+
+def test_held_is_a_step_function_that_starts_at_the_start():
+    points = [(0.2, 0.10), (120.0, 0.20), (240.0, 0.15)]  # [(training s, validation)]
+    assert [seed_sweep.held(points, t) for t in (0.0, 119.0, 120.0, 600.0)] == [0.10, 0.10, 0.20, 0.15]

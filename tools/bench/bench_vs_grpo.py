@@ -15,6 +15,8 @@
 3. GRPO (TRL, PEFT LoRA) and SVD-GRPO: ``tools/bench/grpo_baseline.py``, 2 threads, one run per learning rate.
 Every method is validated by essa_mpi's evaluator on the same 200 held-out problems (greedy, same tokens,
 same grader); the training clock excludes validation for all of them (wall_s minus the val_s logged so far).
+--seed is search.seed for every method, with task.seed=0 so the problems and the start stay put: it decides
+ESSA's candidates and mini-batch order, and GRPO's row order, trainer seed and sampling (grpo_baseline.py).
 Output: tools/results/bench_vs_grpo.json (curves, best accuracy, time to reach the other side's best) and
 bench_vs_grpo.png.
 """

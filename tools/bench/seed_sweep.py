@@ -142,7 +142,7 @@ def table(summary: dict) -> str:
         return f"{f(s['median'])} [{f(s['min'])}, {f(s['max'])}]{never}"
 
     lines = ["| arm | seeds | start | final validation | best validation | min to start + 5 | min to start + 10 "
-             "| steps in budget |", "|---|---|---|---|---|---|---|---|"]
+             "| steps taken |", "|---|---|---|---|---|---|---|---|"]
     for arm, a in summary["arms"].items():
         starts = sorted({r["start"] for r in a["seeds"].values()})
         lines.append(f"| {arm} | {a['final']['n']} | {' / '.join(f'{s:.3f}' for s in starts)} | "
@@ -159,8 +159,10 @@ def table(summary: dict) -> str:
 
 
 def held(points: list, t: float) -> float:
-    """The run's validation at training second t: its last validation at or before t (a step function)."""
-    return [v for s, v in points if s <= t][-1]
+    """The run's validation at training second t: its last validation at or before t (a step function), or its
+    start before that (the first validation ends a fraction of a second into the clock)."""
+    before = [v for s, v in points if s <= t]
+    return before[-1] if before else points[0][1]
 
 
 def plot(summary: dict, out: str, title: str) -> None:
