@@ -28,7 +28,8 @@ def test_median_range_and_never_counted_as_last():
 
 def test_rank_test_separates_clean_samples_and_ties_give_no_evidence():
     t = seed_sweep.rank_test([0.30, 0.31, 0.32, 0.33, 0.34], [0.10, 0.11, 0.12, 0.13, 0.14])
-    assert t["U"] == 25 and t["p"] < 0.01 and t["method"] == "exact"  # 2/252 two-sided
+    assert t["U"] == 25 and t["p"] == round(2 / 252, 4) and t["method"] == "exact, 252 splits"  # two-sided
+    assert seed_sweep.rank_test([0.3, 0.3, 0.32, 0.33, 0.34], [0.1, 0.11, 0.3, 0.13, 0.14])["p"] == round(6 / 252, 4)
     assert seed_sweep.rank_test([None] * 5, [None] * 5)["p"] == 1.0
     assert seed_sweep.rank_test([1.0, 2.0, None], [None, None, None])["U"] < 4.5  # reached beats never
 
