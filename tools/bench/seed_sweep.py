@@ -35,6 +35,8 @@ ARMS = {  # name -> (method, GRPO learning rate, overrides); the names are the r
     "ESSA uniform": ("essa", None, ESSA_PAPER),  # the paper's setting (uniform steps, mean_lr 1, 24 prompts), fp32
     "ESSA default": ("essa", None, []),  # today's defaults: bf16, singular steps, mean_lr 0.5, 48 prompts
     "GRPO lr 3e-4 fp32": ("grpo", 3e-4, ["model.precision=fp32"]),
+    # the issue-34 check at full length: the rows in task.train's own order (seed 0 still seeds TRL's trainer)
+    "GRPO lr 3e-4 fp32 task order": ("grpo", 3e-4, ["model.precision=fp32", "--order=identity"]),
     "GRPO lr 3e-4 bf16": ("grpo", 3e-4, []),
     "GRPO lr 1e-4 fp32": ("grpo", 1e-4, ["model.precision=fp32"]),
     "GRPO lr 1e-4 bf16": ("grpo", 1e-4, []),
