@@ -176,7 +176,7 @@ def plot(summary: dict, out: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.8))
-    grid = [2.0 * i for i in range(int(summary["budget_s"] // 2) + 1)]  # training seconds
+    grid = [2.0 * i for i in range(int(1.05 * summary["budget_s"] // 2) + 1)]  # training seconds, as far as points go
     for i, (arm, a) in enumerate(summary["arms"].items()):
         color = f"C{i}"
         curves = [r["curve"] for r in a["seeds"].values()]
@@ -185,7 +185,8 @@ def plot(summary: dict, out: str, title: str) -> None:
             ax.plot([x / 60 for x in t], v, color=color, lw=0.7, alpha=0.45, drawstyle="steps-post")
         med = [statistics.median(held(c, t) for c in curves) for t in grid]
         ax.plot([t / 60 for t in grid], med, color=color, lw=2.8, drawstyle="steps-post",
-                label=f"{arm}: median of {len(curves)} seeds (final {a['final']['median']:.3f})")
+                label=f"{arm}: " + (f"median of {len(curves)} seeds" if len(curves) > 1 else "1 seed")
+                + f" (final {a['final']['median']:.3f})")
     ax.set_xlabel("training wall clock, validation excluded (min)")
     ax.set_ylabel("validation accuracy (200 problems)")
     ax.set_title(title)
