@@ -68,3 +68,18 @@ def test_an_unfinished_run_is_moved_aside_and_run_again(tmp_path, monkeypatch):
 def test_held_is_a_step_function_that_starts_at_the_start():
     points = [(0.2, 0.10), (120.0, 0.20), (240.0, 0.15)]  # [(training s, validation)]
     assert [seed_sweep.held(points, t) for t in (0.0, 119.0, 120.0, 600.0)] == [0.10, 0.10, 0.20, 0.15]
+
+
+def test_an_earlier_reports_runs_count_where_the_folders_lack_them(tmp_path):
+    for seed in range(2):
+        fake_run(tmp_path / "old", "ESSA uniform", seed, [0.10, 0.20, 0.25, 0.30, 0.30, 0.30 + 0.01 * seed])
+    args = argparse.Namespace(runs=str(tmp_path / "old"), budget_s=600.0, test=None)
+    with open(tmp_path / "old.json", "w") as fh:
+        json.dump(seed_sweep.report(args), fh)  # what --report --name wrote; the folders are gone on a new machine
+    fake_run(tmp_path / "new", "ESSA uniform", 1, [0.10, 0.12, 0.12, 0.12, 0.12, 0.12])  # a folder wins
+    fake_run(tmp_path / "new", "GRPO lr 1e-4 bf16", 0, [0.10, 0.11, 0.12, 0.13, 0.14, 0.15])
+    args = argparse.Namespace(runs=str(tmp_path / "new"), budget_s=600.0, test=None,
+                              previous=str(tmp_path / "old.json"))
+    arms = seed_sweep.report(args)["arms"]
+    assert [r["final"] for r in arms["ESSA uniform"]["seeds"].values()] == [0.30, 0.12]
+    assert list(arms) == ["ESSA uniform", "GRPO lr 1e-4 bf16"] and arms["GRPO lr 1e-4 bf16"]["final"]["n"] == 1

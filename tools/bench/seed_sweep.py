@@ -6,6 +6,8 @@ then per arm the distribution over seeds, a rank test between two arms, and a pl
         --arms "ESSA uniform" "GRPO lr 3e-4 fp32"                     # about 13 min of wall clock per run
     python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \\
         --test "ESSA uniform" "GRPO lr 3e-4 fp32"                     # JSON, table and plot under tools/results/
+    python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \
+        --previous tools/results/seeds_bare300.json ...               # on a new machine: earlier runs from the JSON
 
 What the seed decides (``--seeds``; it is search.seed for both methods, with task.seed=0 so the 200 validation
 problems, the training rows and the start never move): ESSA's CMA-ES candidates and its mini-batch order; GRPO's
@@ -119,22 +121,32 @@ def rank_test(a: list, b: list) -> dict:
 
 
 def report(args) -> dict:
-    arms = {}
+    """Every finished run under --runs, plus (with --previous) the runs of an earlier report's JSON that --runs
+    lacks: run folders are not kept between machines, the JSON keeps every curve. A folder wins over the JSON."""
+    arms = previous_runs(getattr(args, "previous", None))  # {arm: {seed: run summary}}
     for arm in ARMS:
-        seeds = sorted(int(d[1:]) for d in os.listdir(os.path.join(args.runs, slug(arm)))
-                       if d[1:].isdigit()) if os.path.isdir(os.path.join(args.runs, slug(arm))) else []
-        runs = {s: run_summary(run_dir(args.runs, arm, s), args.budget_s) for s in seeds
-                if finished(run_dir(args.runs, arm, s), args.budget_s)}
-        if runs:
-            arms[arm] = {"seeds": runs, **{k: spread([r[k] for r in runs.values()])
-                                           for k in ("final", "best", "min_to_5", "min_to_10", "steps")}}
+        folder = os.path.join(args.runs, slug(arm))
+        seeds = sorted(int(d[1:]) for d in os.listdir(folder) if d[1:].isdigit()) if os.path.isdir(folder) else []
+        arms.setdefault(arm, {}).update({s: run_summary(run_dir(args.runs, arm, s), args.budget_s) for s in seeds
+                                         if finished(run_dir(args.runs, arm, s), args.budget_s)})
+    keys = ("final", "best", "min_to_5", "min_to_10", "steps")
+    arms = {arm: {"seeds": dict(sorted(runs.items())), **{k: spread([r[k] for r in runs.values()]) for k in keys}}
+            for arm, runs in arms.items() if runs}
     out = {"budget_s": args.budget_s, "runs": args.runs, "arms": arms}
     if args.test and all(a in arms for a in args.test):
-        a, b = (arms[x]["seeds"].values() for x in args.test)
-        a, b = list(a), list(b)
+        a, b = (list(arms[x]["seeds"].values()) for x in args.test)
         out["test"] = {"arms": args.test, **{k: rank_test([r[k] for r in a], [r[k] for r in b])
                                             for k in ("final", "best", "min_to_5", "min_to_10")}}
     return out
+
+
+def previous_runs(path: str | None) -> dict:
+    """{arm: {seed: run summary}} from an earlier --report JSON (whose seed keys are strings)."""
+    if not path:
+        return {}
+    with open(path) as fh:
+        prev = json.load(fh)
+    return {arm: {int(s): r for s, r in a["seeds"].items()} for arm, a in prev["arms"].items()}
 
 
 def table(summary: dict) -> str:
@@ -207,6 +219,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="summarise the finished runs under --runs")
     ap.add_argument("--name", help="results file stem under tools/results/ (with --report)")
     ap.add_argument("--title", default="SmolLM2-135M arithmetic, 2 CPU cores, 10 minutes of training per run")
+    ap.add_argument("--previous", help="an earlier --report JSON whose runs count too where --runs lacks them")
     ap.add_argument("--test", nargs=2, metavar=("ARM_A", "ARM_B"), help="rank-test these two arms")
     args = ap.parse_args(argv)
     if args.arms:
