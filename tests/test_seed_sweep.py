@@ -83,3 +83,10 @@ def test_an_earlier_reports_runs_count_where_the_folders_lack_them(tmp_path):
     arms = seed_sweep.report(args)["arms"]
     assert [r["final"] for r in arms["ESSA uniform"]["seeds"].values()] == [0.30, 0.12]
     assert list(arms) == ["ESSA uniform", "GRPO lr 1e-4 bf16"] and arms["GRPO lr 1e-4 bf16"]["final"]["n"] == 1
+
+
+def test_a_rank_test_of_an_arm_without_runs_says_so(tmp_path, capsys):
+    fake_run(tmp_path, "ESSA uniform", 0, [0.10, 0.20, 0.25, 0.30, 0.30, 0.31])
+    assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--test", "ESSA uniform", "ESSA default"]) == 0
+    err = capsys.readouterr().err
+    assert "no rank test" in err and "'ESSA default'" in err and "['ESSA uniform']" in err

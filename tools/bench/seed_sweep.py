@@ -6,7 +6,7 @@ then per arm the distribution over seeds, a rank test between two arms, and a pl
         --arms "ESSA uniform" "GRPO lr 3e-4 fp32"                     # about 13 min of wall clock per run
     python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \\
         --test "ESSA uniform" "GRPO lr 3e-4 fp32"                     # JSON, table and plot under tools/results/
-    python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \
+    python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \\
         --previous tools/results/seeds_bare300.json ...               # on a new machine: earlier runs from the JSON
 
 What the seed decides (``--seeds``; it is search.seed for both methods, with task.seed=0 so the 200 validation
@@ -32,6 +32,7 @@ import time
 from bench_vs_grpo import RESULTS, curve, essa, grpo  # one home for how a run is launched and read
 from sweep_table import row
 
+TESTED = ("final", "best", "min_to_5", "min_to_10")  # per-run metrics the rank test compares
 ESSA_PAPER = ["model.precision=fp32", "search.step_scale=uniform", "search.mean_lr=1", "task.batch_size=24"]
 ARMS = {  # name -> (method, GRPO learning rate, overrides); the names are the results' row labels
     "ESSA uniform": ("essa", None, ESSA_PAPER),  # the paper's setting (uniform steps, mean_lr 1, 24 prompts), fp32
@@ -129,14 +130,13 @@ def report(args) -> dict:
         seeds = sorted(int(d[1:]) for d in os.listdir(folder) if d[1:].isdigit()) if os.path.isdir(folder) else []
         arms.setdefault(arm, {}).update({s: run_summary(run_dir(args.runs, arm, s), args.budget_s) for s in seeds
                                          if finished(run_dir(args.runs, arm, s), args.budget_s)})
-    keys = ("final", "best", "min_to_5", "min_to_10", "steps")
-    arms = {arm: {"seeds": dict(sorted(runs.items())), **{k: spread([r[k] for r in runs.values()]) for k in keys}}
+    arms = {arm: {"seeds": dict(sorted(runs.items())),
+                  **{k: spread([r[k] for r in runs.values()]) for k in (*TESTED, "steps")}}
             for arm, runs in arms.items() if runs}
     out = {"budget_s": args.budget_s, "runs": args.runs, "arms": arms}
     if args.test and all(a in arms for a in args.test):
         a, b = (list(arms[x]["seeds"].values()) for x in args.test)
-        out["test"] = {"arms": args.test, **{k: rank_test([r[k] for r in a], [r[k] for r in b])
-                                            for k in ("final", "best", "min_to_5", "min_to_10")}}
+        out["test"] = {"arms": args.test, **{k: rank_test([r[k] for r in a], [r[k] for r in b]) for k in TESTED}}
     return out
 
 
@@ -168,8 +168,7 @@ def table(summary: dict) -> str:
         t = summary["test"]
         lines.append("")
         lines.append(f"Mann-Whitney U, {t['arms'][0]} vs {t['arms'][1]} (two-sided): " + "; ".join(
-            f"{k} U = {t[k]['U']:.1f}, p = {t[k]['p']:.4f} ({t[k]['method']})"
-            for k in ("final", "best", "min_to_5", "min_to_10")))
+            f"{k} U = {t[k]['U']:.1f}, p = {t[k]['p']:.4f} ({t[k]['method']})" for k in TESTED))
     return "\n".join(lines)
 
 
@@ -233,6 +232,9 @@ def main(argv: list | None = None) -> int:
     if args.report:
         summary = report(args)
         print(table(summary))
+        if args.test and "test" not in summary:
+            print(f"seed_sweep: no rank test: --test names {args.test}, finished runs exist for "
+                  f"{list(summary['arms'])}", file=sys.stderr)
         if args.name:
             with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)
