@@ -48,7 +48,7 @@ def test_report_reads_finished_runs_only_and_tests_the_named_arms(tmp_path):
     assert grpo["min_to_10"]["censored"] == 3 and grpo["best"]["median"] == 0.15
     assert summary["test"]["final"]["U"] == 9.0
     lines = seed_sweep.table(summary).splitlines()
-    assert lines[2].startswith("| ESSA uniform | 3 | 0.100 | 0.310 [0.310, 0.310] |")
+    assert lines[2].startswith("| ESSA uniform | 3 | 0.100 | 0.310 [0.310, 0.310] | +0.210 [+0.210, +0.210] |")
     assert "never [never, never], 3 never" in lines[3] and "Mann-Whitney U" in lines[-1]
 
 
@@ -74,14 +74,18 @@ def test_an_earlier_reports_runs_count_where_the_folders_lack_them(tmp_path):
     for seed in range(2):
         fake_run(tmp_path / "old", "ESSA uniform", seed, [0.10, 0.20, 0.25, 0.30, 0.30, 0.30 + 0.01 * seed])
     args = argparse.Namespace(runs=str(tmp_path / "old"), budget_s=600.0, test=None)
+    old = seed_sweep.report(args)
+    for r in old["arms"]["ESSA uniform"]["seeds"].values():
+        del r["gain"]  # reports written before "gain" was a metric lack it
     with open(tmp_path / "old.json", "w") as fh:
-        json.dump(seed_sweep.report(args), fh)  # what --report --name wrote; the folders are gone on a new machine
+        json.dump(old, fh)  # what --report --name wrote; the folders are gone on a new machine
     fake_run(tmp_path / "new", "ESSA uniform", 1, [0.10, 0.12, 0.12, 0.12, 0.12, 0.12])  # a folder wins
     fake_run(tmp_path / "new", "GRPO lr 1e-4 bf16", 0, [0.10, 0.11, 0.12, 0.13, 0.14, 0.15])
     args = argparse.Namespace(runs=str(tmp_path / "new"), budget_s=600.0, test=None,
                               previous=str(tmp_path / "old.json"))
     arms = seed_sweep.report(args)["arms"]
     assert [r["final"] for r in arms["ESSA uniform"]["seeds"].values()] == [0.30, 0.12]
+    assert [r["gain"] for r in arms["ESSA uniform"]["seeds"].values()] == [0.20, 0.02]  # from the JSON, and a folder
     assert list(arms) == ["ESSA uniform", "GRPO lr 1e-4 bf16"] and arms["GRPO lr 1e-4 bf16"]["final"]["n"] == 1
 
 

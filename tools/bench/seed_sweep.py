@@ -8,6 +8,9 @@ then per arm the distribution over seeds, a rank test between two arms, and a pl
         --test "ESSA uniform" "GRPO lr 3e-4 fp32"                     # JSON, table and plot under tools/results/
     python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \\
         --previous tools/results/seeds_bare300.json ...               # on a new machine: earlier runs from the JSON
+    A=runs/sft/arithmetic-e1e63073270b    # the default's restated 300 start: python -m essa_mpi sft model.precision=fp32
+    python tools/bench/seed_sweep.py --adapter $A --runs runs/seeds_restated300 --seeds 0-4 \\
+        --arms "ESSA default" "GRPO lr 1e-4 fp32"
 
 What the seed decides (``--seeds``; it is search.seed for both methods, with task.seed=0 so the 200 validation
 problems, the training rows and the start never move): ESSA's CMA-ES candidates and its mini-batch order; GRPO's
@@ -32,7 +35,8 @@ import time
 from bench_vs_grpo import RESULTS, curve, essa, grpo  # one home for how a run is launched and read
 from sweep_table import row
 
-TESTED = ("final", "best", "min_to_5", "min_to_10")  # per-run metrics the rank test compares
+# per-run metrics the rank test compares; "gain" is final - start, for arms whose starts differ (bf16 vs fp32)
+TESTED = ("final", "gain", "best", "min_to_5", "min_to_10")
 ESSA_PAPER = ["model.precision=fp32", "search.step_scale=uniform", "search.mean_lr=1", "task.batch_size=24"]
 ARMS = {  # name -> (method, GRPO learning rate, overrides); the names are the results' row labels
     "ESSA uniform": ("essa", None, ESSA_PAPER),  # the paper's setting (uniform steps, mean_lr 1, 24 prompts), fp32
@@ -94,7 +98,8 @@ def run_summary(out: str, budget_s: float) -> dict:
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         steps = max(json.loads(line).get("generation", 0) for line in fh if line.strip())
     r = row(points)
-    return {"curve": points, "start": r["start"], "final": r["end"], "best": r["best"],
+    return {"curve": points, "start": r["start"], "final": r["end"], "gain": round(r["end"] - r["start"], 4),
+            "best": r["best"],
             "min_to_5": None if r["to5"] is None else round(r["to5"] / 60, 2),
             "min_to_10": None if r["to10"] is None else round(r["to10"] / 60, 2), "steps": steps}
 
@@ -146,23 +151,25 @@ def previous_runs(path: str | None) -> dict:
         return {}
     with open(path) as fh:
         prev = json.load(fh)
-    return {arm: {int(s): r for s, r in a["seeds"].items()} for arm, a in prev["arms"].items()}
+    return {arm: {int(s): {"gain": round(r["final"] - r["start"], 4), **r} for s, r in a["seeds"].items()}
+            for arm, a in prev["arms"].items()}  # reports before "gain" was a metric lack it
 
 
 def table(summary: dict) -> str:
-    """Markdown: per arm the seeds, then median [min, max] of final, best, minutes to + 5 / + 10 points."""
-    def cell(s: dict, pts: bool) -> str:
-        f = (lambda x: "never" if x is None else (f"{x:.3f}" if pts else f"{x:.1f}"))
+    """Markdown: per arm the seeds, then median [min, max] of final, final - start, best, minutes to + 5 / + 10."""
+    def cell(s: dict, spec: str) -> str:
+        f = (lambda x: "never" if x is None else format(x, spec))
         never = f", {s['censored']} never" if s["censored"] else ""
         return f"{f(s['median'])} [{f(s['min'])}, {f(s['max'])}]{never}"
 
-    lines = ["| arm | seeds | start | final validation | best validation | min to start + 5 | min to start + 10 "
-             "| steps taken |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | seeds | start | final validation | final − start | best validation | min to start + 5 "
+             "| min to start + 10 | steps taken |", "|---|---|---|---|---|---|---|---|---|"]
     for arm, a in summary["arms"].items():
         starts = sorted({r["start"] for r in a["seeds"].values()})
         lines.append(f"| {arm} | {a['final']['n']} | {' / '.join(f'{s:.3f}' for s in starts)} | "
-                     f"{cell(a['final'], True)} | {cell(a['best'], True)} | {cell(a['min_to_5'], False)} | "
-                     f"{cell(a['min_to_10'], False)} | {a['steps']['median']:.0f} [{a['steps']['min']:.0f}, "
+                     f"{cell(a['final'], '.3f')} | {cell(a['gain'], '+.3f')} | {cell(a['best'], '.3f')} | "
+                     f"{cell(a['min_to_5'], '.1f')} | "
+                     f"{cell(a['min_to_10'], '.1f')} | {a['steps']['median']:.0f} [{a['steps']['min']:.0f}, "
                      f"{a['steps']['max']:.0f}] |")
     if "test" in summary:
         t = summary["test"]
