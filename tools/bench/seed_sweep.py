@@ -8,7 +8,7 @@ then per arm the distribution over seeds, a rank test between two arms, and a pl
         --test "ESSA uniform" "GRPO lr 3e-4 fp32"                     # JSON, table and plot under tools/results/
     python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \\
         --previous tools/results/seeds_bare300.json ...               # on a new machine: earlier runs from the JSON
-    A=runs/sft/arithmetic-e1e63073270b    # the default's restated 300 start: python -m essa_mpi sft model.precision=fp32
+    A=runs/sft/arithmetic-e1e63073270b    # the restated 300 start: python -m essa_mpi sft model.precision=fp32
     python tools/bench/seed_sweep.py --adapter $A --runs runs/seeds_restated300 --seeds 0-4 \\
         --arms "ESSA default" "GRPO lr 1e-4 fp32"
 
