@@ -98,8 +98,7 @@ def run_summary(out: str, budget_s: float) -> dict:
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         steps = max(json.loads(line).get("generation", 0) for line in fh if line.strip())
     r = row(points)
-    return {"curve": points, "start": r["start"], "final": r["end"], "gain": round(r["end"] - r["start"], 4),
-            "best": r["best"],
+    return {"curve": points, "start": r["start"], "final": r["end"], "best": r["best"],
             "min_to_5": None if r["to5"] is None else round(r["to5"] / 60, 2),
             "min_to_10": None if r["to10"] is None else round(r["to10"] / 60, 2), "steps": steps}
 
@@ -135,8 +134,9 @@ def report(args) -> dict:
         seeds = sorted(int(d[1:]) for d in os.listdir(folder) if d[1:].isdigit()) if os.path.isdir(folder) else []
         arms.setdefault(arm, {}).update({s: run_summary(run_dir(args.runs, arm, s), args.budget_s) for s in seeds
                                          if finished(run_dir(args.runs, arm, s), args.budget_s)})
-    arms = {arm: {"seeds": dict(sorted(runs.items())),
-                  **{k: spread([r[k] for r in runs.values()]) for k in (*TESTED, "steps")}}
+    arms = {arm: {s: {**r, "gain": round(r["final"] - r["start"], 4)} for s, r in sorted(runs.items())}
+            for arm, runs in arms.items()}  # gain derived here for both sources (older JSONs lack it)
+    arms = {arm: {"seeds": runs, **{k: spread([r[k] for r in runs.values()]) for k in (*TESTED, "steps")}}
             for arm, runs in arms.items() if runs}
     out = {"budget_s": args.budget_s, "runs": args.runs, "arms": arms}
     if args.test and all(a in arms for a in args.test):
@@ -151,8 +151,7 @@ def previous_runs(path: str | None) -> dict:
         return {}
     with open(path) as fh:
         prev = json.load(fh)
-    return {arm: {int(s): {"gain": round(r["final"] - r["start"], 4), **r} for s, r in a["seeds"].items()}
-            for arm, a in prev["arms"].items()}  # reports before "gain" was a metric lack it
+    return {arm: {int(s): r for s, r in a["seeds"].items()} for arm, a in prev["arms"].items()}
 
 
 def table(summary: dict) -> str:
