@@ -94,3 +94,9 @@ def test_a_rank_test_of_an_arm_without_runs_says_so(tmp_path, capsys):
     assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--test", "ESSA uniform", "ESSA default"]) == 0
     err = capsys.readouterr().err
     assert "no rank test" in err and "'ESSA default'" in err and "['ESSA uniform']" in err
+
+
+def test_a_missing_previous_report_is_one_clear_line(tmp_path, capsys):
+    assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--previous", str(tmp_path / "no.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"--previous {tmp_path / 'no.json'} is not a file" in err and len(err.splitlines()) == 1

@@ -236,6 +236,10 @@ def main(argv: list | None = None) -> int:
             for arm in args.arms:
                 launch(args, arm, seed, args.adapter)
     if args.report:
+        if args.previous and not os.path.isfile(args.previous):
+            print(f"seed_sweep: --previous {args.previous} is not a file; pass a JSON an earlier --report --name "
+                  "wrote (tools/results/<name>.json)", file=sys.stderr)
+            return 2
         summary = report(args)
         print(table(summary))
         if args.test and "test" not in summary:
