@@ -40,16 +40,20 @@ def test_report_reads_finished_runs_only_and_tests_the_named_arms(tmp_path):
         fake_run(tmp_path, "GRPO lr 3e-4 fp32", seed, [0.10, 0.10, 0.12 + 0.01 * seed, 0.13, 0.14, 0.15])
     fake_run(tmp_path, "GRPO lr 3e-4 fp32", 3, [0.10, 0.30])  # killed after 2 minutes: not counted
     assert not seed_sweep.finished(seed_sweep.run_dir(str(tmp_path), "GRPO lr 3e-4 fp32", 3), 600)
-    args = argparse.Namespace(runs=str(tmp_path), budget_s=600.0, test=["ESSA uniform", "GRPO lr 3e-4 fp32"])
+    pairs = [["ESSA uniform", "GRPO lr 3e-4 fp32"], ["GRPO lr 3e-4 fp32", "ESSA uniform"],
+             ["ESSA default", "ESSA uniform"]]
+    args = argparse.Namespace(runs=str(tmp_path), budget_s=600.0, test=pairs)
     summary = seed_sweep.report(args)
     essa, grpo = summary["arms"]["ESSA uniform"], summary["arms"]["GRPO lr 3e-4 fp32"]
     assert essa["final"]["n"] == grpo["final"]["n"] == 3
     assert essa["final"]["median"] == 0.31 and essa["min_to_10"]["median"] == 2.0  # 0.20 at 120 s: + 10 points
     assert grpo["min_to_10"]["censored"] == 3 and grpo["best"]["median"] == 0.15
-    assert summary["test"]["final"]["U"] == 9.0
+    # each pair with runs on both sides is tested, in its own order; ESSA default has none, so no third test
+    assert [(t["arms"], t["final"]["U"]) for t in summary["tests"]] == [(pairs[0], 9.0), (pairs[1], 0.0)]
     lines = seed_sweep.table(summary).splitlines()
     assert lines[2].startswith("| ESSA uniform | 3 | 0.100 | 0.310 [0.310, 0.310] | +0.210 [+0.210, +0.210] |")
     assert "never [never, never], 3 never" in lines[3] and "Mann-Whitney U" in lines[-1]
+    assert sum(line.startswith("Mann-Whitney U") for line in lines) == 2
 
 
 def test_an_unfinished_run_is_moved_aside_and_run_again(tmp_path, monkeypatch):
@@ -94,9 +98,33 @@ def test_a_rank_test_of_an_arm_without_runs_says_so(tmp_path, capsys):
     assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--test", "ESSA uniform", "ESSA default"]) == 0
     err = capsys.readouterr().err
     assert "no rank test" in err and "'ESSA default'" in err and "['ESSA uniform']" in err
+    assert len(err.splitlines()) == 1
 
 
 def test_a_missing_previous_report_is_one_clear_line(tmp_path, capsys):
     assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--previous", str(tmp_path / "no.json")]) == 2
     err = capsys.readouterr().err
     assert f"--previous {tmp_path / 'no.json'} is not a file" in err and len(err.splitlines()) == 1
+
+
+def test_runs_of_a_faster_machine_on_this_clock(tmp_path):
+    for seed in range(2):
+        fake_run(tmp_path, "ESSA uniform", seed, [0.10, 0.20, 0.25, 0.30, 0.30, 0.31])  # every 120 s to 600 s
+    pairs = [["ESSA uniform (clock x 1.5)", "ESSA uniform"]]
+    args = argparse.Namespace(runs=str(tmp_path), budget_s=600.0, test=pairs, rescale=[("ESSA uniform", 1.5)])
+    summary = seed_sweep.report(args)
+    fast, here = summary["arms"]["ESSA uniform"], summary["arms"]["ESSA uniform (clock x 1.5)"]
+    assert fast["final"]["median"] == 0.31 and fast["min_to_10"]["median"] == 2.0  # as measured
+    # 0, 180, 360, 540 s kept; 720 and 900 s are past the budget + 5 % on this clock
+    assert [p for p in here["seeds"][0]["curve"]] == [(0.0, 0.10), (180.0, 0.20), (360.0, 0.25), (540.0, 0.30)]
+    assert here["final"]["median"] == 0.30 and here["min_to_10"]["median"] == 3.0
+    assert summary["tests"][0]["final"]["U"] == 0.0  # every rescaled final below every measured one
+    line = next(x for x in seed_sweep.table(summary).splitlines() if x.startswith("| ESSA uniform (clock x 1.5) |"))
+    assert line.endswith("| – |")  # steps within the cut are unknown
+
+
+def test_a_bad_rescale_is_one_clear_line(tmp_path, capsys):
+    for bad in ("ESSA uniform", "ESSA uniform=fast", "ESSA uniform=0", "ESSA paper=1.5"):
+        assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--rescale", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("seed_sweep: --rescale ") and "ARM=FACTOR" in err and len(err.splitlines()) == 1

@@ -1,5 +1,5 @@
 """ESSA against GRPO over seeds (issue 34): every arm x every seed from one SFT start, one training budget each;
-then per arm the distribution over seeds, a rank test between two arms, and a plot.
+then per arm the distribution over seeds, rank tests between pairs of arms, and a plot.
 
     A=runs/sft/arithmetic-68748a3963b1    # the bare-gold 300 start in fp32 (tools/results/README.md, seeds_*)
     python tools/bench/seed_sweep.py --adapter $A --runs runs/seeds_bare300 --seeds 0-4 \\
@@ -8,6 +8,9 @@ then per arm the distribution over seeds, a rank test between two arms, and a pl
         --test "ESSA uniform" "GRPO lr 3e-4 fp32"                     # JSON, table and plot under tools/results/
     python tools/bench/seed_sweep.py --runs runs/seeds_bare300 --report --name seeds_bare300 \\
         --previous tools/results/seeds_bare300.json ...               # on a new machine: earlier runs from the JSON
+    python tools/bench/seed_sweep.py --adapter $A --runs runs/calib --seeds 0 --arms "ESSA uniform" --budget-s 130
+        # the new machine's speed: the same validations per generation, the seconds they took; then with --report
+        # --rescale "ESSA uniform=1.5" the earlier machine's runs also appear on this machine's clock
     A=runs/sft/arithmetic-e1e63073270b    # the restated 300 start: python -m essa_mpi sft model.precision=fp32
     python tools/bench/seed_sweep.py --adapter $A --runs runs/seeds_restated300 --seeds 0-4 \\
         --arms "ESSA default" "GRPO lr 1e-4 fp32"
@@ -94,13 +97,26 @@ def seeds_of(spec: str) -> list:
 def run_summary(out: str, budget_s: float) -> dict:
     """One run: its curve (points past the budget + 5% dropped, as bench_vs_grpo does for every method), final
     and best validation, minutes of training to start + 5 / + 10 points (None: never), and steps taken."""
-    points = [(t, v) for t, v in curve(out) if t <= 1.05 * budget_s]
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         steps = max(json.loads(line).get("generation", 0) for line in fh if line.strip())
+    return {**of_points(curve(out), budget_s), "steps": steps}
+
+
+def of_points(points: list, budget_s: float) -> dict:
+    """The curve cut at the budget + 5 %, its start, final and best validation, minutes to start + 5 / + 10."""
+    points = [(t, v) for t, v in points if t <= 1.05 * budget_s]
     r = row(points)
     return {"curve": points, "start": r["start"], "final": r["end"], "best": r["best"],
             "min_to_5": None if r["to5"] is None else round(r["to5"] / 60, 2),
-            "min_to_10": None if r["to10"] is None else round(r["to10"] / 60, 2), "steps": steps}
+            "min_to_10": None if r["to10"] is None else round(r["to10"] / 60, 2)}
+
+
+def on_this_clock(runs: dict, factor: float, budget_s: float) -> dict:
+    """An arm's runs from a machine `factor` times faster, put on this machine's clock: every training second
+    times factor, then the budget cut again. The factor is the calibration run's (the same arm and seed rerun
+    here, whose validations per generation must match the earlier run's). Steps within the cut are unknown."""
+    return {s: {**of_points([(round(t * factor, 1), v) for t, v in r["curve"]], budget_s), "steps": None}
+            for s, r in runs.items()}
 
 
 def spread(values: list) -> dict:
@@ -134,14 +150,20 @@ def report(args) -> dict:
         seeds = sorted(int(d[1:]) for d in os.listdir(folder) if d[1:].isdigit()) if os.path.isdir(folder) else []
         arms.setdefault(arm, {}).update({s: run_summary(run_dir(args.runs, arm, s), args.budget_s) for s in seeds
                                          if finished(run_dir(args.runs, arm, s), args.budget_s)})
+    for arm, factor in getattr(args, "rescale", None) or []:
+        if arms.get(arm):
+            arms[f"{arm} (clock x {factor:g})"] = on_this_clock(arms[arm], factor, args.budget_s)
     arms = {arm: {s: {**r, "gain": round(r["final"] - r["start"], 4)} for s, r in sorted(runs.items())}
             for arm, runs in arms.items()}  # gain derived here for both sources (older JSONs lack it)
     arms = {arm: {"seeds": runs, **{k: spread([r[k] for r in runs.values()]) for k in (*TESTED, "steps")}}
             for arm, runs in arms.items() if runs}
     out = {"budget_s": args.budget_s, "runs": args.runs, "arms": arms}
-    if args.test and all(a in arms for a in args.test):
-        a, b = (list(arms[x]["seeds"].values()) for x in args.test)
-        out["test"] = {"arms": args.test, **{k: rank_test([r[k] for r in a], [r[k] for r in b]) for k in TESTED}}
+    out["tests"] = []  # one per --test pair whose two arms both have finished runs
+    for pair in args.test or []:
+        if all(x in arms for x in pair):
+            a, b = (list(arms[x]["seeds"].values()) for x in pair)
+            out["tests"].append({"arms": pair, **{k: rank_test([r[k] for r in a], [r[k] for r in b])
+                                                  for k in TESTED}})
     return out
 
 
@@ -168,14 +190,17 @@ def table(summary: dict) -> str:
         lines.append(f"| {arm} | {a['final']['n']} | {' / '.join(f'{s:.3f}' for s in starts)} | "
                      f"{cell(a['final'], '.3f')} | {cell(a['gain'], '+.3f')} | {cell(a['best'], '.3f')} | "
                      f"{cell(a['min_to_5'], '.1f')} | "
-                     f"{cell(a['min_to_10'], '.1f')} | {a['steps']['median']:.0f} [{a['steps']['min']:.0f}, "
-                     f"{a['steps']['max']:.0f}] |")
-    if "test" in summary:
-        t = summary["test"]
+                     f"{cell(a['min_to_10'], '.1f')} | {steps(a['steps'])} |")
+    for t in summary.get("tests", []):
         lines.append("")
         lines.append(f"Mann-Whitney U, {t['arms'][0]} vs {t['arms'][1]} (two-sided): " + "; ".join(
             f"{k} U = {t[k]['U']:.1f}, p = {t[k]['p']:.4f} ({t[k]['method']})" for k in TESTED))
     return "\n".join(lines)
+
+
+def steps(s: dict) -> str:
+    """'39 [39, 42]', or '–' for runs put on another clock (their steps within the cut are unknown)."""
+    return "–" if s["censored"] else f"{s['median']:.0f} [{s['min']:.0f}, {s['max']:.0f}]"
 
 
 def held(points: list, t: float) -> float:
@@ -225,8 +250,21 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--name", help="results file stem under tools/results/ (with --report)")
     ap.add_argument("--title", default="SmolLM2-135M arithmetic, 2 CPU cores, 10 minutes of training per run")
     ap.add_argument("--previous", help="an earlier --report JSON whose runs count too where --runs lacks them")
-    ap.add_argument("--test", nargs=2, metavar=("ARM_A", "ARM_B"), help="rank-test these two arms")
+    ap.add_argument("--test", nargs=2, action="append", metavar=("ARM_A", "ARM_B"),
+                    help="rank-test these two arms (repeat the flag for more pairs)")
+    ap.add_argument("--rescale", action="append", default=[], metavar="ARM=FACTOR",
+                    help="also report ARM's runs on this machine's clock: their training seconds x FACTOR (a run "
+                         "from a faster machine; FACTOR from rerunning one of its runs here)")
     args = ap.parse_args(argv)
+    try:
+        args.rescale = [(arm, float(f)) for arm, f in (x.rsplit("=", 1) for x in args.rescale)]
+        bad = [x for x in args.rescale if x[0] not in ARMS or not x[1] > 0]
+    except ValueError:
+        bad = ["not ARM=FACTOR"]
+    if bad:
+        print(f"seed_sweep: --rescale {bad[0]}: pass ARM=FACTOR with ARM one of {list(ARMS)} and FACTOR > 0 "
+              "(e.g. --rescale 'ESSA uniform=1.5')", file=sys.stderr)
+        return 2
     if args.arms:
         if not args.adapter or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
             print(f"seed_sweep: --adapter {args.adapter} is not an adapter folder; make it with python -m essa_mpi "
@@ -242,9 +280,10 @@ def main(argv: list | None = None) -> int:
             return 2
         summary = report(args)
         print(table(summary))
-        if args.test and "test" not in summary:
-            print(f"seed_sweep: no rank test: --test names {args.test}, finished runs exist for "
-                  f"{list(summary['arms'])}", file=sys.stderr)
+        for pair in args.test or []:
+            if not any(t["arms"] == pair for t in summary["tests"]):
+                print(f"seed_sweep: no rank test: --test names {pair}, finished runs exist for "
+                      f"{list(summary['arms'])}", file=sys.stderr)
         if args.name:
             with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as fh:
                 json.dump(summary, fh, indent=1)
