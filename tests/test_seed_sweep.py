@@ -121,10 +121,15 @@ def test_runs_of_a_faster_machine_on_this_clock(tmp_path):
     assert summary["tests"][0]["final"]["U"] == 0.0  # every rescaled final below every measured one
     line = next(x for x in seed_sweep.table(summary).splitlines() if x.startswith("| ESSA uniform (clock x 1.5) |"))
     assert line.endswith("| – |")  # steps within the cut are unknown
+    with open(tmp_path / "old.json", "w") as fh:
+        json.dump(summary, fh)  # a later report reads the measured arm back, never the derived one
+    args = argparse.Namespace(runs=str(tmp_path / "none"), budget_s=600.0, test=None,
+                              previous=str(tmp_path / "old.json"))
+    assert list(seed_sweep.report(args)["arms"]) == ["ESSA uniform"]
 
 
 def test_a_bad_rescale_is_one_clear_line(tmp_path, capsys):
     for bad in ("ESSA uniform", "ESSA uniform=fast", "ESSA uniform=0", "ESSA paper=1.5"):
         assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--rescale", bad]) == 2
         err = capsys.readouterr().err
-        assert err.startswith("seed_sweep: --rescale ") and "ARM=FACTOR" in err and len(err.splitlines()) == 1
+        assert err.startswith(f"seed_sweep: --rescale '{bad}': ") and "ARM=FACTOR" in err and len(err.splitlines()) == 1

@@ -173,7 +173,8 @@ def previous_runs(path: str | None) -> dict:
         return {}
     with open(path) as fh:
         prev = json.load(fh)
-    return {arm: {int(s): r for s, r in a["seeds"].items()} for arm, a in prev["arms"].items()}
+    return {arm: {int(s): r for s, r in a["seeds"].items()} for arm, a in prev["arms"].items()
+            if arm in ARMS}  # measured arms only: a "(clock x F)" arm is derived again from --rescale, or dropped
 
 
 def table(summary: dict) -> str:
@@ -239,6 +240,18 @@ def plot(summary: dict, out: str, title: str) -> None:
     plt.close(fig)
 
 
+def rescale_of(text: str) -> tuple:
+    """'ESSA uniform=1.5' -> ('ESSA uniform', 1.5); ValueError naming the text when it is not ARM=FACTOR."""
+    arm, _, factor = text.rpartition("=")
+    try:
+        f = float(factor)
+    except ValueError:
+        f = math.nan
+    if arm not in ARMS or not f > 0:
+        raise ValueError(repr(text))
+    return arm, f
+
+
 def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", required=True, help="the sweep's folder: <runs>/<arm>/s<seed>/ per run")
@@ -257,12 +270,9 @@ def main(argv: list | None = None) -> int:
                          "from a faster machine; FACTOR from rerunning one of its runs here)")
     args = ap.parse_args(argv)
     try:
-        args.rescale = [(arm, float(f)) for arm, f in (x.rsplit("=", 1) for x in args.rescale)]
-        bad = [x for x in args.rescale if x[0] not in ARMS or not x[1] > 0]
-    except ValueError:
-        bad = ["not ARM=FACTOR"]
-    if bad:
-        print(f"seed_sweep: --rescale {bad[0]}: pass ARM=FACTOR with ARM one of {list(ARMS)} and FACTOR > 0 "
+        args.rescale = [rescale_of(x) for x in args.rescale]
+    except ValueError as e:
+        print(f"seed_sweep: --rescale {e}: pass ARM=FACTOR with ARM one of {list(ARMS)} and FACTOR > 0 "
               "(e.g. --rescale 'ESSA uniform=1.5')", file=sys.stderr)
         return 2
     if args.arms:
