@@ -16,7 +16,7 @@ def _stopped_while_starting(signum, _frame) -> None:
     os._exit(128 + signum)
 
 
-for _sig in (signal.SIGINT, signal.SIGTERM):
+for _sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):  # USR1: the time limit (jobs/essa.sbatch)
     signal.signal(_sig, _stopped_while_starting)
 
 from essa_mpi.cli import main  # noqa: E402  (after the handlers: this import is what takes seconds)

@@ -30,8 +30,13 @@ import json
 import os
 from dataclasses import dataclass, field
 
-import h5py
 import numpy as np
+
+# HDF5 locks every file it opens (flock); on NFS without a lock daemon that fails with ENOLCK ("unable to lock
+# file"), which would read as a corrupt checkpoint. One writer (rank 0 under run.lock) and atomic renames make
+# the lock useless here: off for every file, before h5py loads HDF5 (locking=False below says it per file too).
+os.environ.setdefault("HDF5_USE_FILE_LOCKING", "FALSE")
+import h5py  # noqa: E402
 
 FILENAME, PREVIOUS = "checkpoint.h5", "checkpoint.prev.h5"
 
@@ -144,7 +149,7 @@ def load(path: str) -> RunState:
     if not os.path.isfile(path):
         raise ValueError(f"no checkpoint at {path}; --resume takes the run's output_dir, which holds {FILENAME}.")
     try:
-        with h5py.File(path, "r") as f:
+        with h5py.File(path, "r", locking=False) as f:
             attrs = {k: f.attrs[k] for k in f.attrs if k != "checksum"}
             arrays = {}
             f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset)

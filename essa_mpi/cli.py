@@ -27,7 +27,7 @@ import traceback
 
 import yaml
 
-from essa_mpi import checkpoint, rundir, watchdog
+from essa_mpi import checkpoint, rundir, stages, watchdog
 from essa_mpi.comm import Comm, Refused, first_error, same_everywhere
 from essa_mpi.config import RunConfig, apply_overrides, config_from_dict, help_text, load_config, repeated_keys
 from essa_mpi.launch import bind_rank, check_slot, check_world, node_gpus
@@ -123,7 +123,9 @@ def claim(cfg, state, task, command: str):
             inputs = {"adapter.path": cfg.adapter.path, "task.dataset": cfg.task.dataset,
                       "task.val_dataset": cfg.task.val_dataset, "task.sft_dataset": cfg.task.sft_dataset,
                       "model.name_or_path": cfg.model.name_or_path}
-            rundir.clear_for_fresh_run(cfg.run.output_dir, cfg.run.overwrite, inputs)
+            out = cfg.run.output_dir
+            rundir.clear_for_fresh_run(out, cfg.run.overwrite, inputs, mine=rundir.owns(out, cfg))
+            rundir.take_ownership(out, cfg)
         else:
             rundir.check_identity(state.identity, rundir.identity(cfg, task), cfg.run.output_dir)
     except BaseException:
@@ -210,8 +212,8 @@ def warm_start(cfg, comm: Comm, task) -> tuple:
                 print(f"SFT warm start: using cached {out}", flush=True)
             else:
                 torch.set_num_threads(cfg.model.threads or comm.node_threads)  # all cores: the others sleep
-                print(f"SFT warm start: training {len(task.sft)} rows -> {out}", flush=True)
-                info = sft.train(cfg, task, out, log=lambda m: print(m, flush=True), tick=comm.beat)
+                stages.reached("sft")
+                info = sft.trained_once(cfg, task, out, log=lambda m: print(m, flush=True), tick=comm.beat)
                 release_memory()  # the SFT model is gone: hand its memory back before the search loads
         except BaseException:
             comm.idle_bcast(1)
@@ -227,6 +229,8 @@ def command_run(cfg, comm: Comm, task, state) -> dict:
 
     if needs_sft(cfg, state, "run"):
         cfg.adapter.path, _ = warm_start(cfg, comm, task)
+        if comm.rank == 0:
+            rundir.stage_done(cfg.run.output_dir, "sft")
     identity = rundir.identity(cfg, task) if comm.rank == 0 else {}  # stored in every checkpoint
     return run(cfg, comm, task, state, start_label="SFT" if cfg.adapter.path else "start", identity=identity)
 

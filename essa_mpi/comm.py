@@ -17,8 +17,11 @@ float64 mean of float32 prompt rewards a one-rank run takes (``candidate_rewards
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +33,15 @@ from essa_mpi.launch import threads_per_rank
 
 RECORD = np.dtype([("seed", "<u4"), ("reward", "<f4")])
 assert RECORD.itemsize == 8
-BEAT_TAG = 7078  # point-to-point tag of beat() (7077 is the stall watchdog's)
+BEAT_TAG = 7078  # point-to-point tag of beat()
+QUERY_TAG, ANSWER_TAG = 7079, 7080  # the stall diagnosis: "how many collectives have you entered?" and the answer
+LISTEN_S = 0.5  # how often a rank's listener thread looks for such a question (nothing is sent in a healthy run)
+
+
+def host_label() -> str:
+    """This process's host, with SLURM's node name where it differs (simulated nodes share one hostname)."""
+    host, node = socket.gethostname(), os.environ.get("SLURMD_NODENAME")
+    return f"{host} ({node})" if node and node != host else host
 
 
 def _beat_interval(stall_timeout_s: float) -> float:
@@ -101,9 +112,9 @@ def init_mpi():
     """``from mpi4py import MPI``, which runs MPI_Init: here, not at import time, so the algorithm modules never
     need MPI. MPI_Init waits in C for every rank (with the GIL held), where no Python signal handler can run:
     a SIGTERM from scancel or mpiexec would wait there for good once a peer had already exited (seen in CI:
-    a rank stopped while importing, its peer hung in MPI_Init). So SIGINT and SIGTERM take their default
+    a rank stopped while importing, its peer hung in MPI_Init). So SIGINT, SIGTERM and SIGUSR1 take their default
     action, ending the process at once, for as long as MPI_Init runs; the caller's handlers come back after."""
-    held = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    held = {sig: signal.signal(sig, signal.SIG_DFL) for sig in watchdog.STOP_SIGNALS}
     try:
         from mpi4py import MPI
     finally:
@@ -128,6 +139,12 @@ class Comm:
         self.threads = threads_per_rank(cores(), masks)  # torch threads of this rank (launch.threads_per_rank)
         self.node_threads = len(set().union(*masks))  # every core of the node's ranks (rank 0's SFT: others sleep)
         self.library = MPI.Get_library_version().strip()  # names the MPI actually loaded
+        self.hosts = self.world.allgather(host_label())  # [world]: every rank's host, for the lines naming ranks
+        self.entered, self.last_label = 0, "start-up"  # watched collectives entered so far (same order on all ranks)
+        self._quit = threading.Event()
+        if self.size > 1:
+            threading.Thread(target=self._answer, daemon=True, name="essa-stall-answers").start()
+            atexit.register(self._quit.set)  # runs before mpi4py's MPI_Finalize (registered earlier, LIFO)
         self.bytes_sent = 0  # bytes this rank sent through exchange (for the metrics)
         self.stall_timeout_s = 0.0  # run.stall_timeout_s: the watchdog on collectives (0 = off)
         self._beats, self._beat_reqs, self._last_beat = 0, [], 0.0  # beat() since the last idle_bcast
@@ -192,32 +209,56 @@ class Comm:
             self.world.Allreduce(np.asarray(values, dtype=np.float64), out, op=self.MPI.SUM)
         return out
 
+    def where(self, rank: int) -> str:
+        return f"rank {rank} on {self.hosts[rank]}"
+
     def watch(self, label: str):
         """Watchdog around one blocking collective: past stall_timeout_s, find out which ranks are missing,
         say so in one line and abort the job (watchdog.deadline)."""
+        self.entered, self.last_label = self.entered + 1, label
         return watchdog.deadline(self.stall_timeout_s, lambda: self._missing_ranks(label))
+
+    def _answer(self) -> None:
+        """Listener thread: answer a stalled rank's question with (collectives entered, the last one's label).
+        Only iprobe while all is well: no message, no collective."""
+        status = self.MPI.Status()
+        while not self._quit.wait(LISTEN_S):
+            while not self._quit.is_set() and self.world.iprobe(source=self.MPI.ANY_SOURCE, tag=QUERY_TAG,
+                                                                 status=status):
+                asker = status.Get_source()
+                self.world.recv(source=asker, tag=QUERY_TAG)
+                self.world.send((self.entered, self.last_label), dest=asker, tag=ANSWER_TAG)
 
     def _grace_s(self) -> float:
         """Seconds a stopping rank waits for the others' word before it acts alone."""
         return min(10.0, max(2.0, self.stall_timeout_s / 10))
 
-    def _missing_ranks(self, label: str, tag: int = 7077) -> str:
-        """Runs on the watchdog thread while the main thread is blocked in the collective (mpi4py initialises
-        MPI_THREAD_MULTIPLE). Every rank whose watchdog fired tells rank 0 it is waiting; rank 0 listens for
-        a grace period and names the ranks it did not hear from. Called only when the job is stopping."""
-        grace = self._grace_s()
+    def _missing_ranks(self, label: str) -> str:
+        """Runs on the watchdog thread of a rank whose deadline passed in collective number ``entered`` (the
+        main thread is blocked in it; mpi4py initialises MPI_THREAD_MULTIPLE). It asks every other rank's
+        listener how many collectives that rank has entered: at least as many = arrived (a late rank that came
+        before the deadline is never blamed); fewer = alive but elsewhere; no answer within the grace period =
+        stopped, killed, or hung outside Python. The lowest arrived rank says the line; the others wait for its
+        Abort. Called only when the job is stopping."""
+        grace, mine = self._grace_s(), self.entered
         what = f"{label} did not complete within run.stall_timeout_s={self.stall_timeout_s:g} s"
-        if self.rank != 0:
-            self.world.isend(self.rank, dest=0, tag=tag)
-            time.sleep(grace)  # rank 0 names the missing ranks and aborts the job meanwhile
-            return f"{what} and rank 0 did not answer: rank 0 is stopped or hung; the last checkpoint is kept."
-        heard, end = {0}, time.time() + grace
-        while time.time() < end:
-            while self.world.iprobe(source=self.MPI.ANY_SOURCE, tag=tag):
-                heard.add(self.world.recv(source=self.MPI.ANY_SOURCE, tag=tag))
+        for r in range(self.size):
+            if r != self.rank:
+                self.world.isend(mine, dest=r, tag=QUERY_TAG)
+        answers, status, end = {}, self.MPI.Status(), time.time() + grace
+        while time.time() < end and len(answers) < self.size - 1:
+            while self.world.iprobe(source=self.MPI.ANY_SOURCE, tag=ANSWER_TAG, status=status):
+                answers[status.Get_source()] = self.world.recv(source=status.Get_source(), tag=ANSWER_TAG)
             time.sleep(0.05)
-        missing = sorted(set(range(self.size)) - heard)
-        return (f"{what}: rank(s) {missing} did not arrive (stopped, hung, or on a frozen node or filesystem); "
+        arrived = [self.rank] + [r for r, (n, _) in answers.items() if n >= mine]
+        if min(arrived) != self.rank:
+            time.sleep(2 * grace)  # the lowest arrived rank names the missing ones and aborts the job meanwhile
+            return f"{what}; {self.where(min(arrived))} was to name the missing ranks and did not."
+        missing = [r for r in range(self.size) if r not in arrived]
+        silent = "no answer: stopped, killed, or hung outside Python"
+        said = "; ".join(f"{self.where(r)} ({'alive, last in ' + answers[r][1] if r in answers else silent})"
+                         for r in missing)
+        return (f"{what}: {said + ' did not arrive' if said else 'although every rank arrived (an MPI fault?)'}; "
                 f"the last checkpoint is kept: --resume after the fix, or raise run.stall_timeout_s if a "
                 f"generation really takes that long.")
 
@@ -249,6 +290,7 @@ class Comm:
                 self.MPI.Request.waitall(self._beat_reqs)  # every waiting rank has received its beats
             self._beat_reqs, self._beats, self._last_beat = [], 0, 0.0
             return value
+        self.entered, self.last_label = self.entered + 1, f"the end of {label}"  # as root's watch() counts it
         heard, last = 0, time.time()
         while not req.Test():
             while self.world.iprobe(source=root, tag=BEAT_TAG):
@@ -314,15 +356,15 @@ def same_everywhere(comm: Comm, digests: dict) -> None:
         for r, d in enumerate(every):
             groups.setdefault(d.get(key), []).append(r)
         if len(groups) > 1:
-            held = "; ".join(f"ranks {_ranks(rs)}: {str(d)[:8]}" for d, rs in groups.items())
+            held = "; ".join(f"ranks {ranks_text(rs)}: {str(d)[:8]}" for d, rs in groups.items())
             raise ValueError(f"the ranks read different {key} ({held}); every rank must get the same config and "
                              f"data files: launch one command for all ranks, and give every node the same copy.")
 
 
-def _ranks(ranks: list) -> str:
+def ranks_text(ranks: list) -> str:
     """Rank numbers, runs shortened.
 
-    >>> _ranks([0, 1, 2, 5])
+    >>> ranks_text([0, 1, 2, 5])
     '0-2,5'
     """
     out, start = [], ranks[0]

@@ -204,9 +204,14 @@ class RunConfig:
     stall_timeout_s: float = _f(1800.0, "Watchdog: seconds a rank waits in a collective (the record exchange, "
                                 "validation) for the others, or for a sign of progress from rank 0's SFT warm "
                                 "start; past it the job stops, naming the ranks that did not arrive. Must exceed "
-                                "the slowest generation, SFT step and model load; 0 = off.")
+                                "the model load, an SFT step and the first generation; from then on the deadline "
+                                "adapts: 4x the slowest generation or validation so far, at least min(this, 300 s). "
+                                "0 = off.")
     overwrite: bool = _f(False, "Allow a fresh run into an output_dir that already holds files (they are removed, "
                          "a checkpoint included). Without it such a directory is refused.")
+    max_requeues: int = _f(10, "jobs/essa.sbatch: how many times a job cut by its time limit (SLURM's --signal "
+                           "warning) requeues itself to continue; an attempt that gained no generation or stage "
+                           "is not requeued either way. 0 = never.")
 
 
 @dataclass
@@ -489,7 +494,8 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
               ("task.batch_size", t.batch_size, 1),
               ("task.max_new_tokens", t.max_new_tokens, 1),
               ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
-              ("run.generations", r.generations, 0), ("run.max_rows", 1 if r.max_rows == "auto" else r.max_rows, 1))
+              ("run.generations", r.generations, 0), ("run.max_requeues", r.max_requeues, 0),
+              ("run.max_rows", 1 if r.max_rows == "auto" else r.max_rows, 1))
     if not 0 < r.memory_headroom <= 1:
         raise ValueError(f"run.memory_headroom={r.memory_headroom} must be in (0, 1]; set e.g. 0.9.")
     if world_size > s.popsize * t.batch_size:

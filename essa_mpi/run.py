@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from essa_mpi import checkpoint, watchdog
-from essa_mpi.comm import RECORD, Comm, first_error, record_counts
+from essa_mpi import checkpoint, stages, watchdog
+from essa_mpi.comm import RECORD, Comm, first_error, ranks_text, record_counts
 from essa_mpi.config import Config, step_scale, validation_due
 from essa_mpi.export import export_adapter
 from essa_mpi.metrics import MetricsLog, reward_stats
@@ -44,6 +44,7 @@ class Parts:
 
 def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     """Load the model on this rank and wire adapter, evaluator and search (Alg. 1, lines 1-7)."""
+    stages.reached("load", comm.rank)
     threads = cfg.model.threads or comm.threads
     torch.set_num_threads(threads)
     rows = rows_per_call(cfg, comm.local_rank, comm.local_size, task.prompt_tokens, cfg.task.max_new_tokens)
@@ -137,6 +138,7 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> dict:
     t = time.perf_counter()
     rows = p.evaluator.row_rewards(X[cands], batch)  # [my candidates, my prompts]; Alg. 1, line 11
     eval_s = time.perf_counter() - t
+    stages.reached(f"generation {g + 1}", comm.rank)
     t = time.perf_counter()
     records, fingerprints, seconds = comm.exchange_rewards(seeds, rows, B, fingerprint, eval_s,
                                                            f"generation {g + 1}'s record exchange")  # Alg. 1, l. 13
@@ -153,12 +155,14 @@ def update(p: Parts, gen: dict) -> tuple:
 
 def generation_metrics(p: Parts, cfg: Config, comm: Comm, gen: dict, sent: int) -> dict:
     """One metrics.jsonl line's numbers: population rewards, sigma, bytes and seconds of the exchange."""
-    slowest = float(gen["eval_s"].max())
+    slow = int(gen["eval_s"].argmax())
+    slowest = float(gen["eval_s"][slow])
     return {**reward_stats(gen["records"]["reward"]), "sigma": p.search.sigma,
             "allgather_bytes": RECORD.itemsize * sum(record_counts(cfg.search.popsize, cfg.task.batch_size,
                                                                     comm.size)),  # records of all ranks
             "sent_bytes": sent,  # this rank's records and trailer
             "eval_s": round(slowest, 4),  # the slowest rank's evaluation
+            "slowest_rank": slow, "slowest_host": comm.hosts[slow],
             "wait_s": round(slowest - float(gen["eval_s"][comm.rank]), 4),  # how long this rank waited for it
             "exchange_s": round(gen["exchange_s"], 6),  # this rank's time in the collective, waiting included
             **peak_memory()}
@@ -177,8 +181,21 @@ def replay(p: Parts, state: checkpoint.RunState) -> list:
     return sigmas
 
 
+def hosts_line(hosts: list) -> str:
+    """Every rank's host, ranks grouped.
+
+    >>> hosts_line(["a (n1)", "a (n1)", "a (n2)", "a (n2)"])
+    'ranks 0-1 on a (n1); ranks 2-3 on a (n2)'
+    """
+    groups: dict = {}
+    for r, h in enumerate(hosts):
+        groups.setdefault(h, []).append(r)
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {ranks_text(rs)} on {h}" for h, rs in groups.items())
+
+
 def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> None:
     """Log the search size and this rank's memory after loading (weights as stored, peak resident)."""
+    log.message(f"hosts: {hosts_line(comm.hosts)}")
     log.message(f"ESSA: {comm.size} ranks, solution_length={p.adapter.solution_length} "
                 f"({len(p.adapter.modules)} matrices x 2 x {p.adapter.k}), popsize={cfg.search.popsize}")
     model = p.evaluator.model
@@ -215,15 +232,18 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     log = MetricsLog(out, lead, cfg.run.progress, cfg.run.generations, start, cfg.run.report_to)
     announce(p, cfg, comm, log, start)
     hist = checkpoint.History.fresh(cfg.search.popsize) if state is None else checkpoint.History.of(state)
-    t0 = time.time()
+    t0, slowest = time.time(), 0.0
     if cfg.task.val_size and cfg.task.val_base and state is None:
+        stages.reached("base validation", comm.rank)
         base = validate(p, comm, None)["val_reward"]
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
         if validation_due(cfg, g):  # same on every rank
+            stages.reached(f"validation {g}", comm.rank)
             t = time.perf_counter()
             metrics = validate(p, comm, p.search.mean, g)
             val_s = time.perf_counter() - t  # validation alone: exporting best_adapter/ is run time, not val_s
+            slowest = max(slowest, val_s) if g > start else slowest
             val[g] = metrics["val_reward"]
             if lead:
                 keep_best(p.adapter, p.search.mean, cfg, val, g)
@@ -237,11 +257,14 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         if repaired:  # the candidates came from diverged states: evaluate this generation again
             gen = step(p, cfg, comm, g)
         updated, nonfinite = update(p, gen)
+        slowest = max(slowest, float(gen["eval_s"].max()))
+        comm.stall_timeout_s = watchdog.adapted(cfg.run.stall_timeout_s, slowest)  # the first generation measured
         hist.add(gen["records"], gen["X"])
         line = {"generation": g + 1, **generation_metrics(p, cfg, comm, gen, comm.bytes_sent - sent),
                 **({} if updated else {"flat_skipped": True}), **({"state_repaired": True} if repaired else {}),
                 **({"nonfinite_candidates": nonfinite} if nonfinite else {})}
         with watchdog.critical():  # SIGINT/SIGTERM wait for a complete checkpoint and its metrics line
+            stages.reached(f"checkpoint {g + 1}", comm.rank)
             if lead:
                 checkpoint.save(os.path.join(out, checkpoint.FILENAME), hist.state(cfg, p.search, g + 1, identity))
             log.log(line)
@@ -256,10 +279,11 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
 
 def finish(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, val: dict, base, start_label: str) -> dict:
     """Rank 0 exports the adapter; every rank returns the summary (validation history and chain)."""
+    stages.reached("export", comm.rank)
     if comm.rank == 0:
         export_adapter(p.adapter, p.search.mean, os.path.join(cfg.run.output_dir, "adapter"), cfg.adapter.alpha,
                        cfg.model.name_or_path)
-    summary = {"generations": cfg.run.generations, "ranks": comm.size,
+    summary = {"generations": cfg.run.generations, "ranks": comm.size, "hosts": comm.hosts,
                "solution_length": p.adapter.solution_length, "val_reward": val}
     if val and 0 in val:
         summary["val_chain"] = {**({"base": base} if base is not None else {}), start_label: val[0],

@@ -1,7 +1,8 @@
 """One run per output directory: the lock, the overwrite policy, and the identity a resume must match.
 
     lock = RunLock.acquire("runs/x")     # ValueError naming the holder when a live run has it
-    clear_for_fresh_run("runs/x", overwrite=False)   # refuses a directory that already holds files
+    clear_for_fresh_run("runs/x", overwrite=False, mine=owns("runs/x", cfg))   # refuses a directory with files
+    take_ownership("runs/x", cfg)        # essa_run.json: this run's config digest and SLURM job
     ident = identity(cfg, task)          # {"model": hex, "adapter": hex, "task_data": hex}
     check_identity(stored, ident, "runs/x")          # ValueError naming what changed
     lock.release()
@@ -11,6 +12,11 @@ used because it is unreliable on shared filesystems), holding host, pid, process
 job id. A heartbeat thread touches it every HEARTBEAT_S. A lock is stale when its process is gone (same
 host), when it belongs to an earlier attempt of this SLURM job (requeue), or when its heartbeat is older
 than STALE_S (another host).
+
+``essa_run.json`` says which run owns the directory (the digest of its config, the SLURM job and attempt, the
+stages it finished). A requeued or re-submitted job with the same config that was cut before its first
+checkpoint (loading, the SFT warm start, the base validation) finds its own partial outputs there and redoes
+them; a different config, or a folder without that record, is refused as before.
 """
 
 from __future__ import annotations
@@ -30,11 +36,11 @@ from essa_mpi.checkpoint import write_failed, writing
 from essa_mpi.config import validation_due
 from essa_mpi.metrics import reconcile
 
-LOCK = "run.lock"
+LOCK, OWNER = "run.lock", "essa_run.json"
 HEARTBEAT_S, STALE_S = 30.0, 300.0
-# What essa_mpi writes into run.output_dir: the only names run.overwrite=true removes.
-OUTPUTS = ("checkpoint.h5", "checkpoint.prev.h5", "checkpoint.h5.tmp", "metrics.jsonl", "summary.json", "config.yaml",
-           "adapter", "best_adapter", "best_adapter.new", "best_adapter.old", "curves.png", "tensorboard")
+# What essa_mpi writes into run.output_dir: the only names run.overwrite=true (or a rerun of the owner) removes.
+OUTPUTS = (OWNER, "checkpoint.h5", "checkpoint.prev.h5", "checkpoint.h5.tmp", "metrics.jsonl", "summary.json",
+           "config.yaml", "adapter", "best_adapter", "best_adapter.new", "best_adapter.old", "curves.png", "tensorboard")
 
 
 def _stat(pid: int) -> list:
@@ -65,8 +71,13 @@ def _alive(pid: int, ticks: str | None) -> bool:
     return ticks is None or _start_ticks(pid) in (None, ticks)  # a reused pid has another start time
 
 
+class Busy(ValueError):
+    """The lock is held by a live run (the message names it)."""
+
+
 class RunLock:
-    """The lock file of one run directory, held by rank 0 for the whole run."""
+    """The lock file of one run directory, held by rank 0 for the whole run (or ``name`` in a directory: the
+    lock of one SFT cache entry)."""
 
     def __init__(self, path: str, record: dict) -> None:
         self.path, self.record = path, record
@@ -75,10 +86,10 @@ class RunLock:
         self._beat.start()
 
     @classmethod
-    def acquire(cls, out_dir: str) -> RunLock:
+    def acquire(cls, out_dir: str, name: str = LOCK) -> RunLock:
         os.makedirs(out_dir, exist_ok=True)
         check_kinds(out_dir)
-        path = os.path.join(out_dir, LOCK)
+        path = os.path.join(out_dir, name)
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_ticks(os.getpid()),
               "job": os.environ.get("SLURM_JOB_ID"), "user": os.environ.get("USER"), "since": time.ctime()}
         tmp = f"{path}.{me['host']}.{me['pid']}"
@@ -94,7 +105,7 @@ class RunLock:
                         return cls(path, me)
                 holder = _read(path)
                 if not _stale(holder, path, me):
-                    raise ValueError(f"run.output_dir={out_dir} is in use by pid {holder.get('pid')} on "
+                    raise Busy(f"run.output_dir={out_dir} is in use by pid {holder.get('pid')} on "
                                      f"{holder.get('host')} (since {holder.get('since')}; {path}); wait for that "
                                      f"run, stop it, or choose another run.output_dir.")
                 _remove_stale(path)
@@ -131,7 +142,7 @@ def _read(path: str) -> dict:
 def check_kinds(out_dir: str) -> None:
     """ValueError when a name essa_mpi writes as a file (its lock, log, checkpoint, summary, config) is a
     directory in out_dir: the run would fail at its first write, after the model load."""
-    for name in (LOCK, "checkpoint.h5", "checkpoint.prev.h5", "metrics.jsonl", "summary.json", "config.yaml"):
+    for name in (LOCK, OWNER, "checkpoint.h5", "checkpoint.prev.h5", "metrics.jsonl", "summary.json", "config.yaml"):
         full = os.path.join(out_dir, name)
         if os.path.isdir(full):
             raise ValueError(f"{full} is a directory, where essa_mpi keeps a file of that name; move it away or "
@@ -161,13 +172,16 @@ def _remove_stale(path: str) -> None:
         pass
 
 
-def clear_for_fresh_run(out_dir: str, overwrite: bool, inputs: dict | None = None) -> None:
+def clear_for_fresh_run(out_dir: str, overwrite: bool, inputs: dict | None = None, mine: bool = False) -> None:
     """A fresh run needs a directory without essa_mpi outputs or other files; run.overwrite=true removes
     essa_mpi's own outputs (OUTPUTS) and leaves anything else, but never what the run reads (``inputs``:
-    {config key: path}, e.g. an adapter.path inside out_dir/best_adapter)."""
+    {config key: path}, e.g. an adapter.path inside out_dir/best_adapter). ``mine`` (``owns``): the same run,
+    requeued before its first checkpoint: its own outputs are removed as with overwrite; other files stay."""
     present = sorted(n for n in os.listdir(out_dir) if not n.startswith(LOCK))
     if not present:
         return
+    if mine and "checkpoint.h5" not in present:
+        overwrite = True
     if not overwrite:
         if "checkpoint.h5" in present:
             raise ValueError(f"{out_dir} already holds a checkpoint; continue it with --resume {out_dir}, set "
@@ -185,6 +199,43 @@ def clear_for_fresh_run(out_dir: str, overwrite: bool, inputs: dict | None = Non
                              f"{out_dir} first (or point {key} at the copy), or choose another run.output_dir.")
     for full in doomed:
         shutil.rmtree(full) if os.path.isdir(full) and not os.path.islink(full) else os.remove(full)
+
+
+def config_digest(cfg) -> str:
+    return digest(cfg.to_dict())
+
+
+def read_owner(out_dir: str) -> dict:
+    """essa_run.json of out_dir, {} when there is none (or it is not one)."""
+    return _read(os.path.join(out_dir, OWNER))
+
+
+def owns(out_dir: str, cfg) -> bool:
+    """out_dir was started by a run of this very config (the same job requeued, or re-submitted)."""
+    return read_owner(out_dir).get("config") == config_digest(cfg)
+
+
+def take_ownership(out_dir: str, cfg) -> None:
+    """Rank 0 of a fresh run, after clear_for_fresh_run: essa_run.json names this run."""
+    mark(out_dir, {"config": config_digest(cfg), "job": os.environ.get("SLURM_JOB_ID"),
+                   "attempt": int(os.environ.get("SLURM_RESTART_COUNT") or 0) + 1, "host": socket.gethostname(),
+                   "since": time.ctime(), "stages": []}, fresh=True)
+
+
+def mark(out_dir: str, fields: dict, fresh: bool = False) -> None:
+    """Merge fields into essa_run.json (written whole to a temp file, then renamed: never half a record)."""
+    path = os.path.join(out_dir, OWNER)
+    record = {**({} if fresh else _read(path)), **fields}
+    with writing(path + ".tmp", out_dir) as fh:
+        json.dump(record, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def stage_done(out_dir: str, name: str) -> None:
+    """Rank 0: record a finished stage (e.g. "sft") in essa_run.json: what a time-limited attempt gained."""
+    stages = read_owner(out_dir).get("stages", [])
+    if name not in stages:
+        mark(out_dir, {"stages": [*stages, name]})
 
 
 def digest(obj) -> str:

@@ -16,13 +16,14 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 
 import numpy as np
 import torch
 
 from essa_mpi.config import SFT_CACHE, Config
-from essa_mpi.rundir import digest
+from essa_mpi.rundir import Busy, RunLock, digest
 from essa_mpi.tasks import Task
 
 
@@ -55,6 +56,33 @@ def is_done(out_dir: str, rows: list | None = None) -> bool:
         return True
     with open(info) as fh:
         return json.load(fh).get("data_digest") in (None, digest(rows))
+
+
+def trained_once(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, poll_s: float = 2.0):
+    """The adapter at out_dir, trained by one job only: under the lock ``out_dir.lock`` (held, stale after its
+    holder is gone, as run.lock), the holder trains while another job with the same warm start waits (calling
+    tick, the waiting ranks' sign of progress), then reuses it. → train's info, or None when it was reused."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    said = False
+    while True:
+        try:
+            lock = RunLock.acquire(parent, f"{name}.lock")
+            break
+        except Busy as exc:
+            if not said:
+                log(f"SFT warm start: another job trains this adapter ({str(exc).split(' is in use by ')[-1]}); "
+                    f"waiting for it")
+                said = True
+            tick()
+            time.sleep(poll_s)
+    try:
+        if is_done(out_dir, task.sft):
+            log(f"SFT warm start: using cached {out_dir}")
+            return None
+        log(f"SFT warm start: training {len(task.sft)} rows -> {out_dir}")
+        return train(cfg, task, out_dir, log, tick)
+    finally:
+        lock.release()
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -183,7 +211,7 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -
                 log(f"SFT step {step}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
     info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps, "micro_batch": micro,
             "final_loss": float(np.mean(losses[-10:])), "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
-    tmp = out_dir.rstrip("/") + ".tmp"
+    tmp = f"{out_dir.rstrip('/')}.tmp.{socket.gethostname()}.{os.getpid()}"  # this writer's own: renamed in whole
     shutil.rmtree(tmp, ignore_errors=True)
     tick()
     model.save_pretrained(tmp)

@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable
 
 TIMEOUT_EXIT = 3  # exit status of a job stopped by a deadline (reward or stall timeout)
+TIME_LIMIT_EXIT = 75  # SIGUSR1 (jobs/essa.sbatch's --signal before the time limit): stopped to be requeued
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _guard = threading.Lock()  # critical() against the signal thread
 _state = {"rank": None, "stop": None, "critical": 0, "pending": None, "on_exit": [], "describe": None}
 
@@ -67,6 +69,17 @@ def deadline(seconds: float, message: Callable[[], str]):
         timer.cancel()
 
 
+def adapted(configured_s: float, slowest_s: float, factor: float = 4.0, floor_s: float = 300.0) -> float:
+    """The stall deadline once a generation has been measured: ``factor`` x the slowest generation (or
+    validation) so far, never below min(configured, floor): a 20-minute generation of a 32B model is never
+    cut, a 30-second one that stalls is caught in minutes. 0 (the watchdog off) stays 0.
+
+    >>> adapted(1800, 1200), adapted(1800, 30), adapted(4, 0.5), adapted(0, 99)
+    (4800.0, 300.0, 4.0, 0.0)
+    """
+    return float(max(min(configured_s, floor_s), factor * slowest_s)) if configured_s else 0.0
+
+
 def on_exit(hook: Callable[[], None]) -> None:
     """Register cleanup run before a signal or a deadline ends the process (e.g. releasing the run lock)."""
     _state["on_exit"].append(hook)
@@ -86,9 +99,10 @@ def _exit_on(signum: int) -> None:
         sys.stderr.flush()
         os._exit(128 + signum)
     tail = _state["describe"]() if _state["describe"] else ""
-    sys.stderr.write(f"essa_mpi: rank {_state['rank']} stopped by {name}{'; ' + tail if tail else ''}\n")
+    why = "for the time limit (SIGUSR1 from sbatch --signal)" if signum == signal.SIGUSR1 else f"by {name}"
+    sys.stderr.write(f"essa_mpi: rank {_state['rank']} stopped {why}{'; ' + tail if tail else ''}\n")
     sys.stderr.flush()
-    os._exit(128 + signum)
+    os._exit(TIME_LIMIT_EXIT if signum == signal.SIGUSR1 else 128 + signum)
 
 
 def _handle(signum: int) -> None:
@@ -104,20 +118,22 @@ def _listen(fd: int) -> None:
     even while the main thread is blocked inside an MPI call (where Python handlers cannot run)."""
     while True:
         for signum in os.read(fd, 64):
-            if signum in (signal.SIGINT, signal.SIGTERM):
+            if signum in STOP_SIGNALS:
                 _handle(signum)
 
 
 def install_signal_handlers(describe: Callable[[], str] | None = None) -> None:
     """SIGINT and SIGTERM end this rank with one line (describe() says what was kept), exit 128+signum;
-    no traceback, no half-written file. The launcher (mpiexec, srun) delivers them to every rank. Main
-    thread only (signal.set_wakeup_fd); calling it again only changes describe."""
+    no traceback, no half-written file. The launcher (mpiexec, srun) delivers them to every rank. SIGUSR1
+    (the time limit is near: jobs/essa.sbatch) does the same with exit TIME_LIMIT_EXIT: the current generation
+    is abandoned, the last checkpoint stays, and the batch script requeues the job. Main thread only
+    (signal.set_wakeup_fd); calling it again only changes describe."""
     _state["describe"] = describe
     if _state.get("listening"):
         return
     read, write = os.pipe()
     os.set_blocking(write, False)
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, lambda *_: None)  # the Python-level handler does nothing: _listen acts
     signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     threading.Thread(target=_listen, args=(read,), daemon=True, name="essa-signals").start()
@@ -126,7 +142,7 @@ def install_signal_handlers(describe: Callable[[], str] | None = None) -> None:
 
 @contextlib.contextmanager
 def critical():
-    """Defer SIGINT/SIGTERM until the block ends (a checkpoint write), then act on them."""
+    """Defer SIGINT/SIGTERM/SIGUSR1 until the block ends (a checkpoint write), then act on them."""
     with _guard:
         _state["critical"] += 1
     try:

@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# A real single-node SLURM cluster on this machine, for tests and trying the jobs/ scripts.
+# A real SLURM cluster of N simulated nodes on this one machine, for tests and trying the jobs/ scripts.
 #
-#   sudo bash tools/slurm_local.sh up      # install (Debian/Ubuntu) if missing, start munged, slurmctld, slurmd
-#   sudo bash tools/slurm_local.sh status  # sinfo
-#   sudo bash tools/slurm_local.sh down    # stop the three daemons (by their pid files)
+#   sudo bash tools/slurm_local.sh up             # install (Debian/Ubuntu) if missing; munged, slurmctld, one slurmd
+#   sudo bash tools/slurm_local.sh up --nodes 4   # nodes n1..n4: one slurmd each, all on this host
+#   sudo bash tools/slurm_local.sh status         # sinfo -N
+#   sudo bash tools/slurm_local.sh down           # stop every daemon it started (by their pid files)
 #
-# Runs as root without systemd; idempotent (up twice is fine, a daemon already running is left alone).
-# The node oversubscribes its cores (CPUs=8 whatever the machine has), has no GPUs and no accounting:
-# enough for srun/sbatch/scontrol requeue, not a production setup. Measured recipe: ../shared/NOTES.md.
+# Runs as root without systemd; idempotent (up twice is fine, daemons already running are left alone; up with
+# another node count restarts them). Each node is a slurmd of its own (NodeHostname this host, NodeAddr
+# 127.0.0.1, a port of its own, started as slurmd -N NAME), so srun -N 2 forms one MPI world whose node split
+# follows SLURM's nodes (SLURMD_NODENAME tells them apart: the hostname is the same). Every node oversubscribes
+# the cores (CPUs=8 whatever the machine has), has no GPUs and no accounting: enough for srun, sbatch, scontrol
+# requeue and --signal, not a production setup. Measured recipe: ../shared/NOTES.md.
 set -euo pipefail
 
 CONF_DIR=/etc/slurm
 RUN_DIR=/run/slurm_local
 SPOOL=/var/spool/slurm_local
-NODE=$(hostname -s)
+HOST=$(hostname -s)
 CPUS=${SLURM_LOCAL_CPUS:-8}
+NODES=1
+PORT0=7831  # node i's slurmd listens on PORT0 + i
 
 need_root() { [ "$(id -u)" = 0 ] || { echo "slurm_local.sh: run as root (it starts system daemons)" >&2; exit 2; }; }
 
@@ -32,19 +38,20 @@ install_packages() {
 
 running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-write_conf() {
-  mkdir -p "$CONF_DIR" "$RUN_DIR" "$SPOOL/ctld" "$SPOOL/d"
-  cat > "$CONF_DIR/slurm.conf" <<EOF
-# written by essa_mpi tools/slurm_local.sh
+names() { seq -f "n%g" 1 "$NODES"; }
+
+conf_text() {
+  cat <<CONF
+# written by essa_mpi tools/slurm_local.sh ($NODES node(s) on $HOST)
 ClusterName=local
-SlurmctldHost=$NODE
+SlurmctldHost=$HOST
 SlurmUser=root
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
+SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 StateSaveLocation=$SPOOL/ctld
-SlurmdSpoolDir=$SPOOL/d
+SlurmdSpoolDir=$SPOOL/d/%n
 SlurmctldLogFile=$RUN_DIR/slurmctld.log
-SlurmdLogFile=$RUN_DIR/slurmd.log
+SlurmdLogFile=$RUN_DIR/slurmd-%n.log
 AuthType=auth/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
@@ -60,9 +67,13 @@ KillWait=5
 InactiveLimit=0
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName=$NODE CPUs=$CPUS State=UNKNOWN
-PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
-EOF
+CONF
+  local i=0 n
+  for n in $(names); do
+    i=$((i + 1))
+    echo "NodeName=$n NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$((PORT0 + i)) CPUs=$CPUS State=UNKNOWN"
+  done
+  echo "PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES"
 }
 
 start_munge() {
@@ -79,37 +90,68 @@ start_munge() {
 }
 
 wait_idle() {
+  local ready
   for _ in $(seq 1 120); do
-    state=$(sinfo -h -n "$NODE" -o %t 2>/dev/null || true)
-    case "$state" in idle*|mix*|alloc*) echo "slurm_local: node $NODE $state"; return 0 ;; esac
+    ready=$(sinfo -h -N -o "%N %t" 2>/dev/null | grep -c -E " (idle|mix|alloc)" || true)
+    if [ "$ready" -ge "$NODES" ]; then echo "slurm_local: $NODES node(s) up: $(names | tr '\n' ' ')"; return 0; fi
     sleep 0.5
   done
-  echo "slurm_local.sh: node $NODE did not become idle; see $RUN_DIR/slurmctld.log and slurmd.log" >&2
+  echo "slurm_local.sh: $NODES node(s) did not become idle ($(sinfo -h -N -o '%N %t' | tr '\n' ' ')); see" \
+    "$RUN_DIR/slurmctld.log and $RUN_DIR/slurmd-*.log" >&2
   exit 1
+}
+
+stop_daemons() {
+  local pidfile
+  for pidfile in "$RUN_DIR"/slurmd*.pid "$RUN_DIR/slurmctld.pid"; do
+    if running "$pidfile"; then kill "$(cat "$pidfile")"; fi
+  done
+  for pidfile in "$RUN_DIR"/slurmd*.pid "$RUN_DIR/slurmctld.pid"; do  # gone before an up reuses their ports
+    for _ in $(seq 1 100); do running "$pidfile" || break; sleep 0.1; done
+  done
+}
+
+down() {
+  stop_daemons
+  if running /run/munge/munged.pid; then kill "$(cat /run/munge/munged.pid)"; fi
+  echo "slurm_local: stopped"
 }
 
 up() {
   need_root
   install_packages
-  write_conf
+  mkdir -p "$CONF_DIR" "$RUN_DIR" "$SPOOL/ctld"
+  local conf n
+  conf=$(conf_text)
+  if [ "$conf" != "$(cat "$CONF_DIR/slurm.conf" 2>/dev/null)" ]; then
+    stop_daemons  # another node count (or an older layout): the daemons must read the new config
+    printf '%s\n' "$conf" > "$CONF_DIR/slurm.conf"
+  fi
   start_munge
   running "$RUN_DIR/slurmctld.pid" || slurmctld
-  running "$RUN_DIR/slurmd.pid" || slurmd
-  scontrol update NodeName="$NODE" State=RESUME >/dev/null 2>&1 || true
+  for n in $(names); do
+    mkdir -p "$SPOOL/d/$n"
+    running "$RUN_DIR/slurmd-$n.pid" || slurmd -N "$n"
+  done
+  scontrol update NodeName="n[1-$NODES]" State=RESUME >/dev/null 2>&1 || true
   wait_idle
 }
 
-down() {
-  for pidfile in "$RUN_DIR/slurmd.pid" "$RUN_DIR/slurmctld.pid"; do
-    if running "$pidfile"; then kill "$(cat "$pidfile")"; fi
-  done
-  if running /run/munge/munged.pid; then kill "$(cat /run/munge/munged.pid)"; fi
-  echo "slurm_local: stopped"
-}
-
-case "${1:-}" in
+cmd=${1:-}
+shift || true
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --nodes) NODES=${2:-}; shift; shift || true ;;
+    --nodes=*) NODES=${1#--nodes=}; shift ;;
+    *) echo "slurm_local.sh: unknown option '$1'; usage: $0 up [--nodes N] | down | status" >&2; exit 2 ;;
+  esac
+done
+case "$NODES" in
+  ''|*[!0-9]*|0*) echo "slurm_local.sh: --nodes takes a whole number from 1 up, got '$NODES'" >&2; exit 2 ;;
+esac
+case "$cmd" in
   up) up ;;
   down) down ;;
-  status) sinfo ;;
-  *) echo "usage: $0 up|down|status" >&2; exit 2 ;;
+  status) sinfo -N ;;
+  *) echo "usage: $0 up [--nodes N] | down | status" >&2; exit 2 ;;
 esac

@@ -1,0 +1,33 @@
+"""The stages of a run, named where they begin, so that a test (or a user chasing a cluster problem) can see
+how far a job got and cut it at a chosen moment: a requeue, a kill or a time limit at any stage must continue.
+
+    ESSA_STAGE_LOG=/tmp/stages.txt   # rank 0 appends each stage's name as it begins
+    ESSA_STAGE_HOLD="generation 2"   # ... and waits there for good (once: the log records the hold), until a
+                                     # requeue, scancel or kill ends it; "NAME*" holds at every attempt
+
+Stages, in order: ``load`` (imports done, weights next), ``sft`` (the warm start trains), ``base validation``,
+``generation K`` (K = 1.., its evaluation done, before the exchange), ``checkpoint K`` (inside the write's
+critical section: SIGTERM waits for it), ``validation K``, ``export``. Without ESSA_STAGE_LOG this is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def reached(name: str, rank: int = 0) -> None:
+    log = os.environ.get("ESSA_STAGE_LOG")
+    if not log or rank != 0:
+        return
+    try:
+        with open(log) as fh:
+            seen = fh.read().splitlines()
+    except FileNotFoundError:
+        seen = []
+    hold = os.environ.get("ESSA_STAGE_HOLD", "")
+    holding = hold.rstrip("*") == name and (hold.endswith("*") or f"hold {name}" not in seen)
+    with open(log, "a") as fh:
+        fh.write(f"{name}\n" + (f"hold {name}\n" if holding else ""))
+    while holding:  # the test ends this process (requeue, signal); the other ranks wait in their collective
+        time.sleep(1)
