@@ -40,7 +40,8 @@ LOCK, OWNER = "run.lock", "essa_run.json"
 HEARTBEAT_S, STALE_S = 30.0, 300.0
 # What essa_mpi writes into run.output_dir: the only names run.overwrite=true (or a rerun of the owner) removes.
 OUTPUTS = (OWNER, "checkpoint.h5", "checkpoint.prev.h5", "checkpoint.h5.tmp", "metrics.jsonl", "summary.json",
-           "config.yaml", "adapter", "best_adapter", "best_adapter.new", "best_adapter.old", "curves.png", "tensorboard")
+           "config.yaml", "adapter", "best_adapter", "best_adapter.new", "best_adapter.old", "curves.png",
+           "tensorboard")
 
 
 def _stat(pid: int) -> list:

@@ -3,7 +3,8 @@ how far a job got and cut it at a chosen moment: a requeue, a kill or a time lim
 
     ESSA_STAGE_LOG=/tmp/stages.txt   # rank 0 appends each stage's name as it begins
     ESSA_STAGE_HOLD="generation 2"   # ... and waits there for good (once: the log records the hold), until a
-                                     # requeue, scancel or kill ends it; "NAME*" holds at every attempt
+                                     # requeue, scancel or kill ends it; "NAME*" holds at every attempt;
+                                     # "load,generation 2" holds at each named stage once, in turn
 
 Stages, in order: ``load`` (imports done, weights next), ``sft`` (the warm start trains), ``base validation``,
 ``generation K`` (K = 1.., its evaluation done, before the exchange), ``checkpoint K`` (inside the write's
@@ -25,8 +26,8 @@ def reached(name: str, rank: int = 0) -> None:
             seen = fh.read().splitlines()
     except FileNotFoundError:
         seen = []
-    hold = os.environ.get("ESSA_STAGE_HOLD", "")
-    holding = hold.rstrip("*") == name and (hold.endswith("*") or f"hold {name}" not in seen)
+    holds = [h.strip() for h in os.environ.get("ESSA_STAGE_HOLD", "").split(",")]
+    holding = f"{name}*" in holds or (name in holds and f"hold {name}" not in seen)
     with open(log, "a") as fh:
         fh.write(f"{name}\n" + (f"hold {name}\n" if holding else ""))
     while holding:  # the test ends this process (requeue, signal); the other ranks wait in their collective
