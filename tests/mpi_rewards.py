@@ -90,3 +90,19 @@ def too_big(completions, **_):
 
 def keyboard_interrupt(completions, **_):
     raise KeyboardInterrupt
+
+
+def skewed(completions, **_):
+    """Alphanumeric fraction; once the file named by $ESSA_SKEW_MARKER exists, rank r first sleeps the seconds
+    $ESSA_SKEW gives it ("1:2,2:4,3:-1": rank 1 two seconds, rank 2 four, rank 3 for good): ranks that reach
+    the record exchange far apart, and one that never does."""
+    import os
+    import time
+
+    if os.path.exists(os.environ.get("ESSA_SKEW_MARKER", "/nonexistent")):
+        delays = dict(item.split(":") for item in os.environ.get("ESSA_SKEW", "").split(",") if item)
+        delay = float(delays.get(str(_rank()), 0))
+        end = time.time() + (delay if delay >= 0 else 1e9)
+        while time.time() < end:
+            time.sleep(0.1)
+    return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]

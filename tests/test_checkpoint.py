@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -135,3 +138,27 @@ def test_dense_gguf_copies_go_to_a_private_per_user_cache(tmp_path, monkeypatch)
     assert root == str(tmp_path / "essa_mpi" / "dense") and os.stat(root).st_mode & 0o777 == 0o700
     os.chmod(root, 0o777)  # loosened by someone: tightened again before use
     assert os.stat(dense_cache_dir()).st_mode & 0o777 == 0o700
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace (fault injection)")
+def test_checkpoints_are_written_and_read_where_file_locks_fail(tmp_path):
+    """NFS without a lock daemon: every flock lock fails with ENOLCK (injected by strace). h5py's default
+    open fails there (checked first, so this test can fail); checkpoint.save and load do not lock at all."""
+    inject = ["strace", "-f", "-qq", "-o", os.devnull, "-e", "trace=flock", "-e", "inject=flock:error=ENOLCK",
+              sys.executable, "-c"]  # (HDF5 locks with flock; Python itself needs fcntl, so that stays)
+    path = str(tmp_path / checkpoint.FILENAME)
+    env = {k: v for k, v in os.environ.items() if k != "HDF5_USE_FILE_LOCKING"}  # (importing checkpoint sets it)
+    plain = subprocess.run(inject + [f"import h5py; h5py.File({path!r}, 'w').close()"], capture_output=True, text=True,
+                           env=env)
+    assert plain.returncode != 0 and "unable to lock file" in plain.stderr, plain.stderr[-500:]
+    code = f"""
+import numpy as np
+from essa_mpi import checkpoint
+s = checkpoint.RunState(generation=1, data_cursor=3, config_yaml="x: 1", seeds=np.ones((1, 2), np.uint32),
+                        rewards=np.ones((1, 2), np.float32), cma={{"mean": np.zeros(3)}}, fingerprint=5)
+checkpoint.save({path!r}, s)
+checkpoint.save({path!r}, s)  # the second keeps the first as checkpoint.prev.h5
+print(checkpoint.load_latest({os.path.dirname(path)!r})[0].generation)
+"""
+    res = subprocess.run(inject + [code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0 and res.stdout.strip() == "1", res.stderr[-2000:]

@@ -86,6 +86,41 @@ def test_outputs_exist_and_summary_printed(runs_by_ranks):
         assert os.path.isfile(os.path.join(out, name)), name
 
 
+def wait_for_stage(log, name: str, proc, limit: float = 240) -> None:
+    """Until the stage log (essa_mpi/stages.py) says rank 0 holds at stage name."""
+    deadline = time.time() + limit
+    while f"hold {name}" not in (log.read_text() if log.exists() else ""):
+        assert time.time() < deadline and proc.poll() is None, f"never held at {name}: {proc.poll()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stage", ["load", "validation 0"])
+def test_run_cut_before_its_first_checkpoint_starts_again_in_its_own_directory(tiny_dir, tmp_path, uninterrupted6,
+                                                                                stage):
+    """Killed (SIGKILL, as a node failure or a requeue) before any checkpoint: config.yaml, metrics.jsonl and the
+    lock are there, no checkpoint. The same command runs again there and ends as an uninterrupted run; another
+    config is still refused (before essa_run.json, every such rerun was)."""
+    out, log = tmp_path / "cut", tmp_path / "stages.txt"
+    env = {**ENV, "ESSA_STAGE_LOG": str(log), "ESSA_STAGE_HOLD": stage}
+    proc = subprocess.Popen(launch(2, tiny_args(tiny_dir, out, generations=6)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_stage(log, stage, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / checkpoint.FILENAME).exists() and (out / "essa_run.json").exists()
+    (out / "notes.txt").write_text("the user's")
+    other = mpirun(2, tiny_args(tiny_dir, out, generations=7))
+    assert other.returncode == 2 and "but no checkpoint; choose a new run.output_dir" in other.stderr, other.stderr
+    res = mpirun(2, tiny_args(tiny_dir, out, generations=6), timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = history(str(uninterrupted6)), history(str(out))
+    assert np.array_equal(a.seeds, b.seeds) and np.array_equal(a.rewards, b.rewards) and b.generation == 6
+    with open(uninterrupted6 / "best_adapter/adapter_model.safetensors", "rb") as x, \
+            open(out / "best_adapter/adapter_model.safetensors", "rb") as y:
+        assert x.read() == y.read()
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 def test_killed_run_resumes_bit_identically(tiny_dir, tmp_path, uninterrupted6):
     full, killed = uninterrupted6, tmp_path / "killed"
     proc = subprocess.Popen(launch(2, tiny_args(tiny_dir, killed, generations=6)), env=ENV,

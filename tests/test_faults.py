@@ -166,10 +166,34 @@ def test_stopped_rank_is_named_by_the_stall_watchdog(tiny_dir, tmp_path):
     record("fault", "rank 1 SIGSTOPped (stall_timeout_s=4)", proc.returncode, seconds, error_line(err),
            f"checkpoint at generation {history(str(out)).generation}; stale lock taken over on resume")
     assert proc.returncode == 3 and seconds < 20, (proc.returncode, seconds, err[-2000:])
-    assert "did not complete within run.stall_timeout_s=4 s: rank(s) [1] did not arrive" in err, err[-2000:]
+    assert ("did not complete within run.stall_timeout_s=4 s: rank 1 on " in err
+            and "(no answer: stopped, killed, or hung outside Python) did not arrive" in err), err[-2000:]
     assert ranks_gone(str(out))
     res = mpirun(2, ["--resume", str(out), "run.generations=" + str(history(str(out)).generation + 1)])
     assert res.returncode == 0, res.stderr[-2000:]  # the stale lock of the killed rank 0 is taken over
+
+
+def test_stall_line_names_the_rank_that_never_arrives_not_the_late_ones(tiny_dir, tmp_path):
+    """4 ranks: after the marker, ranks 1 and 2 reach the record exchange 2 and 4 s after rank 0 (within the
+    6 s deadline, past the 2 s the watchdog used to listen), rank 3 never does. Only rank 3 is named, with its
+    host; it is alive (sleeping in its reward), and the line says so."""
+    out, marker = tmp_path / "skew", tmp_path / "skew_now"
+    env = {**ENV, "ESSA_SKEW_MARKER": str(marker), "ESSA_SKEW": "1:2,2:4,3:-1"}
+    args = tiny_args(tiny_dir, out, 2000) + ["task.reward_fn=mpi_rewards:skewed", "run.stall_timeout_s=6",
+                                             "task.val_size=0"]
+    proc = subprocess.Popen(launch(4, args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for_generation(out, 2, proc, limit=180)
+    marker.touch()
+    t = time.time()
+    _, err = proc.communicate(timeout=90)
+    record("fault", "ranks 1, 2 late by 2 and 4 s, rank 3 never arrives (stall_timeout_s=6)", proc.returncode,
+           time.time() - t, error_line(err), f"checkpoint at generation {history(str(out)).generation}")
+    line = error_line(err)
+    assert proc.returncode == 3 and "did not complete within run.stall_timeout_s=6 s" in line, err[-3000:]
+    assert f"rank 3 on {os.uname().nodename}" in line and "(alive, last in generation" in line, line
+    assert "rank 1 on" not in line and "rank 2 on" not in line, line
+    assert ranks_gone(str(out))
 
 
 def test_stopped_rank_0_during_the_sft_warm_start_is_named(tiny_dir, tmp_path):

@@ -162,3 +162,26 @@ def test_the_sft_model_is_gone_and_cuda_cache_emptied_before_the_search(tiny_dir
     out, info = cli.warm_start(cfg, comm, task)
     gc.collect()
     assert info is not None and refs and at_empty == [[True]]
+
+
+def test_two_jobs_with_the_same_warm_start_train_it_once(tiny_dir, tmp_path):
+    """Two `sft` commands with one cache entry at once: the first trains under the entry's lock, the second
+    waits for it and reuses the adapter; no temporary directory or lock is left behind."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "cache" / "toy-same"
+    cmd = [sys.executable, "-m", "essa_mpi", "sft", f"model.name_or_path={tiny_dir}", "model.device=cpu",
+           "model.threads=1", "adapter.rank=2", "task.name=toy", "sft.epochs=40", f"sft.output_dir={out}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in first.stdout:
+        if "SFT warm start: training" in line:
+            break
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    rest = first.communicate(timeout=300)[0]
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:] + rest[-2000:]
+    assert "another job trains this adapter" in second.stdout and "SFT warm start: training" not in second.stdout
+    assert f"using cached {out}" in second.stdout and json.loads(second.stdout.splitlines()[-1])["cached"]
+    assert sft.is_done(str(out)) and sorted(os.listdir(out.parent)) == ["toy-same"]
