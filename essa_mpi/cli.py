@@ -389,6 +389,7 @@ def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = Fals
         return f" {note[:1].upper()}{note[1:]}." if note else ""
 
     watchdog.install_signal_handlers((lambda: stopped_note(out)) if command == "run" else None)
+    stages.reached("start", comm.rank)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)
     except Refused as exc:  # found on every rank alike (first_error): no rank is left waiting
