@@ -266,7 +266,7 @@ def test_signal_stops_every_rank_with_one_line_and_keeps_the_checkpoint(tiny_dir
     assert "Traceback" not in err
     assert f"stopped by {signal.Signals(sig).name}; the last checkpoint is kept; continue with --resume {out}" in err
     assert sorted(os.listdir(out)) == ["best_adapter", "checkpoint.h5", "checkpoint.prev.h5", "config.yaml",
-                                       "metrics.jsonl"]
+                                       "essa_run.json", "metrics.jsonl"]
     stopped_at = history(str(out)).generation
     assert 2 <= stopped_at < 2000
     if sig == signal.SIGTERM:  # what either signal keeps resumes (once is enough: the same files)
@@ -422,7 +422,8 @@ def test_disk_full_is_one_clear_line(tiny_dir, tmp_path):
         record("fault", "disk full (24 KiB tmpfs)", res.returncode, time.time() - t, error_line(res.stderr),
                f"{sorted(os.listdir(disk / 'run'))}, no temp file")
         assert res.returncode == 1
-        assert "No space left on device; the previous checkpoint (if any) is kept" in res.stderr
+        line = error_line(res.stderr)  # the disk fills in the checkpoint or in best_adapter/, by a few bytes
+        assert "No space left on device" in line and "the previous checkpoint (if any) is kept" in line, line
         assert "Traceback" not in res.stderr and "Segmentation" not in res.stderr, res.stderr[-3000:]
         assert not [n for n in os.listdir(disk / "run") if n.endswith((".tmp", ".new"))]
 
