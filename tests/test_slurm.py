@@ -96,7 +96,7 @@ def release_time_limit_requeue(job: str, out, limit: float = 600) -> None:
     while "== requeued:" not in (read(f"{out}.log") if os.path.exists(f"{out}.log") else ""):
         assert time.time() < deadline and squeue_state(job) not in ("", "FAILED", "COMPLETED"), read(f"{out}.log")
         time.sleep(0.5)
-    release(job, time.time() - 2)
+    release(job, time.time())  # the script requeues right after its line: release waits 2 s from here
 
 
 def rank_pid(job: str, rank: int) -> int:
@@ -139,16 +139,23 @@ def cluster(tiny_dir, tmp_path_factory):
                                                                  "--signal=B:USR1@60", *CPU],
                                   staged("no_progress", "start*")),
             "killed": submit(out["killed"], tiny_dir, TWO_NODES, staged("killed", "generation 2"))}
-    found = {}
+    found, failed = {}, []
 
     def kill_rank_3():
         wait_held(logs["killed"], "generation 2", jobs["killed"])
         os.kill(rank_pid(jobs["killed"], 3), signal.SIGKILL)
 
-    watchers = [threading.Thread(target=lambda: found.setdefault(
-                    "cuts", requeue_at_every_stage(jobs["requeued"], logs["requeued"]))),
-                threading.Thread(target=release_time_limit_requeue, args=(jobs["time_limit"], out["time_limit"])),
-                threading.Thread(target=kill_rank_3)]
+    def watch(name, fn, *args):  # a watcher's failure fails the fixture (a thread's exception is otherwise lost)
+        def body():
+            try:
+                found[name] = fn(*args)
+            except BaseException as exc:  # reported below
+                failed.append(f"{name}: {exc!r}")
+        return threading.Thread(target=body)
+
+    watchers = [watch("cuts", requeue_at_every_stage, jobs["requeued"], logs["requeued"]),
+                watch("time_limit", release_time_limit_requeue, jobs["time_limit"], out["time_limit"]),
+                watch("killed", kill_rank_3)]
     for w in watchers:
         w.start()
     res = mpirun(4, job_args(tiny_dir, out["mpiexec"]), timeout=600)
@@ -157,6 +164,7 @@ def cluster(tiny_dir, tmp_path_factory):
         w.join(timeout=900)
     for job in jobs.values():
         wait_done(job)
+    assert not failed, failed
     again = submit(out["killed"], tiny_dir, TWO_NODES, staged("killed", "generation 2"))  # the same command
     wait_done(again)
     return {"out": out, "jobs": jobs, "cuts": found.get("cuts"), "logs": logs}
