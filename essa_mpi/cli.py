@@ -29,9 +29,18 @@ import yaml
 
 from essa_mpi import checkpoint, rundir, stages, watchdog
 from essa_mpi.comm import Comm, Refused, first_error, same_everywhere
-from essa_mpi.config import RunConfig, apply_overrides, config_from_dict, help_text, load_config, repeated_keys
+from essa_mpi.config import (
+    RunConfig,
+    apply_overrides,
+    config_from_dict,
+    help_text,
+    load_config,
+    repeated_keys,
+    validate,
+)
 from essa_mpi.launch import bind_rank, check_slot, check_world, node_gpus
 from essa_mpi.preflight import check
+from essa_mpi.stage import localize
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 COMMANDS = {"run": "ESSA search (default): SFT warm start if configured, then CMA-ES over SVD-LoRA.",
@@ -66,8 +75,9 @@ def parser(command: str = "run") -> argparse.ArgumentParser:
     return ap
 
 
-def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> tuple:
-    """→ (checked Config, RunState or None, note or None). Raises ValueError with the fix on bad input."""
+def prepare(args: argparse.Namespace, world_size: int, command: str = "run", files: bool = True) -> tuple:
+    """→ (checked Config, RunState or None, note or None). Raises ValueError with the fix on bad input.
+    files: also check the files the config names (rank 0 does, for all: one read of the shared filesystem)."""
     state, note = None, None
     if getattr(args, "resume", None) == "":
         raise ValueError("--resume needs the run's output_dir (e.g. --resume runs/smollm2_arithmetic); to start a "
@@ -95,7 +105,7 @@ def prepare(args: argparse.Namespace, world_size: int, command: str = "run") -> 
                              f"{state.generation} generations; raise run.generations.")
     else:
         cfg = load_config(args.config, args.overrides)
-    check(cfg, world_size, command)
+    check(cfg, world_size, command) if files else validate(cfg, world_size, command)
     return cfg, state, "\n".join(n for n in (note, repeated_keys(args.overrides)) if n) or None
 
 
@@ -156,17 +166,17 @@ def input_digests(cfg, task) -> dict:
 
 
 def check_rank_memory(cfg, comm: Comm, task, state, command: str) -> None:
-    """The memory model's preflight, before any rank loads weights: the search on every rank
-    (``model.check_memory``), the SFT warm start on rank 0 (``plan.sft_plan``)."""
+    """The memory model's preflight, before any rank loads weights: the search (``model.check_memory``) and
+    the SFT warm start (``plan.sft_plan``) on every rank."""
     from essa_mpi import memory
     from essa_mpi.model import check_memory, rank_memory
     from essa_mpi.plan import sft_fix, sft_plan
 
     if command == "run":
         check_memory(cfg, comm.local_rank, comm.local_size, task.prompt_tokens)
-    arch = memory.arch_for(cfg.model) if comm.rank == 0 and needs_sft(cfg, state, command) else None
-    if arch is not None:
-        device = rank_memory(cfg.model, 0, 1)
+    arch = memory.arch_for(cfg.model) if needs_sft(cfg, state, command) else None
+    if arch is not None:  # every rank trains its share of the SFT
+        device = rank_memory(cfg.model, comm.local_rank, comm.local_size)
         p = sft_plan(cfg, arch, device, device.count)
         if not p.fits:
             raise ValueError(f"the SFT warm start of {cfg.sft.max_length}-token rows: {p.line()}: {p.reason}; "
@@ -177,17 +187,34 @@ def needs_sft(cfg, state, command: str) -> bool:
     return command == "sft" or (state is None and cfg.adapter.path is None and cfg.adapter.warm_start == "sft")
 
 
-def load_task(cfg, state, command: str):
-    """The task (datasets read and checked before any model load); None for eval."""
+def load_task(cfg, state, command: str, comm: Comm):
+    """The task, before any model load: rank 0 reads the datasets (files or hub) and broadcasts their rows,
+    every rank builds the same task from them and checks them (None for eval)."""
     if command == "eval":
         return None
+    from essa_mpi.tasks import build_task, data
+
+    def read() -> tuple:
+        with data.recording() as rows:
+            return build_task(cfg.task, cfg.search.seed), rows
+
+    task, rows = first_error(comm, lambda: read() if comm.rank == 0 else (None, None))
+    rows = comm.bcast(rows, label="the dataset rows rank 0 read")
+
+    def build():
+        with data.given(rows):
+            return check_task(cfg, state, command, task if task is not None else build_task(cfg.task, cfg.search.seed))
+
+    return first_error(comm, build)
+
+
+def check_task(cfg, state, command: str, task):
+    """The SFT rows and output directory; the prompts against the tokenizer and the model's context."""
     from essa_mpi import sft
     from essa_mpi.model import load_tokenizer
     from essa_mpi.modelfiles import model_facts
     from essa_mpi.population import fit_prompts
-    from essa_mpi.tasks import build_task
 
-    task = build_task(cfg.task, cfg.search.seed)
     if needs_sft(cfg, state, command):
         sft.check_rows(task, cfg)
         sft.check_output_dir(sft.sft_dir(cfg, task.sft))
@@ -199,29 +226,43 @@ def load_task(cfg, state, command: str):
 
 
 def warm_start(cfg, comm: Comm, task) -> tuple:
-    """Rank 0 trains the SFT adapter unless it is cached; the others sleep. → (directory, info or None)."""
+    """The SFT adapter, cached or trained by every rank (rank 0 holds the adapter's lock meanwhile; the others
+    sleep while it waits for another job that trains the same one). → (directory, info or None)."""
     import torch
 
     from essa_mpi import sft
     from essa_mpi.model import release_memory
 
-    out, info = sft.sft_dir(cfg, task.sft), None
+    out, lock, say = sft.sft_dir(cfg, task.sft), None, (lambda m: print(m, flush=True))
     if comm.rank == 0:
         try:
-            if sft.is_done(out, task.sft):
-                print(f"SFT warm start: using cached {out}", flush=True)
-            else:
-                torch.set_num_threads(cfg.model.threads or comm.node_threads)  # all cores: the others sleep
-                stages.reached("sft")
-                info = sft.trained_once(cfg, task, out, log=lambda m: print(m, flush=True), tick=comm.beat)
-                release_memory()  # the SFT model is gone: hand its memory back before the search loads
+            lock, cached = sft.claim(out, task.sft, log=say, tick=comm.beat)
         except BaseException:
-            comm.idle_bcast(1)
+            comm.idle_bcast(2)
             raise
-        comm.idle_bcast(0)
-    elif comm.idle_bcast() != 0:
-        raise RuntimeError("the SFT warm start failed on rank 0 (its error is printed above)")
-    return out, info
+        comm.idle_bcast(int(cached))
+    else:
+        cached = comm.idle_bcast()
+        if cached == 2:
+            raise RuntimeError("the SFT warm start failed on rank 0 (its error is printed above)")
+    try:
+        if cached:
+            if comm.rank == 0:
+                print(f"SFT warm start: using cached {out}", flush=True)
+            return out, None
+        torch.set_num_threads(cfg.model.threads or comm.threads)
+        stages.reached("sft", comm.rank)
+        if comm.rank == 0:
+            print(f"SFT warm start: training {len(task.sft)} rows on {comm.size} rank(s) -> {out}", flush=True)
+        team = sft.Team(comm.rank, comm.size, comm.local_rank, comm.local_size,
+                        lambda a: comm.allreduce_sum(a, "the SFT gradient sum").astype(a.dtype),  # summed in fp64
+                        lambda o: comm.bcast(o, label="the SFT checkpoint"))
+        info = sft.train(cfg, task, out, log=say if comm.rank == 0 else (lambda m: None), team=team)
+        release_memory()  # the SFT model is gone: hand its memory back before the search loads
+        return out, info
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def command_run(cfg, comm: Comm, task, state) -> dict:
@@ -311,10 +352,11 @@ def main(argv: list | None = None) -> int:
     comm.stall_timeout_s = RunConfig.stall_timeout_s  # the default guards the checks until the config is known
     lock = None
     try:
-        cfg, state, note = first_error(comm, lambda: prepare(args, comm.size, command))
+        cfg, state, note = first_error(comm, lambda: prepare(args, comm.size, command, files=comm.rank == 0))
         comm.stall_timeout_s = cfg.run.stall_timeout_s
         first_error(comm, lambda: check_placement(cfg, comm))
-        task = first_error(comm, lambda: load_task(cfg, state, command))
+        notes = localize(cfg, comm)  # hub names resolved by rank 0, model files copied once per node
+        task = load_task(cfg, state, command, comm)
         first_error(comm, lambda: same_everywhere(comm, input_digests(cfg, task)))
         first_error(comm, lambda: check_rank_memory(cfg, comm, task, state, command))
         lock = first_error(comm, lambda: claim(cfg, state, task, command) if comm.rank == 0 else None)
@@ -322,7 +364,7 @@ def main(argv: list | None = None) -> int:
         if comm.rank == 0:
             print(f"essa_mpi: error: {exc}", file=sys.stderr, flush=True)
         return 1 if exc.unexpected else 2
-    for line in (note, *(task.notes if task else [])):
+    for line in (note, *notes, *(task.notes if task else [])):
         if line and comm.rank == 0:
             print(line, file=sys.stderr, flush=True)
     try:

@@ -134,10 +134,11 @@ class Comm:
         self.size = self.world.Get_size()
         node = self.world.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = node.Get_rank(), node.Get_size()
-        masks = node.allgather(sorted(cores()))  # once, at start: each local rank's CPU affinity mask
+        mine = node.allgather((self.rank, sorted(cores())))  # once, at start: world rank and CPU affinity mask
         node.Free()
+        self.node_leader = mine[0][0]  # world rank of this node's local rank 0 (reads for the node: stage.py)
+        masks = [m for _, m in mine]
         self.threads = threads_per_rank(cores(), masks)  # torch threads of this rank (launch.threads_per_rank)
-        self.node_threads = len(set().union(*masks))  # every core of the node's ranks (rank 0's SFT: others sleep)
         self.library = MPI.Get_library_version().strip()  # names the MPI actually loaded
         self.hosts = self.world.allgather(host_label())  # [world]: every rank's host, for the lines naming ranks
         self.entered, self.last_label = 0, "start-up"  # watched collectives entered so far (same order on all ranks)
@@ -265,6 +266,11 @@ class Comm:
     def bcast(self, obj: Any, root: int = 0, label: str = "the state repair broadcast") -> Any:
         with self.watch(label):
             return self.world.bcast(obj, root=root)
+
+    def allgather(self, obj: Any, label: str) -> list:
+        """Every rank's small object, in rank order (start-up only: the generation loop sends RECORDs)."""
+        with self.watch(label):
+            return self.world.allgather(obj)
 
     def beat(self) -> None:
         """A sign of progress from the rank doing single-rank work while the others wait in idle_bcast (called

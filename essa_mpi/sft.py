@@ -6,8 +6,10 @@
 The adapter has ESSA's rank, alpha and target modules (``adapter.*``) and is saved in PEFT format. Its
 directory name hashes everything that shapes it (model, adapter shape, task data, SFT hyperparameters,
 seed), so a repeated run finds it and skips training. Hyperparameters default to the paper's appendix H.2
-(batch 16, one epoch, AdamW, lr 5e-4 with linear decay). Under MPI only rank 0 trains; the other ranks
-sleep until it is done (a warm start is short; use a dedicated trainer for a long SFT).
+(batch 16, one epoch, AdamW, lr 5e-4 with linear decay). Under MPI every rank trains (``Team``): each takes its
+share of every global batch, the LoRA gradient is summed over the ranks once per step, rank 0 writes the
+adapter, and every sft.save_every steps its own checkpoint (``<output_dir>.resume.pt``), which a requeued
+job continues from.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,24 +32,48 @@ from essa_mpi.rundir import Busy, RunLock, digest
 from essa_mpi.tasks import Task
 
 
+@dataclass
+class Team:
+    """The ranks that train together, built from comm.Comm by cli.warm_start (one rank: these defaults).
+    allreduce sums a float32 array over the ranks (the same result on every rank); bcast hands rank 0's
+    object to all.
+
+    Why one Allreduce through comm.py and not torch.distributed: the MPI world exists already (no second
+    rendezvous, no MASTER_ADDR and port to agree on under srun), the stall watchdog guards it like every other
+    collective, and the gradient is a LoRA's (7B, rank 8 on Q/K/V/O: 34 MB), whose copy to the host per step
+    is milliseconds; NCCL earns its keep on full-model gradients, which ESSA never trains."""
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    allreduce: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    bcast: Callable[[Any], Any] = lambda o: o
+
+
+def shaping(cfg: Config, rows: list | None = None) -> dict:
+    """The config parts and SFT rows that shape the adapter (its cache key, its checkpoint's key)."""
+    d = cfg.to_dict()
+    out = {"model": d["model"], "adapter": {k: d["adapter"][k] for k in ("rank", "alpha", "target_modules")},
+           "task": {k: d["task"][k] for k in ("name", "dataset", "sft_dataset", "sft_size", "system_prompt")},
+           "sft": {k: v for k, v in d["sft"].items() if k not in ("output_dir", "micro_batch", "gradient_checkpointing",
+                                                                   "save_every")},
+           "seed": cfg.search.seed,  # (micro-batches and checkpointing change memory, not what is learned)
+           "rows": digest(rows) if rows is not None else None}
+    for key in ("threads", "device", "gpus_per_rank", "engine", "vllm_memory_fraction", "vllm_kv_cache_gib",
+                "share_prefix", "drop_finished"):
+        # where and how it runs, not what it learns
+        out["model"].pop(key)
+    if out["model"]["revision"] is None:  # (added later: keys of adapters cached before stay what they were)
+        out["model"].pop("revision")
+    return out
+
+
 def sft_dir(cfg: Config, rows: list | None = None) -> str:
     """sft.output_dir, or runs/sft/<task>-<12 hex digits of the config parts and SFT rows that shape the
     adapter> (the rows' content, so an edited dataset file trains a new adapter)."""
     if cfg.sft.output_dir:
         return cfg.sft.output_dir
-    d = cfg.to_dict()
-    shaping = {"model": d["model"], "adapter": {k: d["adapter"][k] for k in ("rank", "alpha", "target_modules")},
-               "task": {k: d["task"][k] for k in ("name", "dataset", "sft_dataset", "sft_size", "system_prompt")},
-               "sft": {k: v for k, v in d["sft"].items() if k not in ("output_dir", "micro_batch",
-                                                                       "gradient_checkpointing")},
-               "seed": cfg.search.seed,  # (micro-batches and checkpointing change memory, not what is learned)
-               "rows": digest(rows) if rows is not None else None}
-    for key in ("threads", "device", "gpus_per_rank", "engine", "vllm_memory_fraction", "vllm_kv_cache_gib",
-                "share_prefix", "drop_finished"):
-        # where and how it runs, not what it learns
-        shaping["model"].pop(key)
-    key = digest(shaping)[:12]
-    return os.path.join(SFT_CACHE, f"{cfg.task.name}-{key}")
+    return os.path.join(SFT_CACHE, f"{cfg.task.name}-{digest(shaping(cfg, rows))[:12]}")
 
 
 def is_done(out_dir: str, rows: list | None = None) -> bool:
@@ -58,10 +87,10 @@ def is_done(out_dir: str, rows: list | None = None) -> bool:
         return json.load(fh).get("data_digest") in (None, digest(rows))
 
 
-def trained_once(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, poll_s: float = 2.0):
-    """The adapter at out_dir, trained by one job only: under the lock ``out_dir.lock`` (held, stale after its
-    holder is gone, as run.lock), the holder trains while another job with the same warm start waits (calling
-    tick, the waiting ranks' sign of progress), then reuses it. → train's info, or None when it was reused."""
+def claim(out_dir: str, rows: list, log=print, tick=lambda: None, poll_s: float = 2.0) -> tuple:
+    """Rank 0: the lock ``out_dir.lock`` (held, stale after its holder is gone, as run.lock), so that one job
+    trains the adapter while another with the same warm start waits (calling tick, its waiting ranks' sign of
+    progress) and then reuses it. → (lock, True when the adapter is there already)."""
     parent, name = os.path.split(os.path.abspath(out_dir))
     said = False
     while True:
@@ -75,14 +104,7 @@ def trained_once(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: 
                 said = True
             tick()
             time.sleep(poll_s)
-    try:
-        if is_done(out_dir, task.sft):
-            log(f"SFT warm start: using cached {out_dir}")
-            return None
-        log(f"SFT warm start: training {len(task.sft)} rows -> {out_dir}")
-        return train(cfg, task, out_dir, log, tick)
-    finally:
-        lock.release()
+    return lock, is_done(out_dir, rows)
 
 
 def check_output_dir(out_dir: str) -> None:
@@ -125,12 +147,17 @@ def collate(batch: list, pad_id: int) -> dict:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def accumulate(model, batch: list, micro: int, pad_id: int) -> float:
+def completion_tokens(batch: list) -> int:
+    """Tokens the loss counts in ``batch`` (encoded rows): the model predicts token t+1 from t, labels shift."""
+    return sum(sum(1 for t in y[1:] if t != -100) for _, y in batch)
+
+
+def accumulate(model, batch: list, micro: int, pad_id: int, total: int | None = None) -> float:
     """Gradients of one optimizer step over ``batch`` (encoded rows), ``micro`` rows per forward/backward
-    pass. Each pass's loss (the model's mean over its completion tokens) is weighted by its share of the batch's
-    completion tokens, so the gradient and the loss equal one pass over the whole batch. → the batch's loss."""
-    labels = [torch.tensor(y[1:]) for _, y in batch]  # the model predicts token t+1 from t: labels shift by one
-    total = max(1, sum(int((y != -100).sum()) for y in labels))
+    pass. Each pass's loss (the model's mean over its completion tokens) is weighted by its share of the
+    ``total`` completion tokens (default: the batch's; a rank's share of a global batch passes the global
+    batch's), so the gradient and the loss equal one pass over the whole batch. → the batch's loss."""
+    total = max(1, completion_tokens(batch) if total is None else total)
     loss_sum = 0.0
     for m in range(0, len(batch), micro):
         part = collate(batch[m: m + micro], pad_id)  # [micro, T]
@@ -143,10 +170,10 @@ def accumulate(model, batch: list, micro: int, pad_id: int) -> float:
     return loss_sum
 
 
-def micro_batch(cfg: Config) -> tuple:
+def micro_batch(cfg: Config, local_rank: int = 0, local_size: int = 1) -> tuple:
     """Rows per SFT forward/backward pass: sft.micro_batch, or (0) as many rows of sft.max_length tokens as
-    fit this device beside the weights (plan.sft_plan; the other ranks have loaded nothing yet, so on CPU
-    rank 0 may use the node's available RAM) → (rows, the plan's line)."""
+    fit this rank's device (or, on CPU, its share of the node's RAM) beside the weights (plan.sft_plan)
+    → (rows, the plan's line)."""
     from essa_mpi import memory
     from essa_mpi.model import rank_memory
     from essa_mpi.plan import sft_plan
@@ -155,7 +182,7 @@ def micro_batch(cfg: Config) -> tuple:
     arch = memory.arch_for(cfg.model)
     if arch is None:
         return s.micro_batch or s.batch_size, "model shape unknown here: no memory estimate"
-    device = rank_memory(cfg.model, 0, 1)  # rank 0 alone: on CPU the node's available RAM
+    device = rank_memory(cfg.model, local_rank, local_size)
     p = sft_plan(cfg, arch, device, device.count)  # the plan preflight and `plan` print (a GPTQ base as bf16)
     if not p.fits:
         raise ValueError(f"SFT of {s.max_length}-token rows: {p.line()}: {p.reason}; set sft.gradient_checkpointing="
@@ -163,19 +190,53 @@ def micro_batch(cfg: Config) -> tuple:
     return max(1, p.rows), p.line()
 
 
-def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -> dict:
-    """Train the LoRA adapter on task.sft and save it to out_dir (atomically: temp dir + rename). tick() is
-    called between the stages and after every step (the waiting ranks' sign of progress, Comm.beat)."""
-    tick()
+def resume_file(out_dir: str) -> str:
+    return f"{out_dir.rstrip('/')}.resume.pt"
+
+
+def trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_state(path: str, key: str, team: Team, log) -> dict | None:
+    """The SFT checkpoint at path (rank 0 reads it, every rank gets it) when it is of this very SFT (key)."""
+    state = None
+    if team.rank == 0 and os.path.isfile(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("key") != key:
+            log(f"SFT: {path} belongs to another SFT configuration; starting from step 0")
+            state = None
+    return team.bcast(state)
+
+
+def save_state(path: str, key: str, step: int, losses: list, model, opt, sched) -> None:
+    """Rank 0: adapter, optimizer, scheduler and data position (the step: the order is the seed's), atomically."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save({"key": key, "step": step, "losses": losses, "lora": {n: p.detach().cpu() for n, p in
+                trainable(model).items()}, "opt": opt.state_dict(), "sched": sched.state_dict()}, tmp)
+    os.replace(tmp, path)
+
+
+def reduce_gradients(params: list, loss: float, team: Team) -> float:
+    """Sum every rank's gradient (and loss) of its share of the batch: one Allreduce of the flat fp32 LoRA
+    gradient. → the batch's loss."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float().cpu()
+                      for p in params] + [torch.tensor([loss])])  # [P + 1]
+    flat = torch.from_numpy(team.allreduce(flat.numpy()))  # [P + 1]: summed over the ranks
+    offset = 0
+    for p in params:
+        p.grad = flat[offset: offset + p.numel()].view_as(p).to(p.device, p.dtype)
+        offset += p.numel()
+    return float(flat[-1])
+
+
+def peft_model(cfg: Config, team: Team):
+    """The base model with a fresh LoRA of ESSA's shape (the same init on every rank: the seed), training mode."""
     from peft import LoraConfig, get_peft_model
 
     from essa_mpi.model import load_model
 
-    check_rows(task, cfg)
-    t0 = time.time()
-    tick()
-    model, tok = load_model(cfg.model)
-    tick()
+    model, tok = load_model(cfg.model, team.local_rank, team.local_size)
     if cfg.model.precision == "gptq":  # the GPTQ base, dequantized: PEFT cannot wrap our GPTQLinear
         from essa_mpi.gptq import densify
 
@@ -184,33 +245,74 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -
     peft_cfg = LoraConfig(r=cfg.adapter.rank, lora_alpha=cfg.adapter.alpha, target_modules=cfg.adapter.target_modules,
                           lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, peft_cfg)
-    s = cfg.sft
-    if s.gradient_checkpointing:
+    if cfg.sft.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # PEFT: the frozen embedding's output must carry gradients
     model.train()
-    rows = [encode_row(tok, task, r, cfg.sft.max_length) for r in task.sft]
-    micro, plan_line = micro_batch(cfg)
-    log(f"SFT: {micro} rows per forward/backward pass, {math.ceil(s.batch_size / micro)} per step of "
-        f"{s.batch_size} rows ({plan_line})")
-    steps = s.epochs * math.ceil(len(rows) / s.batch_size)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s.learning_rate, weight_decay=0.0)
+    return model, tok
+
+
+def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, team: Team | None = None) -> dict:
+    """Train the LoRA adapter on task.sft on every rank of team and save it to out_dir from rank 0 (atomically:
+    temp dir + rename); continue from the SFT's checkpoint when there is one. tick() is called between the
+    stages and after every step (a sign of progress for whoever waits, Comm.beat)."""
+    from essa_mpi import stages
+
+    team = team or Team()
+    check_rows(task, cfg)
+    t0 = time.time()
+    tick()
+    model, tok = peft_model(cfg, team)
+    tick()
+    s = cfg.sft
+    rows = [encode_row(tok, task, r, s.max_length) for r in task.sft]
+    micro, plan_line = micro_batch(cfg, team.local_rank, team.local_size)
+    log(f"SFT: {team.size} rank(s), {micro} rows per forward/backward pass, step of {s.batch_size} rows "
+        f"({plan_line})")
+    per_epoch = math.ceil(len(rows) / s.batch_size)
+    steps = s.epochs * per_epoch
+    params = list(trainable(model).values())
+    opt = torch.optim.AdamW(params, lr=s.learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - i / steps)  # linear decay to 0
-    losses, step = [], 0
-    for epoch in range(s.epochs):
+    key, path = digest(shaping(cfg, task.sft)), resume_file(out_dir)
+    state = load_state(path, key, team, log)
+    losses, first = [], 0
+    if state is not None:
+        with torch.no_grad():
+            for n, p in trainable(model).items():
+                p.copy_(state["lora"][n])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        losses, first = state["losses"], state["step"]
+        log(f"SFT: resuming at step {first}/{steps} from {path}")
+    for step in range(first, steps):
+        epoch, start = divmod(step, per_epoch)
         order = np.random.default_rng([cfg.search.seed, 17, epoch]).permutation(len(rows))  # [rows]
-        for start in range(0, len(rows), s.batch_size):
-            losses.append(accumulate(model, [rows[i] for i in order[start: start + s.batch_size]], micro,
-                                     tok.pad_token_id))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tick()
-            if step % max(1, steps // 10) == 0 or step == steps:
-                log(f"SFT step {step}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
-    info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps, "micro_batch": micro,
+        batch = [rows[i] for i in order[start * s.batch_size: (start + 1) * s.batch_size]]  # the global batch
+        mine = batch[team.rank::team.size]  # this rank's share (interleaved: similar lengths on every rank)
+        loss = accumulate(model, mine, micro, tok.pad_token_id, completion_tokens(batch))
+        losses.append(reduce_gradients(params, loss, team))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tick()
+        done = step + 1
+        if team.rank == 0 and s.save_every and done % s.save_every == 0 and done < steps:
+            save_state(path, key, done, losses, model, opt, sched)
+        stages.reached(f"sft step {done}", team.rank)
+        if done % max(1, steps // 10) == 0 or done == steps:
+            log(f"SFT step {done}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")
+    info = {"rows": len(rows), "data_digest": digest(task.sft), "steps": steps, "steps_run": steps - first,
+            "resumed_at": first, "ranks": team.size, "micro_batch": micro, "losses": [round(x, 6) for x in losses],
             "final_loss": float(np.mean(losses[-10:])), "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
+    if team.rank == 0:
+        save_adapter(model, info, out_dir, tick)
+        if os.path.exists(path):
+            os.remove(path)
+    return info
+
+
+def save_adapter(model, info: dict, out_dir: str, tick) -> None:
     tmp = f"{out_dir.rstrip('/')}.tmp.{socket.gethostname()}.{os.getpid()}"  # this writer's own: renamed in whole
     shutil.rmtree(tmp, ignore_errors=True)
     tick()
@@ -220,4 +322,3 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None) -
     check_output_dir(out_dir)  # (again: the directory may have changed during the training)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    return info

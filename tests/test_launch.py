@@ -122,7 +122,7 @@ def test_threads_come_from_the_affinity_mask_not_the_core_count(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {8, 9, 10, 11})
     c = Comm()  # a one-rank world: its node holds only this rank
-    assert c.threads == 4 and c.node_threads == 4
+    assert c.threads == 4 and c.node_leader == 0
     assert comm_mod.threads_per_rank({0, 1, 2, 3}, [{0, 1, 2, 3}, {4, 5, 6, 7}]) == 4
     assert comm_mod.threads_per_rank(set(range(16)), [set(range(16))] * 8) == 2
 

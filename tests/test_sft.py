@@ -158,7 +158,8 @@ def test_the_sft_model_is_gone_and_cuda_cache_emptied_before_the_search(tiny_dir
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: at_empty.append([r() is None for r in refs]))
-    comm = SimpleNamespace(rank=0, idle_bcast=lambda *a: 0, beat=lambda: None, node_threads=1)
+    comm = SimpleNamespace(rank=0, size=1, local_rank=0, local_size=1, idle_bcast=lambda *a: 0, beat=lambda: None,
+                           threads=1, allreduce_sum=lambda a, label: a, bcast=lambda o, label: o)
     out, info = cli.warm_start(cfg, comm, task)
     gc.collect()
     assert info is not None and refs and at_empty == [[True]]

@@ -10,6 +10,8 @@ the reward as columns.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 
@@ -37,8 +39,45 @@ def read_jsonl(path: str) -> list:
     return rows
 
 
+# Rank 0 reads the datasets and broadcasts their rows (cli.load_task); the other ranks build the same task
+# from them without opening a file or reaching the hub. {(src, split, name): rows}
+_RECORD: dict | None = None
+_GIVEN: dict | None = None
+
+
+@contextlib.contextmanager
+def recording():
+    """Inside: every load_rows result is also kept in the yielded dict (a copy: tasks may edit their rows)."""
+    global _RECORD
+    _RECORD = {}
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = None
+
+
+@contextlib.contextmanager
+def given(rows: dict):
+    """Inside: load_rows answers from rows (recorded by recording()) instead of reading."""
+    global _GIVEN
+    _GIVEN = rows
+    try:
+        yield
+    finally:
+        _GIVEN = None
+
+
 def load_rows(src: str, split: str = "train", name: str | None = None) -> list:
     """A JSONL file, ``<dir>/<split>.jsonl``, or split ``split`` of the hub dataset ``src``."""
+    if _GIVEN is not None:
+        return copy.deepcopy(_GIVEN[(src, split, name)])
+    rows = read_rows(src, split, name)
+    if _RECORD is not None:
+        _RECORD[(src, split, name)] = copy.deepcopy(rows)
+    return rows
+
+
+def read_rows(src: str, split: str, name: str | None) -> list:
     if os.path.isfile(src):
         return read_jsonl(src)
     if os.path.isdir(src):

@@ -39,12 +39,15 @@ class RewardModelScorer:
     def model_and_tokenizer(self) -> tuple:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.name, trust_remote_code=self.trust)
+        from essa_mpi.modelfiles import LOCAL
+
+        path = LOCAL.get(self.name, (self.name, None))[0]  # the hub snapshot or node-local copy (stage.py)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust)
         tok.padding_side = "right"  # ArmoRM-style heads read the last non-pad token counted from the left
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            self.name, trust_remote_code=self.trust, output_loading_info=True)
+            path, trust_remote_code=self.trust, output_loading_info=True)
         missing = [k for k in info.get("missing_keys", []) if "score" in k or "head" in k or "regression" in k]
         if missing:
             raise ValueError(f"reward model {self.name}: head weights {missing[:3]} not found, so its scores would "

@@ -3,6 +3,7 @@
     sudo bash tools/slurm_local.sh up --nodes 8
     python tools/bench/bench_nodes.py                       # 4 x 4 and 8 x 4 ranks -> tools/results/bench_nodes.json
     python tools/bench/bench_nodes.py --shapes 2x2,4x4      # NODESxRANKS_PER_NODE
+    python tools/bench/bench_nodes.py --shapes 8x4 --set model.precision=fp32 --out /tmp/fp32.json
 
 Each rank runs under ``/usr/bin/time`` (its peak RSS is measured from outside the process, by the kernel's
 accounting); wall time is srun's launch to its end (nearly all of it the ranks' imports on this 2-core host).
@@ -25,14 +26,14 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tools/
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
-RSS = re.compile(r"^(?:\d+: )?essa-rss rank (\d+) node (\S+) maxrss_kib (\d+)$")
+RSS = re.compile(r"^\s*(?:\d+: )?essa-rss rank (\d+) node (\S+) maxrss_kib (\d+)$")
 
 
-def run_args(model: str, out: str) -> list:
+def run_args(model: str, out: str, extra: tuple = ()) -> list:
     return [f"model.name_or_path={model}", "model.device=cpu", "model.threads=1", "adapter.rank=2",
             "adapter.warm_start=none", "task.name=toy", "task.batch_size=3", "task.val_size=4", "task.val_every=3",
             "task.max_new_tokens=6", "search.popsize=16", "search.sigma0=1.0", "run.generations=3",
-            "run.progress=false", f"run.output_dir={out}"]
+            "run.progress=false", f"run.output_dir={out}", *extra]
 
 
 def adapter_bytes(out: str) -> bytes:
@@ -40,10 +41,10 @@ def adapter_bytes(out: str) -> bytes:
         return fh.read()
 
 
-def shape_run(nodes: int, per_node: int, model: str, base: str, reference: bytes) -> dict:
+def shape_run(nodes: int, per_node: int, model: str, base: str, reference: bytes, extra: tuple) -> dict:
     out = os.path.join(base, f"n{nodes}x{per_node}")
     # bash in each task fills in its rank and node; time(1) reports the python process's peak RSS when it ends
-    rank = f"{shlex.quote(sys.executable)} -m essa_mpi {' '.join(map(shlex.quote, run_args(model, out)))}"
+    rank = f"{shlex.quote(sys.executable)} -m essa_mpi {' '.join(map(shlex.quote, run_args(model, out, extra)))}"
     script = f'exec /usr/bin/time -f "essa-rss rank $SLURM_PROCID node $SLURMD_NODENAME maxrss_kib %M" {rank}'
     cmd = ["srun", "--label", f"--nodes={nodes}", f"--ntasks-per-node={per_node}", "--cpus-per-task=1", "--mpi=pmi2",
            "bash", "-c", script]
@@ -67,6 +68,7 @@ def shape_run(nodes: int, per_node: int, model: str, base: str, reference: bytes
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="4x4,8x4", help="NODESxRANKS_PER_NODE, comma-separated")
+    ap.add_argument("--set", nargs="*", default=(), metavar="KEY=VALUE", help="more overrides for every run")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_nodes.json"))
     args = ap.parse_args()
     from tiny import save_tiny
@@ -74,16 +76,16 @@ def main() -> int:
     base = tempfile.mkdtemp(prefix="bench_nodes_")
     model = save_tiny(os.path.join(base, "tiny"))
     one = os.path.join(base, "n1")
-    subprocess.run([sys.executable, "-m", "essa_mpi", *run_args(model, one)], check=True, capture_output=True,
+    subprocess.run([sys.executable, "-m", "essa_mpi", *run_args(model, one, args.set)], check=True, capture_output=True,
                    cwd=REPO)
     reference = adapter_bytes(one)
     rows = []
     for shape in args.shapes.split(","):
         nodes, per_node = (int(x) for x in shape.lower().split("x"))
-        rows.append(shape_run(nodes, per_node, model, base, reference))
+        rows.append(shape_run(nodes, per_node, model, base, reference, args.set))
         print(json.dumps(rows[-1]), flush=True)
     with open(args.out, "w") as fh:
-        json.dump({"host_cores": os.cpu_count(), "rows": rows}, fh, indent=1)
+        json.dump({"host_cores": os.cpu_count(), "overrides": list(args.set), "rows": rows}, fh, indent=1)
     return 0 if all(r["best_adapter_equals_one_rank"] for r in rows) else 1
 
 
