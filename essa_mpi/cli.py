@@ -417,7 +417,8 @@ def stopped_note(out: str) -> str:
     """What a signal leaves: a checkpoint to resume, or (the SFT warm start, the model load) none yet."""
     if os.path.isfile(os.path.join(out, checkpoint.FILENAME)):
         return f"the last checkpoint is kept; continue with --resume {out}"
-    return "no generation was checkpointed yet; run the same command again (a finished SFT warm start is reused)"
+    return ("no generation was checkpointed yet; run the same command again (the SFT warm start continues from its "
+            "own checkpoint)")
 
 
 def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = False) -> int:
@@ -431,6 +432,8 @@ def execute(cfg, comm: Comm, task, state, command: str, lock, debug: bool = Fals
         return f" {note[:1].upper()}{note[1:]}." if note else ""
 
     watchdog.install_signal_handlers((lambda: stopped_note(out)) if command == "run" else None)
+    if command == "run":
+        comm.after_stall = lambda: stopped_note(out)
     stages.reached("start", comm.rank)
     try:
         result = {"run": command_run, "sft": command_sft, "eval": command_eval}[command](cfg, comm, task, state)

@@ -148,6 +148,8 @@ class Comm:
             atexit.register(self._quit.set)  # runs before mpi4py's MPI_Finalize (registered earlier, LIFO)
         self.bytes_sent = 0  # bytes this rank sent through exchange (for the metrics)
         self.stall_timeout_s = 0.0  # run.stall_timeout_s: the watchdog on collectives (0 = off)
+        # what a stall line tells the user to do (is there a checkpoint yet? cli.execute knows)
+        self.after_stall: Callable[[], str] = lambda: "run the same command again"
         self._beats, self._beat_reqs, self._last_beat = 0, [], 0.0  # beat() since the last idle_bcast
 
     def share(self, popsize: int, batch: int) -> tuple:
@@ -260,8 +262,8 @@ class Comm:
         said = "; ".join(f"{self.where(r)} ({'alive, last in ' + answers[r][1] if r in answers else silent})"
                          for r in missing)
         return (f"{what}: {said + ' did not arrive' if said else 'although every rank arrived (an MPI fault?)'}; "
-                f"the last checkpoint is kept: --resume after the fix, or raise run.stall_timeout_s if a "
-                f"generation really takes that long.")
+                f"{self.after_stall()} after the fix, or raise run.stall_timeout_s if this step really takes that "
+                f"long.")
 
     def bcast(self, obj: Any, root: int = 0, label: str = "the state repair broadcast") -> Any:
         with self.watch(label):
