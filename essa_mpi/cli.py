@@ -148,7 +148,7 @@ def check_placement(cfg, comm: Comm) -> None:
     """The devices load_model will use, decided before loading: ValueError when MPI's split of the node is
     not the launcher's local rank the GPUs were bound by (``launch.check_slot``), ranks on this node x
     model.gpus_per_rank exceed the GPUs this process sees (naming both), or model.device=cuda has no CUDA."""
-    from essa_mpi.model import placement
+    from essa_mpi.launch import placement
 
     if comm.size > 1:  # a one-rank world: check_world already compared the launcher's count with MPI's
         check_slot(os.environ, comm.local_rank, comm.local_size)
@@ -166,10 +166,10 @@ def input_digests(cfg, task) -> dict:
 
 
 def check_rank_memory(cfg, comm: Comm, task, state, command: str) -> None:
-    """The memory model's preflight, before any rank loads weights: the search (``model.check_memory``) and
+    """The memory model's preflight, before any rank loads weights: the search (``memory.check_memory``) and
     the SFT warm start (``plan.sft_plan``) on every rank."""
     from essa_mpi import memory
-    from essa_mpi.model import check_memory, rank_memory
+    from essa_mpi.memory import check_memory, rank_memory
     from essa_mpi.plan import sft_fix, sft_plan
 
     if command == "run":
@@ -193,6 +193,8 @@ def load_task(cfg, state, command: str, comm: Comm):
     if command == "eval":
         return None
     from essa_mpi.tasks import build_task, data
+
+    stages.reached("read", comm.rank)
 
     def read() -> tuple:
         with data.recording() as rows:
@@ -225,13 +227,14 @@ def check_task(cfg, state, command: str, task):
     return task
 
 
-def warm_start(cfg, comm: Comm, task) -> tuple:
+def warm_start(cfg, comm: Comm, task, saved=lambda step: None) -> tuple:
     """The SFT adapter, cached or trained by every rank (rank 0 holds the adapter's lock meanwhile; the others
-    sleep while it waits for another job that trains the same one). → (directory, info or None)."""
+    sleep while it waits for another job that trains the same one); saved(step): sft.train's. → (directory,
+    info or None)."""
     import torch
 
     from essa_mpi import sft
-    from essa_mpi.model import release_memory
+    from essa_mpi.memory import release_memory
 
     out, lock, say = sft.sft_dir(cfg, task.sft), None, (lambda m: print(m, flush=True))
     if comm.rank == 0:
@@ -257,7 +260,7 @@ def warm_start(cfg, comm: Comm, task) -> tuple:
         team = sft.Team(comm.rank, comm.size, comm.local_rank, comm.local_size,
                         lambda a: comm.allreduce_sum(a, "the SFT gradient sum").astype(a.dtype),  # summed in fp64
                         lambda o: comm.bcast(o, label="the SFT checkpoint"))
-        info = sft.train(cfg, task, out, log=say if comm.rank == 0 else (lambda m: None), team=team)
+        info = sft.train(cfg, task, out, log=say if comm.rank == 0 else (lambda m: None), team=team, saved=saved)
         release_memory()  # the SFT model is gone: hand its memory back before the search loads
         return out, info
     finally:
@@ -269,7 +272,8 @@ def command_run(cfg, comm: Comm, task, state) -> dict:
     from essa_mpi.run import run
 
     if needs_sft(cfg, state, "run"):
-        cfg.adapter.path, _ = warm_start(cfg, comm, task)
+        gained = lambda step: rundir.stage_done(cfg.run.output_dir, f"sft checkpoint {step}")
+        cfg.adapter.path, _ = warm_start(cfg, comm, task, gained)
         if comm.rank == 0:
             rundir.stage_done(cfg.run.output_dir, "sft")
     identity = rundir.identity(cfg, task) if comm.rank == 0 else {}  # stored in every checkpoint

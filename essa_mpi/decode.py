@@ -109,3 +109,30 @@ def greedy(model, adapter, prompts: list, C: int, max_new_tokens: int, eos: int,
                        past_key_values=cache, use_cache=True).logits  # [R, 1, vocab]
     adapter.set_rows(None)
     return [row[: row.index(eos) + 1] if eos in row else row for row in out]
+
+
+def own_decoding(model) -> dict:
+    """Drop the model's shipped generation_config.json (Qwen2.5-Instruct: repetition_penalty 1.05, top_k 20,
+    top_p 0.8, temperature 0.7): transformers fills every value a passed GenerationConfig leaves unset from
+    it, so greedy search and validation would not be greedy. → the decoding values it held (for the log)."""
+    from transformers import GenerationConfig
+
+    shipped = getattr(model, "generation_config", None)
+    diff = shipped.to_diff_dict() if shipped is not None else {}
+    knobs = set(GenerationConfig()._get_default_generation_params()) | {"min_p"}  # what decodes, not how it returns
+    ignored = {k: v for k, v in diff.items() if k in knobs and k != "use_cache"
+               and not k.startswith(("output_", "return_"))}
+    model.generation_config = GenerationConfig()  # transformers' neutral defaults; decoding() sets the rest
+    return ignored
+
+
+def decoding(tok, max_new_tokens: int, temperature: float | None = None, top_p: float = 1.0, k: int = 1):
+    """The GenerationConfig of every HF generate call: greedy (temperature None: search, validation) or
+    sampling with temperature and top_p alone (eval), k sequences per prompt. top_k is off (transformers'
+    default is 50; vLLM's SamplingParams have none), and nothing comes from the model (``own_decoding``)."""
+    from transformers import GenerationConfig
+
+    sample = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature else \
+        {"do_sample": False}
+    return GenerationConfig(**sample, max_new_tokens=max_new_tokens, num_return_sequences=k,
+                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)

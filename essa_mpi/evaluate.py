@@ -28,7 +28,7 @@ from essa_mpi.tasks.verify import math_equal
 
 def sample(model, tok, prompts: list, cfg: Config, rows: int = 256) -> list:
     """eval.k sampled completions per prompt → [len(prompts)][k] strings, in chunks of ``rows`` rows."""
-    from essa_mpi.model import decoding
+    from essa_mpi.decode import decoding
 
     e = cfg.eval
     gen = decoding(tok, e.max_new_tokens, e.temperature, e.top_p, e.k)
@@ -101,7 +101,8 @@ def markdown(results: dict, k: int, pass_k: int) -> str:
 
 
 def evaluate(cfg: Config, comm: Comm) -> dict:
-    from essa_mpi.model import load_model, load_tokenizer, rows_per_call
+    from essa_mpi.memory import rows_per_call
+    from essa_mpi.model import load_model, load_tokenizer
 
     e = cfg.eval
     benches = [load_benchmark(b, e.data_dir, e.limit) for b in e.benchmarks]

@@ -228,3 +228,33 @@ def threads_per_rank(mine: set, node: list) -> int:
     """
     sharing = sum(1 for other in node if set(other) & set(mine)) or 1
     return max(1, len(mine) // sharing)
+
+
+def on_cpu(cfg) -> bool:
+    """model.device resolved: cpu, or auto on a machine without CUDA."""
+    import torch  # here: launch's other functions run before anything imports torch
+
+    return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+
+
+def placement(cfg, local_rank: int, local_size: int) -> tuple:
+    """→ (this rank's first device, accelerate max_memory over its GPUs when it spreads the model over
+    several, else None). GPUs per rank: ``launch.gpu_ids`` over what this process sees; after
+    ``launch.bind_rank`` that is exactly the rank's own, devices 0..g-1."""
+    import torch
+
+    if on_cpu(cfg):
+        return torch.device("cpu"), None
+    if not torch.cuda.is_available():
+        raise ValueError("model.device=cuda but CUDA is not available; use model.device=cpu or auto.")
+    ids = gpu_ids(local_rank, local_size, cfg.gpus_per_rank, torch.cuda.device_count())
+    if cfg.engine == "vllm" and ids[0] != 0:  # vLLM always starts at device 0 of what the process sees
+        raise ValueError(f"model.engine=vllm: local rank {local_rank} of {local_size} sees "
+                         f"{torch.cuda.device_count()} GPUs, so its engine would share GPU 0 with rank 0; the "
+                         f"launcher named no local rank to bind GPUs by (SLURM_LOCALID, MPI_LOCALRANKID, "
+                         f"OMPI_COMM_WORLD_LOCAL_RANK): launch with srun or mpiexec, or bind GPUs in the launcher "
+                         f"(srun --gpus-per-task={cfg.gpus_per_rank}).")
+    if len(ids) == 1:
+        return torch.device("cuda", ids[0]), None
+    # accelerate fills the listed GPUs in order and never touches the others (other ranks' GPUs)
+    return torch.device("cuda", ids[0]), {i: torch.cuda.get_device_properties(i).total_memory for i in ids}

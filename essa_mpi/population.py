@@ -54,7 +54,7 @@ class PopulationEvaluator:
                  share_prefix: bool = False, drop_finished: bool = False) -> None:
         """share_prefix, drop_finished: decode with essa_mpi.decode.greedy (model.share_prefix/drop_finished);
         both False: transformers' generate."""
-        from essa_mpi.model import decoding
+        from essa_mpi.decode import decoding
 
         self.model, self.tok, self.adapter, self.task = model, tokenizer, adapter, task
         self.max_rows = max_rows

@@ -23,8 +23,9 @@ from essa_mpi import checkpoint, stages, watchdog
 from essa_mpi.comm import RECORD, Comm, first_error, ranks_text, record_counts
 from essa_mpi.config import Config, step_scale, validation_due
 from essa_mpi.export import export_adapter
+from essa_mpi.memory import loaded_bytes, peak_memory, rows_per_call, trim_host_memory
 from essa_mpi.metrics import MetricsLog, reward_stats
-from essa_mpi.model import load_model, peak_memory, rows_per_call, trim_host_memory, weight_bytes
+from essa_mpi.model import load_model
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.rundir import check_identity, keep_best, past_validation
 from essa_mpi.search import SeededCMA
@@ -210,7 +211,7 @@ def announce(p: Parts, cfg: Config, comm: Comm, log: MetricsLog, start: int) -> 
         values = ", ".join(f"{k}={v}" for k, v in ignored.items())
         log.message(f"the model's generation_config.json is ignored ({values}): decoding is greedy as configured")
     log.message(p.evaluator.memory_note)
-    memory = {"weights_bytes": weight_bytes(model), **peak_memory()}
+    memory = {"weights_bytes": loaded_bytes(model), **peak_memory()}
     log.message(f"memory per rank ({cfg.model.precision}): weights {memory['weights_bytes'] / 2**20:.1f} MiB, "
                 f"peak resident {memory['peak_rss_bytes'] / 2**20:.0f} MiB after loading")
     log.log({"generation": start, "memory_after_load": memory})

@@ -277,10 +277,10 @@ def model_digest(path: str, gguf: str | None) -> str:
 
 def identity(cfg, task) -> dict:
     """What defines the objective, besides the config: model files, SFT adapter files, task rows."""
-    from essa_mpi.model import resolve
+    from essa_mpi.modelfiles import resolve
 
     adapter = cfg.adapter.path
-    return {"model": model_digest(*resolve(cfg.model)),
+    return {"model": model_digest(*resolve(cfg.model, local=False)),
             "adapter": file_digest([os.path.join(adapter, n) for n in ("adapter_config.json",
                                                                        "adapter_model.safetensors")])
             if adapter and os.path.isdir(adapter) else "none",

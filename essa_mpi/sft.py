@@ -175,7 +175,7 @@ def micro_batch(cfg: Config, local_rank: int = 0, local_size: int = 1) -> tuple:
     fit this rank's device (or, on CPU, its share of the node's RAM) beside the weights (plan.sft_plan)
     → (rows, the plan's line)."""
     from essa_mpi import memory
-    from essa_mpi.model import rank_memory
+    from essa_mpi.memory import rank_memory
     from essa_mpi.plan import sft_plan
 
     s = cfg.sft
@@ -252,10 +252,12 @@ def peft_model(cfg: Config, team: Team):
     return model, tok
 
 
-def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, team: Team | None = None) -> dict:
+def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, team: Team | None = None,
+          saved=lambda step: None) -> dict:
     """Train the LoRA adapter on task.sft on every rank of team and save it to out_dir from rank 0 (atomically:
     temp dir + rename); continue from the SFT's checkpoint when there is one. tick() is called between the
-    stages and after every step (a sign of progress for whoever waits, Comm.beat)."""
+    stages and after every step (a sign of progress for whoever waits, Comm.beat); saved(step) on rank 0 after
+    each checkpoint (what a time-limited job gained: rundir.stage_done)."""
     from essa_mpi import stages
 
     team = team or Team()
@@ -299,6 +301,7 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, t
         done = step + 1
         if team.rank == 0 and s.save_every and done % s.save_every == 0 and done < steps:
             save_state(path, key, done, losses, model, opt, sched)
+            saved(done)
         stages.reached(f"sft step {done}", team.rank)
         if done % max(1, steps // 10) == 0 or done == steps:
             log(f"SFT step {done}/{steps}: loss {np.mean(losses[-10:]):.4f} ({time.time() - t0:.0f} s)")

@@ -19,7 +19,7 @@ import re
 import shutil
 import time
 
-from essa_mpi import modelfiles
+from essa_mpi import modelfiles, stages
 from essa_mpi.comm import Comm, first_error, host_label
 from essa_mpi.config import EMBEDDED_MODEL, Config
 from essa_mpi.preflight import looks_like_hub_id
@@ -118,10 +118,15 @@ def copy_model(path: str, gguf: str | None, dest: str) -> tuple:
     part = f"{dest}.part{os.getpid()}"
     shutil.rmtree(part, ignore_errors=True)
     os.makedirs(part)
-    for n in names:
-        shutil.copyfile(os.path.join(path, n), os.path.join(part, n))  # copy_file_range/sendfile: no Python loop
-    with open(os.path.join(part, MARK), "w") as fh:
-        json.dump(want, fh)
+    try:
+        for n in names:
+            shutil.copyfile(os.path.join(path, n), os.path.join(part, n))  # copy_file_range/sendfile: in the kernel
+        with open(os.path.join(part, MARK), "w") as fh:
+            json.dump(want, fh)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)  # a copy without its mark (cut before it was whole)
     os.replace(part, dest)
     return sum(size for size, _ in want.values()), time.time() - t
 
@@ -142,7 +147,11 @@ def stage_node(sources: dict, root: str, node_dir: str, keep: bool) -> tuple:
     local, copied, seconds = {}, 0, 0.0
     for key, (path, gguf) in sources.items():
         dest = os.path.join(base, re.sub(r"\W", "_", key))
-        n, s = copy_model(path, gguf, dest)
+        try:
+            n, s = copy_model(path, gguf, dest)
+        except OSError as exc:  # the disk filled meanwhile, or refuses: the shared path still works
+            return {}, 0, 0.0, (f"run.stage_dir={root}: could not copy {path} on {host_label()} ({exc.strerror}: "
+                                f"{exc.filename}); reading it from the shared path instead.")
         local[key], copied, seconds = (dest, gguf), copied + n, seconds + s
     return local, copied, seconds, None
 
@@ -160,6 +169,7 @@ def localize(cfg: Config, comm: Comm) -> list:
     """Resolve hub names on rank 0 (broadcast), then stage on the first rank of each node (run.stage_dir).
     Every rank calls it; afterwards modelfiles.LOCAL points this rank's loaders at local files. → lines for
     rank 0 to print."""
+    stages.reached("resolve", comm.rank)
     names = hub_names(cfg)
     fetched = first_error(comm, lambda: {k: fetch(k, *v) for k, v in names.items()} if comm.rank == 0 else None)
     if names:

@@ -6,7 +6,9 @@ how far a job got and cut it at a chosen moment: a requeue, a kill or a time lim
                                      # requeue, scancel or kill ends it; "NAME*" holds at every attempt;
                                      # "load,generation 2" holds at each named stage once, in turn
 
-Stages, in order: ``start`` (imports and checks done, run.output_dir claimed), ``sft`` (the warm start trains),
+Stages, in order: ``resolve`` (config checked; hub names and node-local copies next, stage.py), ``read`` (rank
+0 reads the datasets), ``start`` (imports and checks done, run.output_dir claimed), ``sft`` (the warm start
+trains; ``sft step K`` after each step),
 ``load`` (the search's model load), ``base validation``,
 ``generation K`` (K = 1.., its evaluation done, before the exchange), ``checkpoint K`` (inside the write's
 critical section: SIGTERM waits for it), ``validation K``, ``export``. Without ESSA_STAGE_LOG this is a no-op.

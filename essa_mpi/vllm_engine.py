@@ -105,7 +105,8 @@ def adapter_rank(path: str) -> int:
 def model_dir(cfg: ModelConfig) -> str:
     """What vLLM loads: the model's directory or hub id; a GGUF goes through the dense safetensors copy
     (model.dense_copy, made once per user and machine)."""
-    from essa_mpi.model import compute_dtype, dense_copy, resolve
+    from essa_mpi.model import compute_dtype, dense_copy
+    from essa_mpi.modelfiles import resolve
 
     path, gguf = resolve(cfg)
     return dense_copy(path, gguf, compute_dtype(cfg.precision)) if gguf else path
@@ -113,7 +114,7 @@ def model_dir(cfg: ModelConfig) -> str:
 
 def skeleton(path: str, precision: str = "fp32"):
     """The model's modules on the meta device (no weights): what SVDLoRA needs for module names and shapes
-    when vLLM holds the weights (and weight_bytes, in the precision vLLM loads)."""
+    when vLLM holds the weights (and loaded_bytes, in the precision vLLM loads)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -152,8 +153,8 @@ class VLLMEngine:
                  local_rank: int = 0, local_size: int = 1, threads: int = 1, seed: int = 0,
                  max_tokens: int | None = None, prefix_caching: bool | None = None) -> None:
         """prefix_caching None: PREFIX_CACHING (tools/bench/bench_eval.py --vllm-prefix-caching measures both)."""
+        from essa_mpi.launch import on_cpu as resolves_to_cpu
         from essa_mpi.model import compute_dtype
-        from essa_mpi.model import on_cpu as resolves_to_cpu
 
         self.on_cpu = on_cpu = resolves_to_cpu(cfg)
         tp = 1 if on_cpu else cfg.gpus_per_rank
@@ -161,7 +162,7 @@ class VLLMEngine:
         if on_cpu:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores(list(os.sched_getaffinity(0)), local_rank, threads)
         # On GPUs nothing to choose here: cli.main bound this rank's GPUs before CUDA started (launch.bind_rank),
-        # so the engine's devices 0..tp-1 are the rank's own; model.placement refused a rank that shares GPU 0.
+        # so the engine's devices 0..tp-1 are the rank's own; launch.placement refused a rank that shares GPU 0.
         from vllm import LLM
 
         sweep_scratch()

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from essa_mpi.config import ModelConfig
-from essa_mpi.launch import check_world, expected_world, gpu_ids, srun_mpi_plugin
-from essa_mpi.model import placement
+from essa_mpi.launch import check_world, expected_world, gpu_ids, placement, srun_mpi_plugin
 
 
 @pytest.mark.parametrize("env,world,bad", [

@@ -85,14 +85,12 @@ def qwen32_dir(tmp_path):
 
 
 def test_preflight_refuses_weights_that_cannot_fit_naming_numbers_and_fix(qwen32_dir, monkeypatch):
-    from essa_mpi import model
-
-    monkeypatch.setattr(model, "rank_memory", lambda *a: memory.Device("cuda", 48 * GiB))
+    monkeypatch.setattr(memory, "rank_memory", lambda *a: memory.Device("cuda", 48 * GiB))
     cfg = load_config(None, [f"model.name_or_path={qwen32_dir}", "task.max_new_tokens=1024"])
     with pytest.raises(ValueError, match=r"weights 61\.0 GiB .* of 43\.2 GiB per device: the weights alone "
                                          r"exceed it; use model.gpus_per_rank=2"):
-        model.check_memory(cfg, 0, 8, prompt_tokens=300)
-    monkeypatch.setattr(model, "rank_memory", lambda *a: memory.Device("cuda", 80 * GiB))
-    model.check_memory(cfg, 0, 8, prompt_tokens=300)  # fits: no error
-    rows, note = model.rows_per_call(cfg, 0, 8, 300, 1024)
+        memory.check_memory(cfg, 0, 8, prompt_tokens=300)
+    monkeypatch.setattr(memory, "rank_memory", lambda *a: memory.Device("cuda", 80 * GiB))
+    memory.check_memory(cfg, 0, 8, prompt_tokens=300)  # fits: no error
+    rows, note = memory.rows_per_call(cfg, 0, 8, 300, 1024)
     assert rows > 0 and note.startswith("run.max_rows=auto: weights 61.0 GiB")

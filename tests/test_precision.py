@@ -12,7 +12,8 @@ from test_cli_mpi import ENV, history, metrics, mpirun
 from tiny import save_tiny
 
 from essa_mpi.config import PRECISIONS, ModelConfig
-from essa_mpi.model import load_model, trim_host_memory, weight_bytes
+from essa_mpi.memory import loaded_bytes, trim_host_memory
+from essa_mpi.model import load_model
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -41,8 +42,8 @@ def test_precision_loads_with_its_layer_type_and_size(model_dirs, precision):
     layer = type(model.model.layers[0].self_attn.q_proj).__name__
     assert layer == {"fp32": "Linear", "bf16": "Linear", "int8": "Linear8bitLt", "int4": "Linear4bit",
                      "gptq": "GPTQLinear"}[precision]
-    full = weight_bytes(load(model_dirs, "fp32")[0])
-    assert weight_bytes(model) < (1.0 if precision == "fp32" else 0.6) * full + 1
+    full = loaded_bytes(load(model_dirs, "fp32")[0])
+    assert loaded_bytes(model) < (1.0 if precision == "fp32" else 0.6) * full + 1
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -50,7 +51,7 @@ def test_weight_bytes_count_the_bitsandbytes_constants(model_dirs, precision):
     layer = load(model_dirs, precision)[0].model.layers[0].self_attn.q_proj
     packed = layer.weight.numel() * layer.weight.element_size()
     scales = 64 * 4  # fp32: int8 one per row; NF4 absmax one per 64-value block (64x64 weight)
-    assert weight_bytes(layer) >= packed + scales
+    assert loaded_bytes(layer) >= packed + scales
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

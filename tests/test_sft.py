@@ -116,7 +116,7 @@ def test_auto_micro_batches_keep_rows_times_tokens_within_the_memory_budget(tiny
     arch = memory.Arch.from_facts(model_facts(cfg.model))
     row = memory.sft_row_bytes(arch, cfg.model.precision, 64, False)
     room = memory.RUNTIME["cpu"] + memory.weight_bytes(arch, cfg.model.precision) + 3.5 * row
-    monkeypatch.setattr(model_mod, "available_ram", lambda: int(room / cfg.run.memory_headroom))
+    monkeypatch.setattr(memory, "available_ram", lambda: int(room / cfg.run.memory_headroom))
     seen, real_forward = [], None
 
     def spy_load(*a, **kw):

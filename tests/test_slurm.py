@@ -118,10 +118,11 @@ def rank_pid(job: str, rank: int) -> int:
 @pytest.fixture(scope="module")
 def cluster(tiny_dir, tmp_path_factory):
     """Every job at once: two nodes uninterrupted; requeued at every stage; a time limit that requeues itself;
-    one that makes no progress; a rank SIGKILLed mid-run (then the same command again). The reference is
-    mpiexec -n 4 on this host."""
+    one that makes no progress; a rank SIGKILLed mid-run (then the same command again). The references are
+    mpiexec -n 4 and -n 2 on this host (the SFT's gradient sum follows the rank count, to float rounding)."""
     base = tmp_path_factory.mktemp("slurm")
-    out = {k: base / k for k in ("two_nodes", "requeued", "time_limit", "no_progress", "killed", "mpiexec")}
+    out = {k: base / k for k in ("two_nodes", "requeued", "time_limit", "no_progress", "killed", "mpiexec",
+                                 "mpiexec2")}
     logs = {k: base / f"{k}.stages" for k in out}
 
     def staged(name, hold):
@@ -158,8 +159,9 @@ def cluster(tiny_dir, tmp_path_factory):
                 watch("killed", kill_rank_3)]
     for w in watchers:
         w.start()
-    res = mpirun(4, job_args(tiny_dir, out["mpiexec"]), timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
+    for n, ref in ((4, "mpiexec"), (2, "mpiexec2")):  # every rank trains a share of the SFT: per rank count
+        res = mpirun(n, job_args(tiny_dir, out[ref]), timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
     for w in watchers:
         w.join(timeout=900)
     for job in jobs.values():
@@ -216,7 +218,7 @@ def test_a_job_requeued_at_every_stage_ends_as_an_uninterrupted_run(cluster):
     assert [c[0] for c in cluster["cuts"]] == REQUEUE_AT, cluster["cuts"]
     text = read(f"{out}.log")
     assert all(f"attempt {k} " in text for k in range(1, len(REQUEUE_AT) + 2)), "an attempt's log was lost"
-    same_run(out, cluster["out"]["mpiexec"])
+    same_run(out, cluster["out"]["mpiexec2"])
 
 
 def test_a_time_limit_requeues_the_job_which_then_ends_as_an_uninterrupted_run(cluster):
@@ -224,7 +226,7 @@ def test_a_time_limit_requeues_the_job_which_then_ends_as_an_uninterrupted_run(c
     text = read(f"{out}.log")
     assert "== time limit near" in text and "stopped for the time limit (SIGUSR1" in text, text[-3000:]
     assert "== requeued: progress -1/0 -> 2/1" in text and "attempt 2 " in text, text[-3000:]
-    same_run(out, cluster["out"]["mpiexec"])
+    same_run(out, cluster["out"]["mpiexec2"])
 
 
 def test_a_time_limited_job_without_progress_stops_with_its_line(cluster):

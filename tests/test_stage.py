@@ -51,6 +51,25 @@ def test_too_little_space_reads_in_place_with_one_line(tmp_path, monkeypatch):
     assert note.startswith(f"run.stage_dir={tmp_path}: the model files need 0.0 GiB") and "shared path" in note
 
 
+def test_a_copy_that_fails_midway_leaves_nothing_and_reads_in_place(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "model.safetensors").write_bytes(b"w" * 100)
+    real = shutil.copyfile
+
+    def full_disk(a, b):
+        if a.endswith(".safetensors"):
+            raise OSError(28, "No space left on device", b)
+        return real(a, b)
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    local, _, _, note = stage.stage_node({"model.name_or_path": (str(src), None)}, str(tmp_path / "stage"), "n",
+                                         True)
+    assert local == {} and "could not copy" in note and "No space left on device" in note
+    assert os.listdir(tmp_path / "stage" / "n") == []  # no half copy
+
+
 def hub_site(tmp_path, repos: dict):
     """A sitecustomize that replaces huggingface_hub.snapshot_download in every rank: each call appends a line
     to calls.log (counted here, outside the ranks), known repos answer a local directory, others fail as the

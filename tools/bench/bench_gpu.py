@@ -78,7 +78,7 @@ def save_random_gptq(dense: str, out: str, group_size: int = 128) -> str:
 
 def measure(path: str, precision: str, device: str, args: argparse.Namespace) -> dict:
     """Load at ``precision`` the way a rank does, attach SVD-LoRA, time one population-batched generate."""
-    from essa_mpi.model import weight_bytes
+    from essa_mpi.memory import loaded_bytes
     from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 
     if device == "cuda":
@@ -113,7 +113,7 @@ def measure(path: str, precision: str, device: str, args: argparse.Namespace) ->
     tokens = rows.shape[0] * args.new_tokens
     result = {"precision": precision, "rows": rows.shape[0], "new_tokens": args.new_tokens, "load_s": round(load_s, 1),
               "population_tokens_per_s": round(tokens / t_pop, 1), "base_tokens_per_s": round(tokens / t_base, 1),
-              "population_vs_base": round(t_base / t_pop, 3), "weights_bytes": weight_bytes(model),
+              "population_vs_base": round(t_base / t_pop, 3), "weights_bytes": loaded_bytes(model),
               "gptq_backend": getattr(model, "gptq_backend", None)}
     if device == "cuda":
         result["cuda_peak_bytes"] = torch.cuda.max_memory_allocated()

@@ -29,7 +29,8 @@ def one(rows: int, prompt: int, new: int) -> dict:
 
     from essa_mpi import memory
     from essa_mpi.config import ModelConfig, TaskConfig
-    from essa_mpi.model import load_model, weight_bytes
+    from essa_mpi.memory import loaded_bytes
+    from essa_mpi.model import load_model
     from essa_mpi.modelfiles import model_facts
     from essa_mpi.population import PopulationEvaluator
     from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
@@ -57,7 +58,7 @@ def one(rows: int, prompt: int, new: int) -> dict:
     est = memory.plan(arch, "bf16", T, new, memory.Device("cpu", 1 << 50), 1.0, want=rows)
     return {"rows": rows, "prompt_tokens": T, "new_tokens": new, "measured_peak_rss_gib": round(peak / 2**30, 3),
             "estimated_peak_gib": round(est.peak / 2**30, 3), "measured_over_estimated": round(peak / est.peak, 3),
-            "rss_after_load_gib": round(loaded / 2**30, 3), "weights_gib": round(weight_bytes(model) / 2**30, 3),
+            "rss_after_load_gib": round(loaded / 2**30, 3), "weights_gib": round(loaded_bytes(model) / 2**30, 3),
             "estimated_weights_gib": round(est.weights / 2**30, 3), "estimated_row_mib": round(est.row / 2**20, 2)}
 
 

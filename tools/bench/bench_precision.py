@@ -69,10 +69,11 @@ def summarize(out_dir: str) -> dict:
 def layer_bytes(model: str, precision: str, device: str) -> int:
     """Bytes of the decoder layers alone (what int8/int4/gptq quantize; embeddings, norms and head stay bf16)."""
     from essa_mpi.config import ModelConfig
-    from essa_mpi.model import load_model, weight_bytes
+    from essa_mpi.memory import loaded_bytes
+    from essa_mpi.model import load_model
 
     lm, _ = load_model(ModelConfig(name_or_path=model, precision=precision, device=device))
-    return weight_bytes(lm.get_decoder().layers)
+    return loaded_bytes(lm.get_decoder().layers)
 
 
 def table(results: dict) -> str:

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from essa_mpi.config import load_config
-from essa_mpi.model import load_model, rows_per_call
+from essa_mpi.memory import rows_per_call
+from essa_mpi.model import load_model
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.tasks import build_task, score_rows
 

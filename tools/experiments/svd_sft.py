@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools", "bench"))
 from grpo_baseline import NoBranch, svd_model  # noqa: E402
 
 from essa_mpi.config import load_config  # noqa: E402
-from essa_mpi.model import load_model, rows_per_call  # noqa: E402
+from essa_mpi.memory import rows_per_call  # noqa: E402
+from essa_mpi.model import load_model  # noqa: E402
 from essa_mpi.population import PopulationEvaluator  # noqa: E402
 from essa_mpi.sft import collate, encode_row  # noqa: E402
 from essa_mpi.tasks import build_task  # noqa: E402
