@@ -43,6 +43,9 @@ def watch(proc, stages_log: str, metrics: str, t0: float) -> dict:
                 seen.setdefault(line, round(time.time() - t0, 2))
         if "first generation" not in seen and os.path.exists(metrics) and '"val_base_reward"' in open(metrics).read():
             seen["first generation"] = round(time.time() - t0, 2)
+            proc.terminate()  # srun ends the step: what comes after is not measured here
+            proc.wait()
+            return seen
         time.sleep(0.05)
     return seen
 
@@ -68,11 +71,12 @@ def one(tree: str, nodes: int, ranks: int, model: str | None, base: str, label: 
     cmd = ["srun", f"--nodes={nodes}", f"--ntasks={ranks}", "--cpus-per-task=1", "--mpi=pmi2", f"--chdir={tree}",
            sys.executable, "-m", "essa_mpi", *run_args(out, sft_dir, model)]
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    seen = watch(proc, stages_log, os.path.join(out, "metrics.jsonl"), t0)
-    err = proc.communicate()[1]
-    if proc.returncode:
-        raise SystemExit(f"bench_startup: {label} {ranks}x{nodes} failed ({proc.returncode}):\n{err[-3000:]}")
+    with open(f"{out}.log", "wb") as log:  # a file, not a pipe: nobody reads a pipe while the bench polls
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        seen = watch(proc, stages_log, os.path.join(out, "metrics.jsonl"), t0)
+    if "first generation" not in seen:
+        with open(f"{out}.log", encoding="utf-8", errors="replace") as fh:
+            raise SystemExit(f"bench_startup: {label} {ranks}x{nodes} failed ({proc.returncode}):\n{fh.read()[-3000:]}")
     return {"code": label, "ranks": ranks, "nodes": nodes, "seconds": split(seen)}
 
 
@@ -81,17 +85,20 @@ def main() -> int:
     ap.add_argument("--before", required=True, help="the earlier commit to compare with (checked out to a temp dir)")
     ap.add_argument("--shapes", default="1x1,2x2,4x2,8x4", help="RANKSxNODES, comma-separated")
     ap.add_argument("--model", help="model.name_or_path (default: the embedded model)")
+    ap.add_argument("--previous", help="a JSON-lines file of rows printed by an earlier, cut run: kept, not rerun")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "bench_startup.json"))
     args = ap.parse_args()
     base = tempfile.mkdtemp(prefix="bench_startup_")
     before = os.path.join(base, "before")
     subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", before, args.before], check=True,
                    capture_output=True)
-    rows = []
+    rows = [json.loads(line) for line in open(args.previous)] if args.previous else []
     try:
         for shape in args.shapes.split(","):
             ranks, nodes = (int(x) for x in shape.lower().split("x"))
             for label, tree in (("before", before), ("now", REPO)):
+                if any(r["code"] == label and (r["ranks"], r["nodes"]) == (ranks, nodes) for r in rows):
+                    continue
                 rows.append(one(tree, nodes, ranks, args.model, base, label))
                 print(json.dumps(rows[-1]), flush=True)
     finally:
