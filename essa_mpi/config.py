@@ -156,7 +156,7 @@ class SFTConfig:
                                       "keeping them (less memory per row, about a third more compute).")
     max_length: int = _f(512, "Prompt + completion tokens kept per row (longer rows are truncated).")
     save_every: int = _f(50, "Optimizer steps between the SFT's own checkpoints (adapter, optimizer, scheduler, "
-                         "data position, in <output_dir>.resume/); a requeued or rerun job continues from the last "
+                         "data position, in <output_dir>.resume.pt); a requeued or rerun job continues from the last "
                          "one. 0 = none.")
     output_dir: str | None = _f(None, "Where the SFT adapter is written; None = runs/sft/<task>-<hash of "
                                    "everything that shapes it>, so a repeated run reuses it.")

@@ -27,6 +27,7 @@ This rank's plan (``rank_memory``, ``rows_per_call``, ``check_memory``) takes it
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 GiB = 2**30
@@ -223,8 +224,6 @@ LLAMA31_8B = Arch(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128, in
 
 def available_ram() -> int:
     """Bytes of RAM free for new allocations (MemAvailable; the page cache counts as free)."""
-    import os
-
     try:
         with open("/proc/meminfo") as fh:
             info = dict(line.split(":", 1) for line in fh)
@@ -254,9 +253,8 @@ def memory_plan(cfg, local_rank: int, local_size: int, prompt_tokens: int, new_t
     arch = arch_for(cfg.model)
     if arch is None:
         return None
-    return plan(arch, cfg.model.precision, prompt_tokens, new_tokens,
-                       rank_memory(cfg.model, local_rank, local_size), cfg.run.memory_headroom,
-                       None if rows == "auto" else rows)
+    return plan(arch, cfg.model.precision, prompt_tokens, new_tokens, rank_memory(cfg.model, local_rank, local_size),
+                cfg.run.memory_headroom, None if rows == "auto" else rows)
 
 
 def rows_per_call(cfg, local_rank: int, local_size: int, prompt_tokens: int, new_tokens: int) -> tuple:
@@ -281,7 +279,7 @@ def check_memory(cfg, local_rank: int, local_size: int, prompt_tokens: int) -> N
     dev = rank_memory(m, local_rank, local_size)
     if m.engine == "vllm" and dev.kind == "cuda":
         problem = vllm_check(arch, m.precision, prompt_tokens + new, dev.memory, m.vllm_memory_fraction,
-                                    m.gpus_per_rank)
+                             m.gpus_per_rank)
         if problem:
             raise ValueError(f"{problem}; raise model.vllm_memory_fraction, model.gpus_per_rank, or lower "
                              f"task.max_new_tokens.")

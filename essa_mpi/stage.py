@@ -161,7 +161,7 @@ def sources(cfg: Config) -> dict:
     out = {"model.name_or_path": modelfiles.resolve(cfg.model)}
     rm = cfg.task.reward_model
     if cfg.task.name == "reward_model" and rm:
-        out["task.reward_model"] = (modelfiles.LOCAL.get(rm, (rm, None))[0], None)
+        out["task.reward_model"] = (modelfiles.local_path(rm), None)
     return {k: v for k, v in out.items() if os.path.isdir(v[0])}
 
 
@@ -182,7 +182,10 @@ def localize(cfg: Config, comm: Comm) -> list:
     root = stage_root(cfg.run.stage_dir, os.environ)
     if root is None:
         return []
-    node_dir = f"essa_mpi-{os.environ.get('SLURM_JOB_ID', 'job')}-{re.sub(r'[^A-Za-z0-9_.-]', '_', host_label())}"
+    # one directory per job and node: the attempts of a requeued job reuse it; outside SLURM the leader's pid
+    # keeps two runs on one host apart (each removes its own at exit)
+    job = os.environ.get("SLURM_JOB_ID") or f"pid{os.getpid()}"
+    node_dir = f"essa_mpi-{job}-{re.sub(r'[^A-Za-z0-9_.-]', '_', host_label())}"
     src = sources(cfg)
     staged = first_error(comm, lambda: stage_node(src, root, node_dir, cfg.run.keep_stage)
                          if comm.local_rank == 0 else None)

@@ -186,3 +186,18 @@ def test_two_jobs_with_the_same_warm_start_train_it_once(tiny_dir, tmp_path):
     assert "another job trains this adapter" in second.stdout and "SFT warm start: training" not in second.stdout
     assert f"using cached {out}" in second.stdout and json.loads(second.stdout.splitlines()[-1])["cached"]
     assert sft.is_done(str(out)) and sorted(os.listdir(out.parent)) == ["toy-same"]
+
+
+def test_a_file_of_yours_where_the_sft_checkpoints_is_refused_and_kept(tmp_path):
+    """<output_dir>.resume.pt is written during the SFT and removed after it: a file there that no SFT wrote
+    stops the run before any model loads and stays as it was; the SFT's own checkpoint passes."""
+    import pytest
+
+    out = tmp_path / "adapter"
+    mine = tmp_path / "adapter.resume.pt"
+    mine.write_text("my notes")
+    with pytest.raises(ValueError, match=r"adapter\.resume\.pt is not an SFT checkpoint of essa_mpi.*move it away"):
+        sft.check_output_dir(str(out))
+    assert mine.read_text() == "my notes"
+    torch.save({"key": "k", "step": 2}, mine)
+    sft.check_output_dir(str(out))

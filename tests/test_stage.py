@@ -155,3 +155,19 @@ def test_each_model_and_data_file_is_opened_by_one_rank_per_node(tiny_dir, tmp_p
     assert not twice, f"opened by more than one rank of a node: {twice} (ranks' nodes {hosts})"
     assert "model files staged once per node" in res.stdout + res.stderr
     assert not [n for n in os.listdir(scratch) if n.startswith("essa_mpi-")], os.listdir(scratch)  # removed at exit
+
+
+def test_two_runs_on_one_host_stage_to_directories_of_their_own(tiny_dir, tmp_path, monkeypatch):
+    """Outside SLURM (run.stage_dir given) the directory carries the leader's pid: another run on the host
+    neither reuses nor removes it. One-rank world, in process."""
+    from essa_mpi import modelfiles
+    from essa_mpi.comm import Comm
+    from essa_mpi.config import load_config
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(modelfiles, "LOCAL", {})
+    cfg = load_config(None, [f"model.name_or_path={tiny_dir}", f"run.stage_dir={tmp_path}", "run.keep_stage=true"])
+    notes = stage.localize(cfg, Comm())
+    path, gguf = modelfiles.resolve(cfg.model)
+    assert os.path.basename(os.path.dirname(path)).startswith(f"essa_mpi-pid{os.getpid()}-") and gguf is None
+    assert os.path.isfile(os.path.join(path, "config.json")) and "staged once per node" in notes[-1]

@@ -39,9 +39,9 @@ class RewardModelScorer:
     def model_and_tokenizer(self) -> tuple:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from essa_mpi.modelfiles import LOCAL
+        from essa_mpi.modelfiles import local_path
 
-        path = LOCAL.get(self.name, (self.name, None))[0]  # the hub snapshot or node-local copy (stage.py)
+        path = local_path(self.name)  # the hub snapshot or node-local copy (stage.py)
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=self.trust)
         tok.padding_side = "right"  # ArmoRM-style heads read the last non-pad token counted from the left
         if tok.pad_token is None:
