@@ -43,10 +43,13 @@ def eight_ranks(tiny_dir, tmp_path_factory):
     cases += [{"gpus": 8, "local_size": 4, "launcher": "srun", "preset": "{rank}",  # srun --gpus-per-task=1
                "args": base_args(tiny_dir, tmp / "bound")},
               {"gpus": 8, "local_size": 2, "launcher": "hydra", "preset": "4,5,6,7",  # this job's half of the node
-               "args": base_args(tiny_dir, tmp / "split") + ["model.gpus_per_rank=2"]}]
+               "args": base_args(tiny_dir, tmp / "split") + ["model.gpus_per_rank=2"]},
+              {"gpus": 8, "local_size": 2, "launcher": "hydra",  # every rank trains the SFT warm start
+               "args": base_args(tiny_dir, tmp / "sft") + ["adapter.warm_start=sft",
+                                                           f"sft.output_dir={tmp}/sft_adapter_{{rank}}"]}]
     res = spy(cases, tmp / "out.json", tmp)
     assert res.returncode == 0, res.stderr[-3000:]
-    return dict(zip([c[0] for c in CASES] + ["bound", "split"], json.loads((tmp / "out.json").read_text())))
+    return dict(zip([c[0] for c in CASES] + ["bound", "split", "sft"], json.loads((tmp / "out.json").read_text())))
 
 
 @pytest.mark.parametrize("name,gpus,launcher,extra,g", CASES, ids=[c[0] for c in CASES])
@@ -73,6 +76,13 @@ def test_a_launchers_own_binding_is_kept_and_a_jobs_gpu_list_is_split(eight_rank
     bound, split = eight_ranks["bound"], eight_ranks["split"]
     assert [r["model_gpus"] for r in bound] == [[0], [1], [2], [3]]
     assert [r["env_at_init"] for r in split] == ["4,5", "6,7"] and [r["model_gpus"] for r in split] == [[4, 5], [6, 7]]
+
+
+def test_each_rank_trains_the_sft_on_its_own_gpu(eight_ranks):
+    """The SFT warm start's model (loaded before the search's) goes to the rank's own GPU on every rank."""
+    for r, rank in enumerate(eight_ranks["sft"]):
+        assert rank["exit"] == "reached" and rank["model_gpus"] == [r] and rank["current_gpu"] == r, rank
+        assert rank["first_call"][1] == str(r), rank
 
 
 def test_real_mpiexec_ranks_bind_by_hydras_local_rank_and_mpi_confirms_it(tiny_dir, tmp_path):
