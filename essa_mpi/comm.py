@@ -9,10 +9,9 @@ them to catch a diverged state) and the seconds it spent evaluating (for the wai
 metric). That one Allgatherv is the only collective of a generation; validation adds one Allreduce.
 Everything else every rank derives from the config and seeds.
 
-More ranks than candidates (world > popsize): a group of ranks shares a candidate and splits the
-mini-batch's prompts; each rank then sends one record per prompt it scored (the candidate's seed, that
-prompt's reward), popsize x batch records in all, and every rank averages them in prompt order — the same
-float64 mean of float32 prompt rewards a one-rank run takes (``candidate_rewards``, ``Comm.exchange_rewards``).
+Which rows each rank evaluates, and which records it sends for them, is ``essa_mpi.shares`` (the
+popsize x batch (candidate, prompt) rows split evenly; a rank holding part of a candidate sends one record per
+prompt it scored, and every rank averages them in prompt order, as a one-rank run does).
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from essa_mpi import watchdog
+from essa_mpi import shares, watchdog
 from essa_mpi.launch import threads_per_rank
 
 RECORD = np.dtype([("seed", "<u4"), ("reward", "<f4")])
@@ -51,61 +50,6 @@ def _beat_interval(stall_timeout_s: float) -> float:
     (60.0, 0.5, 60.0)
     """
     return min(60.0, max(0.5, stall_timeout_s / 8)) if stall_timeout_s else 60.0
-
-
-def split_counts(popsize: int, world: int) -> list:
-    """Contiguous split of the population: the first popsize % world ranks get one more candidate.
-
-    >>> split_counts(10, 3)
-    [4, 3, 3]
-    """
-    base, extra = divmod(popsize, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
-
-
-def shares(popsize: int, batch: int, world: int) -> list:
-    """Each rank's work: [(candidate slice, prompt slice)] for ranks 0..world-1.
-
-    world <= popsize: contiguous candidates (split_counts), every prompt. world > popsize: candidate c gets
-    split_counts(world, popsize)[c] consecutive ranks, which split its prompts contiguously.
-    >>> [(c.start, c.stop, p.start, p.stop) for c, p in shares(3, 4, 2)]
-    [(0, 2, 0, 4), (2, 3, 0, 4)]
-    >>> [(c.start, p.start, p.stop) for c, p in shares(2, 4, 5)]
-    [(0, 0, 2), (0, 2, 3), (0, 3, 4), (1, 0, 2), (1, 2, 4)]
-    """
-    assert world <= popsize * batch, f"{world} ranks cannot share {popsize} candidates x {batch} prompts"
-    if world <= popsize:
-        counts = split_counts(popsize, world)
-        starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
-        return [(slice(starts[r], starts[r + 1]), slice(0, batch)) for r in range(world)]
-    out = []
-    for c, group in enumerate(split_counts(world, popsize)):
-        start = 0
-        for n in split_counts(batch, group):
-            out.append((slice(c, c + 1), slice(start, start + n)))
-            start += n
-    return out
-
-
-def candidate_rewards(rows: np.ndarray) -> np.ndarray:
-    """[C, P] float32 prompt rewards → [C] float32 candidate rewards: the float64 mean in prompt order. One
-    function for every split of the work, so a run's rewards do not depend on how many ranks computed them.
-    A candidate with a non-finite prompt reward gets NaN: the run logs it and ranks it worst (never a 0).
-
-    >>> candidate_rewards(np.array([[1, 0, 0.5], [1, np.nan, 1]], np.float32))
-    array([0.5, nan], dtype=float32)
-    """
-    return rows.astype(np.float64).mean(axis=1).astype(np.float32)  # [C]
-
-
-def record_counts(popsize: int, batch: int, world: int) -> list:
-    """Records each rank sends: one per candidate, or (world > popsize) one per prompt it scored.
-
-    >>> record_counts(7, 3, 2), record_counts(2, 4, 5)
-    ([4, 3], [2, 1, 1, 2, 2])
-    """
-    per_prompt = world > popsize
-    return [(p.stop - p.start) if per_prompt else (c.stop - c.start) for c, p in shares(popsize, batch, world)]
 
 
 def init_mpi():
@@ -152,9 +96,9 @@ class Comm:
         self.after_stall: Callable[[], str] = lambda: "run the same command again"
         self._beats, self._beat_reqs, self._last_beat = 0, [], 0.0  # beat() since the last idle_bcast
 
-    def share(self, popsize: int, batch: int) -> tuple:
-        """(candidate slice, prompt slice) this rank evaluates."""
-        return shares(popsize, batch, self.size)[self.rank]
+    def share(self, popsize: int, batch: int) -> list:
+        """This rank's pieces of the generation's (candidate, prompt) rows (``shares.shares``)."""
+        return shares.shares(popsize, batch, self.size)[self.rank]
 
     def exchange(self, local: np.ndarray, counts: list, fingerprint: int, eval_s: float,
                  label: str = "the record exchange") -> tuple:
@@ -181,29 +125,25 @@ class Comm:
         seconds = np.array([c[-1]["reward"] for c in chunks], dtype=np.float32)  # [world]
         return records, fingerprints, seconds
 
-    def exchange_rewards(self, seeds: np.ndarray, rows: np.ndarray, batch: int, fingerprint: int, eval_s: float,
+    def exchange_rewards(self, seeds: np.ndarray, values: np.ndarray, batch: int, fingerprint: int, eval_s: float,
                          label: str = "the record exchange") -> tuple:
-        """This rank's prompt rewards → every candidate's reward, in candidate order, on every rank.
+        """This rank's record rewards → every candidate's reward, in candidate order, on every rank.
 
-        seeds [popsize] uint32 (the generation's, same on every rank); rows [my candidates, my prompts] float32
-        (this rank's share, ``share``). With world <= popsize a rank sends one record per candidate (its mean
-        reward); with more ranks, one per prompt it scored, and every rank averages each candidate's prompt
-        rewards in prompt order (``candidate_rewards``, the same mean a one-rank run takes). → (records
-        [popsize] RECORD, fingerprints [world] uint64, evaluation seconds [world] float32)."""
+        seeds [popsize] uint32 (the generation's, same on every rank); values [my records] float32 (this rank's
+        share, ``shares.local_values``). → (records [popsize] RECORD, fingerprints [world] uint64, evaluation
+        seconds [world] float32)."""
         popsize = len(seeds)
-        cands, _ = self.share(popsize, batch)
-        per_prompt = self.size > popsize
-        local = np.empty(rows.size if per_prompt else len(rows), dtype=RECORD)  # [my records]
-        local["seed"] = seeds[cands].repeat(rows.shape[1]) if per_prompt else seeds[cands]
-        local["reward"] = rows.reshape(-1) if per_prompt else candidate_rewards(rows)
-        gathered, fingerprints, seconds = self.exchange(local, record_counts(popsize, batch, self.size), fingerprint,
-                                                        eval_s, label)
+        counts = shares.record_counts(popsize, batch, self.size)
+        expected = shares.record_seeds(popsize, batch, self.size, seeds)  # [sum(counts)]
+        start = sum(counts[: self.rank])
+        local = np.empty(len(values), dtype=RECORD)  # [my records]
+        local["seed"], local["reward"] = expected[start: start + len(values)], values
+        gathered, fingerprints, seconds = self.exchange(local, counts, fingerprint, eval_s, label)
         # seeds depend only on (search.seed, g, k), never on the CMA-ES state: they agree even across diverged ranks
-        assert (gathered["seed"] == (seeds.repeat(batch) if per_prompt else seeds)).all(), "gathered seeds differ"
-        if not per_prompt:
-            return gathered, fingerprints, seconds  # [popsize]
-        records = np.empty(popsize, dtype=RECORD)  # [popsize*B] prompt records, candidate-major → [popsize]
-        records["seed"], records["reward"] = seeds, candidate_rewards(gathered["reward"].reshape(popsize, batch))
+        assert (gathered["seed"] == expected).all(), "gathered seeds differ"
+        records = np.empty(popsize, dtype=RECORD)  # [popsize]
+        records["seed"], records["reward"] = seeds, shares.gathered_rewards(popsize, batch, self.size,
+                                                                            gathered["reward"])
         return records, fingerprints, seconds
 
     def allreduce_sum(self, values: np.ndarray, label: str = "validation") -> np.ndarray:

@@ -89,9 +89,9 @@ class AdapterConfig:
 
 @dataclass
 class SearchConfig:
-    popsize: int = _f(16, f"CMA-ES population size lambda ({POPSIZE_RANGE[0]}..{POPSIZE_RANGE[1]}). With more ranks "
-                      "than candidates, a group of ranks shares each candidate and splits its prompts (ranks <= "
-                      "popsize x task.batch_size).")
+    popsize: int = _f(16, f"CMA-ES population size lambda ({POPSIZE_RANGE[0]}..{POPSIZE_RANGE[1]}). The popsize x "
+                      "task.batch_size (candidate, prompt) rows are split evenly over the ranks (at most that many "
+                      "ranks; essa_mpi/shares.py).")
     sigma0: float = _f(0.5, f"Initial CMA-ES step size (0 < sigma0 <= {SIGMA0_MAX:g}): an absolute singular-value "
                        "offset with step_scale=uniform, a fraction of each singular value with step_scale=singular.")
     covariance: Literal["auto", "full", "diagonal"] = _f("auto", "auto: diagonal when solution_length > 500.")

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from essa_mpi.comm import candidate_rewards
 from essa_mpi.decode import greedy, unpadded
+from essa_mpi.shares import candidate_rewards
 from essa_mpi.svd_lora import SVDLoRA
 from essa_mpi.tasks import Task, score_rows
 

@@ -3,9 +3,10 @@
     mpiexec -n 2 python -m essa_mpi --config jobs/smollm2_arithmetic.yaml
     mpiexec -n 2 python -m essa_mpi --resume runs/essa          # continue a killed run
 
-Every rank holds the same CMA-ES; rank r evaluates its contiguous share of the population and sends one
-8-byte (seed, reward) record per candidate (with more ranks than candidates, a group of ranks splits each
-candidate's prompts and sends one record per prompt: ``comm.shares``). Only rank 0 writes files.
+Every rank holds the same CMA-ES; rank r evaluates its contiguous share of the popsize x batch (candidate,
+prompt) rows, every rank's count within one of the others', and sends one 8-byte (seed, reward) record per whole
+candidate and one per prompt of a candidate it shares with a neighbour (``essa_mpi.shares``). Only rank 0 writes
+files.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 
 from essa_mpi import checkpoint, stages, watchdog
-from essa_mpi.comm import RECORD, Comm, first_error, ranks_text, record_counts
+from essa_mpi.comm import RECORD, Comm, first_error, ranks_text
 from essa_mpi.config import Config, step_scale, validation_due
 from essa_mpi.export import export_adapter
 from essa_mpi.memory import loaded_bytes, peak_memory, rows_per_call, trim_host_memory
@@ -29,6 +30,7 @@ from essa_mpi.model import load_model
 from essa_mpi.population import PopulationEvaluator
 from essa_mpi.rundir import check_identity, keep_best, past_validation
 from essa_mpi.search import SeededCMA
+from essa_mpi.shares import local_values, record_counts
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors, load_lora_factors
 from essa_mpi.tasks import Task, batch_indices
 
@@ -53,8 +55,8 @@ def build(cfg: Config, comm: Comm, task: Task) -> Parts:
     if cfg.model.engine == "vllm":  # vLLM holds the weights; SVD-LoRA needs only the modules' names and shapes
         from essa_mpi.vllm_engine import load_engine
 
-        mine = comm.share(cfg.search.popsize, cfg.task.batch_size)[0]  # this rank's candidates: its adapters
-        model, tok, engine = load_engine(cfg, comm.local_rank, comm.local_size, mine.stop - mine.start, threads,
+        mine = sum(p.cands.stop - p.cands.start for p in comm.share(cfg.search.popsize, cfg.task.batch_size))
+        model, tok, engine = load_engine(cfg, comm.local_rank, comm.local_size, mine, threads,
                                          rows[0], task.prompt_tokens + cfg.task.max_new_tokens)
     else:
         model, tok = load_model(cfg.model, comm.local_rank, comm.local_size)
@@ -133,15 +135,15 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> dict:
     fingerprint = p.search.fingerprint()  # the state the candidates come from; checked in the same exchange
     seeds = p.search.seeds(g)  # [popsize] uint32
     X = p.search.ask(seeds)  # [popsize, n] — every rank draws all; Alg. 1, line 10
-    cands, prompts = comm.share(popsize, B)
+    share = comm.share(popsize, B)  # at most 3 pieces: (candidates, prompts) rectangles
     idx = batch_indices(len(p.task.train), B, cfg.search.seed, g)  # [B]
-    batch = [p.task.train[i] for i in idx[prompts]]
     t = time.perf_counter()
-    rows = p.evaluator.row_rewards(X[cands], batch)  # [my candidates, my prompts]; Alg. 1, line 11
+    rewards = [p.evaluator.row_rewards(X[piece.cands], [p.task.train[i] for i in idx[piece.prompts]])
+               for piece in share]  # per piece [its candidates, its prompts]; Alg. 1, line 11
     eval_s = time.perf_counter() - t
     stages.reached(f"generation {g + 1}", comm.rank)
     t = time.perf_counter()
-    records, fingerprints, seconds = comm.exchange_rewards(seeds, rows, B, fingerprint, eval_s,
+    records, fingerprints, seconds = comm.exchange_rewards(seeds, local_values(share, rewards), B, fingerprint, eval_s,
                                                            f"generation {g + 1}'s record exchange")  # Alg. 1, l. 13
     return {"records": records, "X": X, "fingerprints": fingerprints, "eval_s": seconds,
             "exchange_s": time.perf_counter() - t}

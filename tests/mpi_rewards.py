@@ -106,3 +106,13 @@ def skewed(completions, **_):
         while time.time() < end:
             time.sleep(0.1)
     return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def counts_rows(completions, **_):
+    """Alphanumeric fraction; appends how many completions it scored to $ESSA_ROWS.<rank> (rows counted from
+    outside the evaluator: at the reward, the user's side of the boundary)."""
+    import os
+
+    with open(f"{os.environ['ESSA_ROWS']}.{_rank()}", "a") as fh:
+        fh.write(f"{len(completions)}\n")
+    return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]

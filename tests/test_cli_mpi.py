@@ -71,10 +71,12 @@ def test_identical_trajectories_for_1_2_3_ranks(runs_by_ranks):
         assert other.fingerprint == ref.fingerprint
 
 
-def test_allgather_payload_is_8_bytes_per_candidate(runs_by_ranks):
+def test_allgather_payload_is_8_bytes_per_record(runs_by_ranks):
+    """7 candidates x 3 prompts: one rank sends 7 records; 2 ranks hold 11 and 10 rows and share candidate 3
+    (its 3 prompts as records: 9); 3 ranks hold 7 rows each and share candidates 2 and 4 (11 records)."""
     for n, out in runs_by_ranks.items():
         gens = [m for m in metrics(out) if "reward_mean" in m]
-        assert len(gens) == 3 and all(m["allgather_bytes"] == 8 * 7 for m in gens), n
+        assert len(gens) == 3 and all(m["allgather_bytes"] == 8 * {1: 7, 2: 9, 3: 11}[n] for m in gens), n
         vals = [m for m in metrics(out) if "val_reward" in m]
         assert [m["generation"] for m in vals] == [0, 2, 3]
 
@@ -217,20 +219,30 @@ def test_bad_input_stops_every_rank_before_model_load(tiny_dir, tmp_path, extra,
     assert "solution_length" not in res.stdout, "a model was loaded"
 
 
-def test_more_ranks_than_candidates_equal_one_rank(tiny_dir, tmp_path):
-    """-n 4 with popsize 3: ranks 0-1 split candidate 0's prompts; records and CMA-ES arrays equal -n 1's."""
+def test_uneven_population_splits_evenly_and_equals_one_rank(tiny_dir, tmp_path):
+    """-n 4 with popsize 6 x 3 prompts: 18 rows as 5, 5, 4, 4 (split by whole candidates it was 6, 6, 3, 3),
+    counted at the reward function; records, CMA-ES arrays and the adapter equal -n 1's."""
     runs = {}
     for n in (1, 4):
-        res = mpirun(n, tiny_args(tiny_dir, tmp_path / f"n{n}") + ["search.popsize=3"])
+        out = tmp_path / f"n{n}"
+        env = {**ENV, "ESSA_ROWS": str(tmp_path / f"rows{n}")}
+        args = tiny_args(tiny_dir, out) + ["search.popsize=6", "task.val_size=0",
+                                           "task.reward_fn=mpi_rewards:counts_rows"]
+        res = subprocess.run(launch(n, args), capture_output=True, text=True, timeout=300, env=env)
         assert res.returncode == 0, res.stderr[-3000:]
-        runs[n] = history(str(tmp_path / f"n{n}"))
+        runs[n] = history(str(out))
+    rows = [sum(map(int, (tmp_path / f"rows4.{r}").read_text().split())) for r in range(4)]
+    assert rows == [15, 15, 12, 12], rows  # 3 generations
     ref, split = runs[1], runs[4]
-    assert ref.rewards.shape == (3, 3) and len(np.unique(ref.rewards)) > 3, "rewards must vary"
+    assert ref.rewards.shape == (3, 6) and len(np.unique(ref.rewards)) > 3, "rewards must vary"
     assert np.array_equal(split.seeds, ref.seeds) and np.array_equal(split.rewards, ref.rewards)
     for key in ref.cma:
         assert np.array_equal(split.cma[key], ref.cma[key]), key
+    adapters = [(tmp_path / f"n{n}" / "adapter" / "adapter_model.safetensors").read_bytes() for n in (1, 4)]
+    assert adapters[0] == adapters[1]
     gens = [m for m in metrics(str(tmp_path / "n4")) if "reward_mean" in m]
-    assert all(m["allgather_bytes"] == 8 * 3 * 3 for m in gens), "one 8-byte record per (candidate, prompt)"
+    # ranks 0-3 send 1 + 2, 1 + 1 + 1, 2 + 2, 1 + 1 records: candidates 1, 3 and 4 are split over two ranks
+    assert all(m["allgather_bytes"] == 8 * 12 for m in gens), gens[0]["allgather_bytes"]
 
 
 def test_more_ranks_than_candidate_prompt_pairs(tiny_dir, tmp_path):
@@ -320,7 +332,7 @@ def test_one_collective_per_generation(counted_runs):
         per_generation = {k: v for k, v in per_generation.items() if v}
         assert per_generation == {"Allgatherv": 1.0}, per_generation
     gens = [m for m in metrics(str(counted_runs[20][1])) if "reward_mean" in m]
-    assert len(gens) == 20 and all(m["sent_bytes"] in (8 * 4 + 16, 8 * 3 + 16) for m in gens)
+    assert len(gens) == 20 and all(m["sent_bytes"] in (8 * 5 + 16, 8 * 4 + 16) for m in gens)  # 11 / 10 rows
 
 
 def test_logged_allgather_bytes_equal_the_bytes_mpi_received(counted_runs):
@@ -330,7 +342,7 @@ def test_logged_allgather_bytes_equal_the_bytes_mpi_received(counted_runs):
     gens = [m for m in metrics(str(out)) if "reward_mean" in m]
     for rank in (0, 1):
         received = calls[rank]["allgatherv_received_bytes"]
-        assert received == [m["allgather_bytes"] + 2 * 16 for m in gens] and received[0] == 7 * 8 + 32
+        assert received == [m["allgather_bytes"] + 2 * 16 for m in gens] and received[0] == 9 * 8 + 32
 
 
 def test_validation_adds_one_reduction(tiny_dir, tmp_path):

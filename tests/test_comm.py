@@ -1,33 +1,13 @@
 import numpy as np
 import pytest
 
-from essa_mpi.comm import RECORD, split_counts
+from essa_mpi.comm import RECORD
 
 
 def test_record_is_eight_bytes():
     assert RECORD.itemsize == 8
     rec = np.zeros(3, RECORD)
     assert rec.view(np.uint8).nbytes == 24
-
-
-@pytest.mark.parametrize("popsize,world", [(16, 2), (10, 3), (7, 7), (5, 1), (96, 128 // 2)])
-def test_split_is_contiguous_and_balanced(popsize, world):
-    counts = split_counts(popsize, world)
-    assert sum(counts) == popsize and len(counts) == world
-    assert max(counts) - min(counts) <= 1 and counts == sorted(counts, reverse=True)
-
-
-@pytest.mark.parametrize("popsize,batch,world", [(16, 24, 2), (7, 3, 3), (3, 3, 4), (2, 4, 5), (3, 3, 9), (1, 5, 5)])
-def test_shares_cover_every_candidate_prompt_pair_once(popsize, batch, world):
-    from essa_mpi.comm import record_counts, shares
-
-    covered = np.zeros((popsize, batch), int)
-    for cands, prompts in shares(popsize, batch, world):
-        assert cands.stop > cands.start and prompts.stop > prompts.start, "no rank sits idle"
-        covered[cands, prompts] += 1
-    assert (covered == 1).all()
-    counts = record_counts(popsize, batch, world)
-    assert sum(counts) == (popsize * batch if world > popsize else popsize) and len(counts) == world
 
 
 def test_exchange_carries_records_fingerprint_and_seconds_in_one_call():
@@ -45,7 +25,6 @@ def test_exchange_carries_records_fingerprint_and_seconds_in_one_call():
 def test_first_error_shares_any_failure_not_only_bad_input():
     """A filesystem error or a bug before the first collective must reach every rank too (no rank left waiting):
     bad input is Refused (exit 2), anything else Refused with unexpected=True (exit 1)."""
-    import pytest
 
     from essa_mpi.comm import Comm, Refused, first_error
 

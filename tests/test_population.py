@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from essa_mpi.comm import candidate_rewards
 from essa_mpi.config import TaskConfig
 from essa_mpi.population import PopulationEvaluator
+from essa_mpi.shares import candidate_rewards
 from essa_mpi.svd_lora import SVDLoRA, fresh_lora_factors
 from essa_mpi.tasks import build_task
 
