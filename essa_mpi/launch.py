@@ -237,6 +237,38 @@ def on_cpu(cfg) -> bool:
     return cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
 
 
+def vllm_import_problem() -> str | None:
+    """None when ``import vllm`` works here, else what went wrong, in a few words."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:  # not installed, or built for another torch/CUDA: either way hf serves
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}".rstrip(": ")
+    return None
+
+
+def choose_engine(cfg, cuda: bool, import_problem=vllm_import_problem) -> tuple:
+    """model.engine → (the engine this rank uses, why, in one line). auto: vLLM where the rank has a CUDA device,
+    the precision is one vLLM runs here (fp32, bf16) and vLLM imports; hf otherwise (on CPU the own batched path
+    is the faster: tools/results/README.md, "Engines").
+
+    >>> choose_engine(type("M", (), {"engine": "auto", "precision": "bf16"}), cuda=False)
+    ('hf', 'model.engine=auto: hf (no CUDA device on this rank)')
+    >>> choose_engine(type("M", (), {"engine": "auto", "precision": "bf16"}), True, lambda: None)[0]
+    'vllm'
+    """
+    if cfg.engine != "auto":
+        return cfg.engine, f"model.engine={cfg.engine} (as set)"
+    if not cuda:
+        return "hf", "model.engine=auto: hf (no CUDA device on this rank)"
+    if cfg.precision not in ("fp32", "bf16"):
+        return "hf", f"model.engine=auto: hf (model.precision={cfg.precision}; vLLM runs fp32 or bf16 here)"
+    problem = import_problem()
+    if problem:
+        return "hf", (f"model.engine=auto: hf (vLLM does not import: {problem}; pip install -e '.[vllm]' for the "
+                      f"faster engine on GPUs)")
+    return "vllm", "model.engine=auto: vllm (a CUDA device, and vLLM imports)"
+
+
 def placement(cfg, local_rank: int, local_size: int) -> tuple:
     """→ (this rank's first device, accelerate max_memory over its GPUs when it spreads the model over
     several, else None). GPUs per rank: ``launch.gpu_ids`` over what this process sees; after

@@ -1,23 +1,30 @@
 """The memory model: bytes of the weights per device, of one generated row, and the most rows per call that fit.
 
     arch = Arch.from_config(json.load(open("config.json")))              # or arch_for(cfg.model): found locally
-    p = plan(arch, "bf16", prompt=512, new=1024, device=Device("cuda", 80 * 2**30))
+    p = plan(arch, "bf16", prompt=512, new=1024, device=Device("cuda", 79.6 * 2**30))
     p.rows, p.peak, p.fits                                                # rows per generate call, bytes, bool
 
-From the model's config alone (no weights loaded), as ``accelerate estimate-memory`` does. Per generated row
-(b = bytes of the compute dtype: 4 for fp32, 2 for bf16 and the quantized precisions):
+From the model's config alone (no weights loaded), as ``accelerate estimate-memory`` does. b = bytes of the
+compute dtype (4 for fp32, 2 for bf16 and the quantized precisions). A generate call has two moments of
+peak memory, and a row's bytes are the larger of the two (each grows with the rows, so the larger per row wins
+at any row count):
 
-    KV cache      layers x kv_heads x head_dim x 2 (K and V) x b x (prompt + new tokens)
-    transient     the largest of: one layer's prefill activations (prompt x (4 hidden + q + 2 kv + 3 ffn) x b,
-                  plus the fp32 SVD-LoRA branch's copy of a projection's output), and the logits of one position
-                  (vocab x 4 bytes x 3: logits, scores, the argmax/softmax pass)
+    prefill   the prompt's KV cache (layers x kv_heads x head_dim x 2 x b x prompt) + one layer's activations over
+              the prompt (prompt x (4 hidden + 3 q + 2 kv + 3 ffn) x b: Q, K and V expanded to every query head,
+              as SDPA with a padding mask needs; + the fp32 SVD-LoRA branch's copy of a projection's output) + the
+              mask (prompt^2 bytes) + the last position's logits (vocab x 4)
+    decode    the whole KV cache (prompt + new tokens) + the last step's transients: one layer's K/V expanded to all
+              query heads (heads x head_dim x 2 x b x tokens), one layer's K/V copied as the cache grows, and the
+              logits (vocab x 4 bytes x 3: logits, scores, the argmax pass)
 
-A device holds: the runtime (CUDA context and cuBLAS workspace, or on CPU the Python process with torch and
-transformers), its share of the weights, and rows x (its share of the KV cache + the transient). A rank over g
+What both moments hold: the runtime (CUDA context and cuBLAS workspace, or on CPU the Python process with torch
+and transformers), the rank's share of the weights, and a reward model's weights on the rank's first device
+(``Reward``: loaded at first use, kept). The reward model scores after generation, when the cache is gone: its
+own moment is its batch's forward (``reward_moment``), and the larger of the two moments decides. A rank over g
 GPUs (accelerate's layer map) holds 1/g of the weights and of the KV cache on each, and a whole transient on the
-busiest. Rows per call are those that fit ``memory_headroom`` of the device: a GPU's total memory, or on CPU
-the available RAM divided by the ranks on the node. Checked against measured peaks in tools/results/README.md
-("Memory model").
+busiest. Rows per call are those that fit ``memory_headroom`` of the device: a GPU's total as
+``torch.cuda.mem_get_info`` reports it (H100: 79.6 GiB, H200: 140.4 GiB), or on CPU the available RAM divided by
+the ranks on the node. Checked against measured peaks in tools/results/README.md ("Memory model").
 
 This rank's plan (``rank_memory``, ``rows_per_call``, ``check_memory``) takes its devices from
 ``launch.placement`` and the model's shape from ``modelfiles``; what is measured once a model is loaded
@@ -36,7 +43,10 @@ COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "int8": 2, "int4": 2, "gptq": 2}  # activ
 # int8: a fp32 scale per row; NF4: +6 % absmax, measured in memory.loaded_bytes; GPTQ: fp16 scale and packed zero
 # per 128-value group). Embeddings, norms and the head keep the compute dtype.
 LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.53, "gptq": 0.5 + 2.5 / 128}
-RUNTIME = {"cuda": 1.0 * GiB, "cpu": 0.75 * GiB}  # CUDA context + workspace; CPU: python + torch + transformers
+RUNTIME = {"cuda": 1.0 * GiB, "cpu": 0.75 * GiB}
+# What torch.cuda.mem_get_info reports as the total of a GPU sold as 80 / 141 GB (H100 SXM / H200): ``plan``
+# takes a nominal --gib-per-gpu as these, a run reads its own devices.
+REPORTED_GIB = {80.0: 79.6, 141.0: 140.4}  # CUDA context + workspace; CPU: python + torch + transformers
 
 
 @dataclass(frozen=True)
@@ -103,12 +113,54 @@ def kv_bytes(arch: Arch, precision: str, tokens: int) -> int:
     return arch.layers * arch.kv_heads * arch.head_dim * 2 * COMPUTE_BYTES[precision] * tokens
 
 
-def transient_bytes(arch: Arch, precision: str, prompt: int) -> int:
-    """The largest short-lived tensor set of one row: a layer's prefill activations or one position's logits."""
+def prefill_bytes(arch: Arch, precision: str, prompt: int, g: int = 1) -> int:
+    """One row at the prefill moment: its prompt's K/V in every layer (1/g of it on each of g GPUs), one layer's
+    activations over the prompt (K/V expanded to the query heads), the mask and the last position's logits.
+
+    >>> prefill_bytes(QWEN25_7B, "bf16", 512) / 2**20  # worked in tests/test_memory.py
+    123.830078125
+    """
     b = COMPUTE_BYTES[precision]
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    prefill = prompt * ((4 * arch.hidden + q + 2 * kv + 3 * arch.intermediate) * b + 2 * max(arch.hidden, q) * 4)
-    return max(prefill, arch.vocab * 4 * 3)
+    layer = prompt * ((4 * arch.hidden + 3 * q + 2 * kv + 3 * arch.intermediate) * b + 2 * max(arch.hidden, q) * 4)
+    return math.ceil(kv_bytes(arch, precision, prompt) / g) + layer + prompt * prompt + arch.vocab * 4
+
+
+def decode_bytes(arch: Arch, precision: str, tokens: int, g: int = 1) -> int:
+    """One row at the last decoding step, ``tokens`` = prompt + new: the whole KV cache (1/g of it on each of g
+    GPUs), one layer's K/V expanded to
+    every query head (SDPA with a padding mask: transformers' repeat_kv), one layer's K/V copied as the cache grows
+    (torch.cat), and the logits with their scores.
+
+    >>> decode_bytes(QWEN25_7B, "bf16", 1536) / 2**20  # worked in tests/test_memory.py
+    109.740234375
+    """
+    b = COMPUTE_BYTES[precision]
+    expanded = arch.heads * arch.head_dim * 2 * b * tokens
+    cache = kv_bytes(arch, precision, tokens)
+    return math.ceil(cache / g) + expanded + cache // arch.layers + arch.vocab * 4 * 3
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A reward model on the rank's first device: its weights (kept from first use) and one scoring batch of
+    ``batch`` rows of ``tokens`` (prompt + answer, chat template included) as its own moment."""
+
+    arch: Arch
+    precision: str
+    batch: int
+    tokens: int
+
+    @property
+    def weights(self) -> int:
+        """A sequence classifier has no LM head: the untied head's vocab x hidden is not there."""
+        head = 0 if self.arch.tied else self.arch.vocab * self.arch.hidden * COMPUTE_BYTES[self.precision]
+        return weight_bytes(self.arch, self.precision) - head
+
+    @property
+    def moment(self) -> int:
+        """One forward over the batch: every row's prefill (the cache a causal LM's forward builds included)."""
+        return self.batch * prefill_bytes(self.arch, self.precision, self.tokens)
 
 
 @dataclass(frozen=True)
@@ -123,7 +175,8 @@ class Device:
 
 @dataclass(frozen=True)
 class Plan:
-    """One rank's plan: rows per call, bytes per device (weights, one row, peak at those rows), and whether it fits."""
+    """One rank's plan: rows per call, bytes per device (weights, a reward model's weights, one row, peak at those
+    rows), and whether it fits."""
 
     rows: int
     weights: int
@@ -132,49 +185,81 @@ class Plan:
     budget: int
     fits: bool
     reason: str = ""
+    reward: int = 0  # a reward model's weights on this device
+    moment: str = "generation"  # which moment is the peak: generation, or the reward model's batch
+    terms: str = ""  # a row's bytes at its larger moment, in parts (plan prints them)
 
     def line(self) -> str:
-        return (f"weights {self.weights / GiB:.1f} GiB + {self.rows} rows x {self.row / GiB * 1024:.1f} MiB "
-                f"= {self.peak / GiB:.1f} GiB of {self.budget / GiB:.1f} GiB per device")
+        rm = f" + reward model {self.reward / GiB:.1f} GiB" if self.reward else ""
+        at = ", at the reward model's batch" if self.moment == "reward" else ""
+        return (f"weights {self.weights / GiB:.1f} GiB{rm} + {self.rows} rows x {self.row / GiB * 1024:.1f} MiB "
+                f"= {self.peak / GiB:.1f} GiB{at} of {self.budget / GiB:.1f} GiB per device")
 
 
 def plan(arch: Arch, precision: str, prompt: int, new: int, device: Device, headroom: float = 0.9,
-         want: int | None = None) -> Plan:
+         want: int | None = None, reward: Reward | None = None) -> Plan:
     """Rows per generate call for rows of ``prompt`` + ``new`` tokens: ``want`` (a set run.max_rows) or as
     many as fit, at most 4,096. fits is False when the weights, or one row beside them, exceed the budget.
 
-    >>> p = plan(QWEN25_7B, "bf16", 512, 1024, Device("cuda", 80 * GiB))
-    >>> p.fits, p.rows, round(p.peak / GiB)
-    (True, 338, 72)
+    >>> p = plan(QWEN25_7B, "bf16", 512, 1024, Device("cuda", int(79.6 * GiB)))
+    >>> p.fits, p.rows, round(p.peak / GiB, 1)
+    (True, 466, 71.5)
     """
     g = device.count
     weights = math.ceil(weight_bytes(arch, precision) / g)
-    row = math.ceil(kv_bytes(arch, precision, prompt + new) / g) + transient_bytes(arch, precision, prompt)
+    kept = reward.weights if reward else 0
+    pre, dec = prefill_bytes(arch, precision, prompt, g), decode_bytes(arch, precision, prompt + new, g)
+    row = max(pre, dec)
+    cache = math.ceil(kv_bytes(arch, precision, prompt if pre >= dec else prompt + new) / g)
+    terms = (f"a row at {'prefill' if pre >= dec else 'the last decoding step'}: KV cache {cache / 2**20:.1f} MiB + "
+             f"transients {(row - cache) / 2**20:.1f} MiB (the other moment: {min(pre, dec) / 2**20:.1f} MiB)")
+    if reward:
+        terms += (f"; reward model {reward.weights / GiB:.1f} GiB kept + its batch of {reward.batch} "
+                  f"{reward.moment / GiB:.1f} GiB after generation")
     budget = int(device.memory * headroom)
-    room = budget - RUNTIME[device.kind] - weights
+    held = RUNTIME[device.kind] + weights + kept  # what both moments hold
+    room = budget - held
     most = int(max(0, room // row))
     rows = want if want is not None else min(4096, most)
-    peak = int(RUNTIME[device.kind] + weights + max(rows, 1) * row)
+    gen, rm = max(rows, 1) * row, reward.moment if reward else 0
+    peak, moment = int(held + max(gen, rm)), ("reward" if rm > gen else "generation")
+    fields = dict(weights=weights, row=row, peak=peak, budget=budget, reward=kept, moment=moment, terms=terms)
     if room <= 0:
-        return Plan(0, weights, row, peak, budget, False, "the weights alone exceed it")
+        return Plan(0, fits=False, reason="the weights alone exceed it" if not kept or room + kept <= 0 else
+                    "the weights and the reward model's exceed it", **fields)
     if most < 1:
-        return Plan(0, weights, row, peak, budget, False, "not one row fits beside the weights")
-    return Plan(rows, weights, row, peak, budget, peak <= budget,
-                "" if peak <= budget else f"run.max_rows={rows} exceeds the {most} rows that fit")
+        return Plan(0, fits=False, reason="not one row fits beside the weights", **fields)
+    if rm > room:
+        return Plan(rows, fits=False, reason=f"the reward model's batch of {reward.batch} needs {rm / GiB:.1f} GiB "
+                    f"beside the weights", **fields)
+    return Plan(rows, fits=peak <= budget,
+                reason="" if peak <= budget else f"run.max_rows={rows} exceeds the {most} rows that fit", **fields)
 
 
-def vllm_check(arch: Arch, precision: str, tokens: int, gpu_memory: int, fraction: float, tp: int) -> str | None:
+def vllm_check(arch: Arch, precision: str, tokens: int, gpu_memory: int, fraction: float, tp: int,
+               reward: Reward | None = None) -> str | None:
     """None when a vLLM engine's share of a GPU (``fraction`` of ``gpu_memory``) holds its weights (÷ tp), its
-    runtime and the KV cache of one sequence of ``tokens`` (÷ tp); else the problem in words."""
+    runtime and the KV cache of one sequence of ``tokens`` (÷ tp), and the rest of the GPU holds the rank's own
+    runtime and a reward model (weights and its batch); else the problem in words."""
     weights = weight_bytes(arch, precision) / tp
     kv = kv_bytes(arch, precision, tokens) / tp
     room = fraction * gpu_memory - RUNTIME["cuda"] - weights
-    if room >= kv:
+    if room < kv:
+        return (f"a vLLM engine over {tp} GPU(s) holds {weights / GiB:.1f} GiB of weights per GPU, but "
+                f"model.vllm_memory_fraction={fraction} of {gpu_memory / GiB:.1f} GiB leaves "
+                f"{max(room, 0) / GiB:.1f} GiB beside them for the KV cache, and one {tokens}-token sequence needs "
+                f"{kv / GiB:.2f} GiB; raise model.vllm_memory_fraction, model.gpus_per_rank, or lower "
+                f"task.max_new_tokens")
+    if reward is None:
         return None
-    return (f"a vLLM engine over {tp} GPU(s) holds {weights / GiB:.1f} GiB of weights per GPU, but "
-            f"model.vllm_memory_fraction={fraction} of {gpu_memory / GiB:.0f} GiB leaves "
-            f"{max(room, 0) / GiB:.1f} GiB beside them for the KV cache, and one {tokens}-token sequence needs "
-            f"{kv / GiB:.2f} GiB")
+    need = RUNTIME["cuda"] + reward.weights + reward.moment
+    if (1 - fraction) * gpu_memory >= need:
+        return None
+    most = math.floor((1 - need / gpu_memory) * 100) / 100
+    return (f"the reward model needs {need / GiB:.1f} GiB beside the vLLM engine on the rank's first GPU (weights "
+            f"{reward.weights / GiB:.1f} GiB, a batch of {reward.batch} rows {reward.moment / GiB:.1f} GiB, runtime), "
+            f"but model.vllm_memory_fraction={fraction} leaves {(1 - fraction) * gpu_memory / GiB:.1f} GiB of "
+            f"{gpu_memory / GiB:.1f} GiB; set model.vllm_memory_fraction={most:.2f} or lower")
 
 
 def sft_row_bytes(arch: Arch, precision: str, tokens: int, checkpointing: bool) -> int:
@@ -232,9 +317,28 @@ def available_ram() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
+REWARD_BATCH = 8  # tasks.reward_model.RewardModelScorer's rows per forward
+
+
+def reward_for(cfg, tokens: int, arch_of=None) -> Reward | None:
+    """The reward model a run loads beside the policy on the rank's first device (task.name=reward_model), scoring
+    rows of ``tokens``, as stored (bf16 for the published ones); None without one, or where its config.json is not
+    here to size from (arch_of(name) → Arch or None; default: found locally like the policy's)."""
+    name = cfg.task.reward_model if cfg.task.name == "reward_model" else None
+    if not name:
+        return None
+    if arch_of is None:
+        import dataclasses
+
+        arch_of = lambda n: arch_for(dataclasses.replace(cfg.model, name_or_path=n, gguf_file=None))  # noqa: E731
+    arch = arch_of(name)
+    return None if arch is None else Reward(arch, "bf16", REWARD_BATCH, tokens)
+
+
 def rank_memory(cfg, local_rank: int, local_size: int):
-    """What this rank may plan for (memory.Device): its GPUs' memory (the smallest of them) and how many it
-    spreads over, or on CPU the node's available RAM divided by the ranks on the node."""
+    """What this rank may plan for (memory.Device): its GPUs' memory (the smallest total that
+    ``torch.cuda.mem_get_info`` reports: an H100 80GB reports 79.6 GiB) and how many it spreads over, or on CPU the
+    node's available RAM divided by the ranks on the node."""
     import torch
 
     from essa_mpi.launch import placement
@@ -242,7 +346,7 @@ def rank_memory(cfg, local_rank: int, local_size: int):
     device, spread = placement(cfg, local_rank, local_size)
     if device.type == "cuda":
         ids = list(spread) if spread else [device.index]
-        return Device("cuda", min(torch.cuda.get_device_properties(i).total_memory for i in ids), len(ids))
+        return Device("cuda", min(torch.cuda.mem_get_info(i)[1] for i in ids), len(ids))  # (free, total) as reported
     return Device("cpu", available_ram() // max(1, local_size))
 
 
@@ -254,7 +358,7 @@ def memory_plan(cfg, local_rank: int, local_size: int, prompt_tokens: int, new_t
     if arch is None:
         return None
     return plan(arch, cfg.model.precision, prompt_tokens, new_tokens, rank_memory(cfg.model, local_rank, local_size),
-                cfg.run.memory_headroom, None if rows == "auto" else rows)
+                cfg.run.memory_headroom, None if rows == "auto" else rows, reward_for(cfg, prompt_tokens + new_tokens))
 
 
 def rows_per_call(cfg, local_rank: int, local_size: int, prompt_tokens: int, new_tokens: int) -> tuple:
@@ -279,10 +383,9 @@ def check_memory(cfg, local_rank: int, local_size: int, prompt_tokens: int) -> N
     dev = rank_memory(m, local_rank, local_size)
     if m.engine == "vllm" and dev.kind == "cuda":
         problem = vllm_check(arch, m.precision, prompt_tokens + new, dev.memory, m.vllm_memory_fraction,
-                             m.gpus_per_rank)
+                             m.gpus_per_rank, reward_for(cfg, prompt_tokens + new))
         if problem:
-            raise ValueError(f"{problem}; raise model.vllm_memory_fraction, model.gpus_per_rank, or lower "
-                             f"task.max_new_tokens.")
+            raise ValueError(f"{problem}.")
         return
     if m.engine == "vllm":
         return  # vLLM on CPU: model.vllm_kv_cache_gib sizes the cache

@@ -22,11 +22,17 @@ import sys
 
 from essa_mpi import memory
 from essa_mpi.config import load_config
+from essa_mpi.launch import choose_engine
 
 
-def arch_of(cfg, model_config: str | None) -> memory.Arch:
-    """The model's Arch from --model-config (a file, or a directory holding <owner>--<name>.json) or from what
-    memory.arch_for finds locally."""
+def arch_of(cfg, model_config: str | None, name: str | None = None) -> memory.Arch:
+    """The Arch of the policy (or of the model ``name``, e.g. the reward model) from --model-config (a file, or a
+    directory holding <owner>--<name>.json) or from what memory.arch_for finds locally."""
+    import dataclasses
+
+    if name is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=name, gguf_file=None))
+        model_config = model_config if model_config and os.path.isdir(model_config) else None
     path = model_config
     if path and os.path.isdir(path):
         path = os.path.join(path, cfg.model.name_or_path.replace("/", "--") + ".json")
@@ -52,7 +58,9 @@ def rows_for(cfg, args, arch: memory.Arch, device: memory.Device) -> list:
     more = f"model.gpus_per_rank={2 * m.gpus_per_rank}" if device.kind == "cuda" else "fewer ranks per node"
     out = []
     for part, new in (("search", t.max_new_tokens), ("eval", e.max_new_tokens)):
-        p = memory.plan(arch, m.precision, args.prompt_tokens, new, device, cfg.run.memory_headroom, want)
+        reward = memory.reward_for(cfg, args.prompt_tokens + new, lambda n: arch_of(cfg, args.model_config, n))
+        p = memory.plan(arch, m.precision, args.prompt_tokens, new, device, cfg.run.memory_headroom, want,
+                        reward if part == "search" else None)
         fix = (f"{more}, a 4-bit precision, or lower {part.replace('search', 'task')}.max_new_tokens" if p.rows == 0
                else "run.max_rows=auto")
         out.append((part, p, fix))
@@ -92,27 +100,35 @@ def report(cfg, args) -> tuple:
         if ranks * g > args.gpus_per_node:
             raise ValueError(f"{ranks} ranks per node x model.gpus_per_rank={g} need more than the node's "
                              f"{args.gpus_per_node} GPUs; lower --ranks-per-node or model.gpus_per_rank.")
-        device = memory.Device("cuda", int(args.gib_per_gpu * memory.GiB), g)
-        where = f"{ranks} ranks per node, each on {g} x {args.gib_per_gpu:g} GiB GPU(s)"
+        gib = memory.REPORTED_GIB.get(args.gib_per_gpu, args.gib_per_gpu)
+        device = memory.Device("cuda", int(gib * memory.GiB), g)
+        where = f"{ranks} ranks per node, each on {g} x {gib:g} GiB GPU(s)"
     else:
         ranks = args.ranks_per_node or 1
         device = memory.Device("cpu", int(args.ram_gib * memory.GiB / ranks))
         where = f"{ranks} ranks on a CPU node of {args.ram_gib:g} GiB"
-    lines = [f"{m.name_or_path} ({m.precision}, engine {m.engine}): {where}; prompts of {args.prompt_tokens} tokens",
+    engine, why = choose_engine(m, device.kind == "cuda", lambda: None)
+    if m.engine == "auto" and engine == "vllm":
+        why = "model.engine=auto: vllm on these GPUs where vLLM imports on the nodes (hf rows below where it does not)"
+    lines = [f"{m.name_or_path} ({m.precision}): {where}; prompts of {args.prompt_tokens} tokens",
+             f"  engine: {why}",
              f"  weights {memory.weight_bytes(arch, m.precision) / memory.GiB:.1f} GiB in all"]
     ok = True
-    if m.engine == "vllm" and device.kind == "cuda":
-        problem = memory.vllm_check(arch, m.precision, args.prompt_tokens + cfg.task.max_new_tokens, device.memory,
-                                    m.vllm_memory_fraction, g)
+    if engine == "vllm" and device.kind == "cuda":
+        tokens = args.prompt_tokens + cfg.task.max_new_tokens
+        reward = memory.reward_for(cfg, tokens, lambda n: arch_of(cfg, args.model_config, n))
+        problem = memory.vllm_check(arch, m.precision, tokens, device.memory, m.vllm_memory_fraction, g, reward)
         ok = problem is None
         lines.append(f"  search (vLLM): {'fits' if ok else 'DOES NOT FIT: ' + problem}")
     for part, p, fix in rows_for(cfg, args, arch, device):
-        if part == "search" and m.engine == "vllm" and device.kind == "cuda":
-            continue
+        if part == "search" and engine == "vllm" and device.kind == "cuda":
+            part = "hf"  # the rows a rank falls back to without vLLM (and vLLM's most sequences at once)
         unit = "rows per SFT pass" if part == "sft" else "rows per call"
         verdict = "fits" if p.fits else f"DOES NOT FIT ({p.reason}); fix: {fix}"
         lines.append(f"  {part:6s} {p.rows:5d} {unit}: peak {p.peak / memory.GiB:6.1f} of "
                      f"{p.budget / memory.GiB:.1f} GiB per device; {verdict}")
+        if p.terms:
+            lines.append(f"         {p.terms}")
         ok &= p.fits
     return lines, ok
 
@@ -122,7 +138,9 @@ def main(argv: list) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="the job's YAML file (default: the embedded default)")
     ap.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0: plan for a CPU node)")
-    ap.add_argument("--gib-per-gpu", type=float, default=80.0, help="memory of one GPU in GiB (H100: 80, H200: 141)")
+    ap.add_argument("--gib-per-gpu", type=float, default=80.0,
+                    help="memory of one GPU in GiB (H100: 80, H200: 141; planned as the totals the devices report, "
+                         "79.6 and 140.4 GiB)")
     ap.add_argument("--ranks-per-node", type=int, default=0, help="default: GPUs per node / model.gpus_per_rank")
     ap.add_argument("--ram-gib", type=float, default=24.0, help="a CPU node's available RAM (--gpus-per-node 0)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="the longest prompt, chat template included")

@@ -154,6 +154,9 @@ def run_case(case: dict) -> list:
         if case.get("preset") is not None:  # the launcher's own binding (SLURM --gpus-per-task, a job's GPUs)
             os.environ["CUDA_VISIBLE_DEVICES"] = case["preset"].format(rank=r)
         driver, record = FakeDriver(case["gpus"]), {"local_rank": r}
+        held = sys.modules["vllm"]
+        if case.get("no_vllm"):  # vLLM not installed (or broken): its import raises
+            sys.modules["vllm"] = None
         NOW.update(driver=driver, record=record)
         launch.node_gpus = cli.node_gpus = lambda: case["gpus"]
         args = [a.replace("{rank}", str(r)) for a in case["args"]]
@@ -162,6 +165,7 @@ def run_case(case: dict) -> list:
             record["exit"] = cli.main()
         except Reached:
             record["exit"] = "reached"
+        sys.modules["vllm"] = held
         record.update(env_at_init=driver.env_at_init, first_call=driver.calls[0] if driver.calls else None)
         out.append(record)
     return out

@@ -49,6 +49,82 @@ def test_rows_follow_the_memory_and_spread_halves_the_weights_and_cache():
     assert not too_many.fits and "run.max_rows=512 exceeds" in too_many.reason
 
 
+MiB = 2**20
+Q7 = "Qwen--Qwen2.5-7B-Instruct"  # 28 layers, hidden 3584, 28 heads, 4 KV heads, head_dim 128, ffn 18944, vocab 152064
+
+
+def test_prefill_moment_worked_by_hand():
+    """Qwen2.5-7B, bf16, a 512-token prompt, one row:
+    prompt KV cache   28 layers x 4 kv heads x 128 x 2 (K, V) x 2 bytes x 512       = 29,360,128 B = 28.0 MiB
+    one layer's work  512 x ((4 x 3584 + 3 x 3584 + 2 x 512 + 3 x 18944) x 2 + 2 x 3584 x 4 (fp32 LoRA copy))
+                      = 512 x (82,944 x 2 + 28,672) = 512 x 194,560                  = 99,614,720 B = 95.0 MiB
+    mask              512 x 512 bytes                                                 =    262,144 B
+    last logits       152,064 x 4                                                     =    608,256 B
+    total                                                                             = 129,845,248 B"""
+    assert memory.prefill_bytes(arch(Q7), "bf16", 512) == 29_360_128 + 99_614_720 + 262_144 + 608_256
+    assert memory.prefill_bytes(arch(Q7), "bf16", 512, g=2) == 29_360_128 // 2 + 99_614_720 + 262_144 + 608_256
+
+
+def test_decode_moment_worked_by_hand():
+    """Qwen2.5-7B, bf16, 512 + 1024 = 1536 tokens, one row at the last step:
+    KV cache               28 x 4 x 128 x 2 x 2 x 1536                = 88,080,384 B = 84.0 MiB
+    K/V expanded for SDPA  28 query heads x 128 x 2 x 2 x 1536 (one layer) = 22,020,096 B = 21.0 MiB
+    the cache's growth     one layer's K/V copied: 88,080,384 / 28     =  3,145,728 B
+    logits                 152,064 x 4 x 3                             =  1,824,768 B"""
+    assert memory.decode_bytes(arch(Q7), "bf16", 1536) == 88_080_384 + 22_020_096 + 3_145_728 + 1_824_768
+
+
+def test_the_larger_moment_and_what_both_hold_decide_the_rows():
+    """H100 as reported (79.6 GiB) x headroom 0.9 = 76,922,864,271 B; runtime 1 GiB (1,073,741,824 B) and the
+    weights (15,230,974,976 B) are held at both moments, leaving 60,618,147,471 B; a row is the larger moment,
+    129,845,248 B (prefill, above, over decode's 115,070,976 B): 60,618,147,471 // 129,845,248 = 466 rows. The
+    old model added the full cache to the prefill activations (84 + 92 MiB a row) and planned 80 GiB: 338 rows."""
+    a, dev = arch(Q7), memory.Device("cuda", int(79.6 * GiB))
+    p = memory.plan(a, "bf16", 512, 1024, dev)
+    room = int(dev.memory * 0.9) - memory.RUNTIME["cuda"] - memory.weight_bytes(a, "bf16")
+    assert p.row == 129_845_248 and p.rows == int(room // 129_845_248) == 466 and p.fits
+    assert "a row at prefill: KV cache 28.0 MiB" in p.terms
+    longer = memory.plan(a, "bf16", 512, 4096, dev)  # a long answer: the decode moment is the larger
+    assert longer.row == memory.decode_bytes(a, "bf16", 4608) and "last decoding step" in longer.terms
+
+
+def test_reward_model_weights_and_batch_worked_by_hand():
+    """ArmoRM-Llama3-8B (Llama-3-8B shape, a sequence classifier: no LM head), bf16:
+    weights  Llama-3.1-8B's 16,060,522,496 B - its head 128,256 x 4096 x 2 = 15,009,849,344 B = 13.98 GiB;
+    its batch of 8 rows of 1024 tokens: 8 x prefill_bytes(1024) (each row's cache, one layer, mask, logits).
+    Both moments hold the reward weights; its batch comes after generation, so the larger moment decides."""
+    rm = memory.Reward(arch("RLHFlow--ArmoRM-Llama3-8B-v0.1"), "bf16", 8, 1024)
+    llama = arch("meta-llama--Llama-3.1-8B-Instruct")
+    assert rm.weights == memory.weight_bytes(llama, "bf16") - 128_256 * 4096 * 2 == 15_009_849_344
+    assert rm.moment == 8 * memory.prefill_bytes(llama, "bf16", 1024)
+    dev = memory.Device("cuda", int(79.6 * GiB))
+    alone, beside = memory.plan(llama, "bf16", 512, 512, dev), memory.plan(llama, "bf16", 512, 512, dev, reward=rm)
+    assert beside.reward == rm.weights and beside.rows == int((alone.budget - memory.RUNTIME["cuda"] - alone.weights
+                                                              - rm.weights) // beside.row) < alone.rows
+    few = memory.plan(llama, "bf16", 512, 512, dev, want=1, reward=rm)  # one row: the reward's batch is the peak
+    assert few.moment == "reward" and few.peak == int(memory.RUNTIME["cuda"] + few.weights + rm.weights + rm.moment)
+
+
+def test_vllm_leaves_the_reward_model_its_share_or_says_the_fraction():
+    llama, rm = arch("meta-llama--Llama-3.1-8B-Instruct"), memory.Reward(arch("RLHFlow--ArmoRM-Llama3-8B-v0.1"),
+                                                                          "bf16", 8, 1024)
+    gpu = int(79.6 * GiB)
+    problem = memory.vllm_check(llama, "bf16", 1024, gpu, 0.85, 1, rm)
+    assert problem and "set model.vllm_memory_fraction=0.78 or lower" in problem  # 1 - (1 + 13.98 + 2.43) / 79.6
+    assert memory.vllm_check(llama, "bf16", 1024, gpu, 0.78, 1, rm) is None
+
+
+def test_a_gpus_total_is_what_mem_get_info_reports(monkeypatch):
+    """rank_memory reads torch.cuda.mem_get_info's total (an H100 reports 79.6 GiB), not a nominal 80."""
+    import torch
+
+    from essa_mpi import launch
+
+    monkeypatch.setattr(launch, "placement", lambda *a: (torch.device("cuda", 0), None))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=None: (70 * GiB, 85_520_809_984))  # 79.65 GiB
+    assert memory.rank_memory(load_config(None, []).model, 0, 1) == memory.Device("cuda", 85_520_809_984, 1)
+
+
 def test_vllm_72b_over_two_80gib_gpus_at_085_leaves_no_cache():
     problem = memory.vllm_check(arch("Qwen--Qwen2.5-72B-Instruct"), "bf16", 1536, 80 * GiB, 0.85, 2)
     assert problem and "leaves 0.0 GiB" in problem
@@ -94,3 +170,13 @@ def test_preflight_refuses_weights_that_cannot_fit_naming_numbers_and_fix(qwen32
     memory.check_memory(cfg, 0, 8, prompt_tokens=300)  # fits: no error
     rows, note = memory.rows_per_call(cfg, 0, 8, 300, 1024)
     assert rows > 0 and note.startswith("run.max_rows=auto: weights 61.0 GiB")
+
+
+def test_plan_names_the_engine_and_why(capsys):
+    job = os.path.join(ROOT, "jobs", "gsm8k.yaml")
+    plan_main(["--config", job, "--model-config", CONFIGS])
+    assert "engine: model.engine=auto: vllm on these GPUs where vLLM imports" in capsys.readouterr().out
+    plan_main(["--config", job, "--model-config", CONFIGS, "--gpus-per-node", "0", "--ram-gib", "512"])
+    assert "engine: model.engine=auto: hf (no CUDA device on this rank)" in capsys.readouterr().out
+    plan_main(["--config", job, "--model-config", CONFIGS, "model.precision=int4"])
+    assert "auto: hf (model.precision=int4; vLLM runs fp32 or bf16 here)" in capsys.readouterr().out

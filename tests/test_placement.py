@@ -20,9 +20,9 @@ def base_args(tiny_dir, out):
 
 
 CASES = [  # (id, node GPUs, launcher, extra args, GPUs per rank)
-    ("hf-tp1-hydra", 8, "hydra", [], 1),
+    ("hf-tp1-hydra", 8, "hydra", ["model.engine=hf"], 1),
     ("vllm-tp1-srun", 8, "srun", ["model.engine=vllm"], 1),
-    ("hf-g2-ompi", 16, "ompi", ["model.gpus_per_rank=2"], 2),
+    ("hf-g2-ompi", 16, "ompi", ["model.engine=hf", "model.gpus_per_rank=2"], 2),
     ("vllm-tp2-hydra", 16, "hydra", ["model.engine=vllm", "model.gpus_per_rank=2"], 2),
 ]
 
@@ -47,9 +47,13 @@ def eight_ranks(tiny_dir, tmp_path_factory):
               {"gpus": 8, "local_size": 2, "launcher": "hydra",  # every rank trains the SFT warm start
                "args": base_args(tiny_dir, tmp / "sft") + ["adapter.warm_start=sft",
                                                            f"sft.output_dir={tmp}/sft_adapter_{{rank}}"]}]
+    cases += [{"gpus": 2, "local_size": 2, "launcher": "hydra", "args": base_args(tiny_dir, tmp / "auto")},
+              {"gpus": 2, "local_size": 2, "launcher": "hydra", "no_vllm": True,
+               "args": base_args(tiny_dir, tmp / "auto_hf")}]
     res = spy(cases, tmp / "out.json", tmp)
     assert res.returncode == 0, res.stderr[-3000:]
-    return dict(zip([c[0] for c in CASES] + ["bound", "split", "sft"], json.loads((tmp / "out.json").read_text())))
+    names = [c[0] for c in CASES] + ["bound", "split", "sft", "auto", "auto_hf"]
+    return {**dict(zip(names, json.loads((tmp / "out.json").read_text()))), "stderr": res.stderr}
 
 
 @pytest.mark.parametrize("name,gpus,launcher,extra,g", CASES, ids=[c[0] for c in CASES])
@@ -70,6 +74,16 @@ def test_vllm_engines_spawn_their_workers_and_take_no_decoding_from_the_model(ei
     ranks = eight_ranks[name]
     assert all((r["vllm"]["spawn"] == "spawn") == (r["vllm"]["tp"] > 1) for r in ranks)
     assert all(os.path.basename(r["vllm"]["generation_config"]).startswith("essa_mpi-vllm-") for r in ranks)
+
+
+def test_engine_auto_takes_vllm_on_a_gpu_where_it_imports_and_hf_where_it_does_not(eight_ranks):
+    """The default model.engine=auto, with the fake driver's GPUs: the fake vLLM imports → every rank builds a vLLM
+    engine on its GPU; vLLM's import raises → every rank loads the model with transformers on its GPU. The first
+    lines say which and why."""
+    assert [("vllm" in r, r["model_gpus"]) for r in eight_ranks["auto"]] == [(True, [0]), (True, [1])]
+    assert [("vllm" in r, r["model_gpus"]) for r in eight_ranks["auto_hf"]] == [(False, [0]), (False, [1])]
+    assert "model.engine=auto: vllm (a CUDA device, and vLLM imports)" in eight_ranks["stderr"]
+    assert eight_ranks["stderr"].count("model.engine=auto: hf (vLLM does not import: ModuleNotFoundError") == 2
 
 
 def test_a_launchers_own_binding_is_kept_and_a_jobs_gpu_list_is_split(eight_ranks):
