@@ -199,9 +199,10 @@ class RunConfig:
     generations: int = _f(18, "Number of ESSA generations (CMA-ES updates).")
     output_dir: str = _f("runs/smollm2_arithmetic", "metrics.jsonl, checkpoint.h5 and adapter/ are written here.")
     max_rows: int | Literal["auto"] = _f("auto", "Most generation rows (candidates x prompts) in one batched generate "
-                                         "call; auto = as many as fit (essa_mpi/memory.py: KV cache and the "
-                                         "largest transient per row against the device's memory x memory_headroom; "
-                                         "on CPU the available RAM / ranks on the node), printed at the start.")
+                                         "call; auto = as many as fit (essa_mpi/memory.py: a row's KV cache and "
+                                         "transients against the device's memory x memory_headroom; on CPU the "
+                                         "available RAM / ranks on the node, and at most memory.CPU_ROWS, the "
+                                         "fastest count measured), printed at the start.")
     memory_headroom: float = _f(0.9, "Share of a GPU's memory (or of the available RAM per rank on CPU) that "
                                 "max_rows=auto and the memory check may plan for; the rest is left to the "
                                 "allocator's fragmentation and to other processes.")

@@ -46,7 +46,11 @@ LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.53, "gptq": 0.5
 RUNTIME = {"cuda": 1.0 * GiB, "cpu": 0.75 * GiB}
 # What torch.cuda.mem_get_info reports as the total of a GPU sold as 80 / 141 GB (H100 SXM / H200): ``plan``
 # takes a nominal --gib-per-gpu as these, a run reads its own devices.
-REPORTED_GIB = {80.0: 79.6, 141.0: 140.4}  # CUDA context + workspace; CPU: python + torch + transformers
+REPORTED_GIB = {80.0: 79.6, 141.0: 140.4}
+# run.max_rows=auto on CPU: at most this many rows per generate call, however many fit. Past it a call gets slower
+# per row on this CPU (the rows-per-call curve, tools/results/bench_rows.json: a decoding step's activations and
+# the KV cache it reads fall out of the caches); on a GPU, as many as fit.
+CPU_ROWS = 256  # CUDA context + workspace; CPU: python + torch + transformers
 
 
 @dataclass(frozen=True)
@@ -199,7 +203,8 @@ class Plan:
 def plan(arch: Arch, precision: str, prompt: int, new: int, device: Device, headroom: float = 0.9,
          want: int | None = None, reward: Reward | None = None) -> Plan:
     """Rows per generate call for rows of ``prompt`` + ``new`` tokens: ``want`` (a set run.max_rows) or as
-    many as fit, at most 4,096. fits is False when the weights, or one row beside them, exceed the budget.
+    many as fit, at most 4,096 on a GPU and CPU_ROWS on a CPU. fits is False when the weights, or one row beside
+    them, exceed the budget.
 
     >>> p = plan(QWEN25_7B, "bf16", 512, 1024, Device("cuda", int(79.6 * GiB)))
     >>> p.fits, p.rows, round(p.peak / GiB, 1)
@@ -220,7 +225,7 @@ def plan(arch: Arch, precision: str, prompt: int, new: int, device: Device, head
     held = RUNTIME[device.kind] + weights + kept  # what both moments hold
     room = budget - held
     most = int(max(0, room // row))
-    rows = want if want is not None else min(4096, most)
+    rows = want if want is not None else min(4096 if device.kind == "cuda" else CPU_ROWS, most)
     gen, rm = max(rows, 1) * row, reward.moment if reward else 0
     peak, moment = int(held + max(gen, rm)), ("reward" if rm > gen else "generation")
     fields = dict(weights=weights, row=row, peak=peak, budget=budget, reward=kept, moment=moment, terms=terms)
