@@ -2,6 +2,7 @@
 
     new = greedy(model, adapter, prompts, C, max_new_tokens=12, eos=tok.eos_token_id, pad=tok.pad_token_id)
     # prompts: P token-id lists, unpadded → C*P token-id lists, candidate-major (row c*P + p), EOS included
+    new = greedy(..., rows=(cand, prompt))   # or any rows: row i is prompt prompt[i] under candidate cand[i]
 
 Why ``model.generate`` is not used here: it prefills every row's whole prompt, though one candidate's rows
 share the chat-template head, the system prompt and any common lead-in (their K/V differ between candidates,
@@ -13,7 +14,7 @@ The steps (positions and masks as ``generate`` builds them for a left-padded bat
 up to the float rounding of a split prefill):
 
 1. prefix: the longest head all P prompts share (leaving each prompt one token of its own), as C rows, one
-   per candidate; its K/V are then repeated to each candidate's P rows.
+   per candidate; its K/V are then repeated to each candidate's rows.
 2. suffix: the rest of each prompt, left-padded after the prefix; the 2-D mask hides the pad slots and the
    position ids continue from the prefix, counting real tokens only.
 3. decode: one token per live row per step; a row that emitted EOS leaves the batch, the cache, the mask and
@@ -71,26 +72,41 @@ def suffix_batch(prompts: list, start: int, pad: int) -> tuple:
 
 @torch.no_grad()
 def greedy(model, adapter, prompts: list, C: int, max_new_tokens: int, eos: int, pad: int,
-           share_prefix: bool = True, drop_finished: bool = True) -> list:
-    """C*P greedy continuations (token ids up to and including EOS, at most max_new_tokens each) of P prompts
-    under C candidates (set on the adapter beforehand, ``SVDLoRA.set_candidates``, or none: C = 1)."""
+           share_prefix: bool = True, drop_finished: bool = True, rows: tuple | None = None) -> list:
+    """Greedy continuations (token ids up to and including EOS, at most max_new_tokens each) of P prompts under C
+    candidates (set on the adapter beforehand, ``SVDLoRA.set_candidates``, or none: C = 1): rows = (candidate [R],
+    prompt [R]) index arrays, one batch row each, or None for all C*P, candidate-major."""
     from transformers import DynamicCache
 
     dev, P = model.device, len(prompts)
+    grouped = rows is None  # candidate c's rows are the contiguous c*P..c*P+P-1: the adapter's grouped path
+    cand, prompt = (torch.arange(C).repeat_interleave(P), torch.arange(P).repeat(C)) if grouped else \
+        (torch.as_tensor(rows[0], dtype=torch.long), torch.as_tensor(rows[1], dtype=torch.long))  # [R], [R]
+    cand = cand.to(dev)
+    R = len(cand)
+    used = sorted(set(prompt.tolist()))
     cache = DynamicCache(config=model.config)
-    L = shared_prefix(prompts) if share_prefix else 0
+    L = shared_prefix([prompts[p] for p in used]) if share_prefix else 0
     L = L if L >= MIN_PREFIX else 0
     if L:  # 1. the shared head once per candidate
-        head = torch.tensor(prompts[0][:L], dtype=torch.long, device=dev).expand(C, L)  # [C, L]
+        head = torch.tensor(prompts[used[0]][:L], dtype=torch.long, device=dev).expand(C, L)  # [C, L]
         model(input_ids=head, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(P)  # K/V [C, kv, L, d] → [C*P, kv, L, d], candidate-major
-    ids, mask, pos = (t.repeat(C, 1).to(dev) for t in suffix_batch(prompts, L, pad))  # [C*P, S], [C*P, L+S], [C*P, S]
+        if grouped:
+            cache.batch_repeat_interleave(P)  # K/V [C, kv, L, d] → [C*P, kv, L, d], candidate-major
+        else:
+            cache.batch_select_indices(cand)  # K/V [C, kv, L, d] → [R, kv, L, d], row i from candidate cand[i]
+    if not grouped:
+        adapter.set_rows(cand)  # [R] candidate of each row
+    where = {p: i for i, p in enumerate(used)}
+    local = torch.tensor([where[p] for p in prompt.tolist()], dtype=torch.long)  # [R] row → its prompt among used
+    batch = suffix_batch([prompts[p] for p in used], L, pad)  # over the prompts the rows use
+    ids, mask, pos = (t[local].to(dev) for t in batch)  # [R, S], [R, L+S], [R, S]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1).logits  # 2. [C*P, 1, vocab]
-    live = torch.arange(C * P, device=dev)  # [R] original row of each batch row
+                   logits_to_keep=1).logits  # 2. [R, 1, vocab]
+    live = torch.arange(R, device=dev)  # [R] original row of each batch row
     last = pos[:, -1]  # [R] position of each row's newest token
-    finished = torch.zeros(C * P, dtype=torch.bool, device=dev)  # [R] emitted EOS (kept only without dropping)
-    out = [[] for _ in range(C * P)]
+    finished = torch.zeros(R, dtype=torch.bool, device=dev)  # [R] emitted EOS (kept only without dropping)
+    out = [[] for _ in range(R)]
     for step in range(max_new_tokens):  # 3.
         nxt = logits[:, -1].argmax(-1)  # [R] greedy
         for row, token in zip(live.tolist(), nxt.tolist()):
@@ -102,7 +118,7 @@ def greedy(model, adapter, prompts: list, C: int, max_new_tokens: int, eos: int,
             keep = (~finished).nonzero().squeeze(1)  # [R'] batch rows still generating
             live, nxt, mask, last, finished = live[keep], nxt[keep], mask[keep], last[keep], finished[keep]
             cache.batch_select_indices(keep)  # K/V [R', kv, t, d]
-            adapter.set_rows(live // P)  # [R'] candidate of each row
+            adapter.set_rows(cand[live])  # [R'] candidate of each row
         mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)  # [R, t + 1]
         last = last + 1
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None],

@@ -2,9 +2,11 @@
 
     ev = PopulationEvaluator(model, tok, adapter, task, max_new_tokens=8, max_rows=256)
     rewards = ev.evaluate(offsets, examples)        # offsets [C, n] → rewards [C] (mean over prompts)
+    per_piece = ev.share_rewards(X, batch, share)  # a rank's pieces (shares.py) → [its C, its P] each
 
-Rows are candidate-major: row c*P + p is prompt p under candidate c, so every candidate sees the same
-prompts with the same padding, and greedy outputs equal one-candidate-at-a-time outputs.
+Rows are candidate-major: row c*P + p is prompt p under candidate c. A rank's pieces are generated together,
+in calls of at most max_rows rows whatever the pieces' bounds (each row carries its candidate: SVDLoRA.set_rows),
+so a rank holding parts of three candidates makes as few calls as one holding whole ones.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from essa_mpi.decode import greedy, unpadded
-from essa_mpi.shares import candidate_rewards
+from essa_mpi.shares import Piece, candidate_rewards
 from essa_mpi.svd_lora import SVDLoRA
 from essa_mpi.tasks import Task, score_rows
 
@@ -71,11 +73,9 @@ class PopulationEvaluator:
         return {k: v.to(self.model.device) for k, v in enc.items()}  # input_ids [P, T]
 
     @torch.no_grad()
-    def generate(self, offsets: np.ndarray | None, enc: dict) -> list:
-        """Completions for C candidates x P prompts, candidate-major ([C*P] strings).
-
-        offsets None = the plain base model (no adapter branch), one "candidate".
-        """
+    def generate(self, offsets: np.ndarray | None, enc: dict, rows: tuple | None = None) -> list:
+        """Completions for C candidates x P prompts, candidate-major ([C*P] strings), or for ``rows`` = (candidate
+        [R], prompt [R]) index arrays ([R] strings). offsets None = the plain base model (no adapter branch)."""
         C = 1 if offsets is None else len(offsets)
         if offsets is None:
             self.adapter.clear()
@@ -85,23 +85,50 @@ class PopulationEvaluator:
             prompts = unpadded(enc)  # P token-id lists
             g = self.gen_cfg
             new = greedy(self.model, self.adapter, prompts, C, g.max_new_tokens, g.eos_token_id, g.pad_token_id,
-                         self.share_prefix, self.drop_finished)  # C*P lists of token ids
+                         self.share_prefix, self.drop_finished, rows)  # C*P (or R) lists of token ids
         else:
-            ids = enc["input_ids"].repeat(C, 1)  # [C*P, T]
-            mask = enc["attention_mask"].repeat(C, 1)  # [C*P, T]
+            if rows is None:
+                ids = enc["input_ids"].repeat(C, 1)  # [C*P, T]
+                mask = enc["attention_mask"].repeat(C, 1)  # [C*P, T]
+            else:
+                ids, mask = enc["input_ids"][rows[1]], enc["attention_mask"][rows[1]]  # [R, T]
+                self.adapter.set_rows(torch.as_tensor(rows[0], dtype=torch.long))  # [R] candidate of each row
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
-            new = out[:, ids.shape[1]:]  # [C*P, new]
+            new = out[:, ids.shape[1]:]  # [rows, new]
         self.adapter.clear()
         return self.tok.batch_decode(new, skip_special_tokens=True)
 
+    def share_completions(self, X: np.ndarray, examples: list, share: list) -> tuple:
+        """This rank's pieces (shares.Piece) of the population X [popsize, n] on the batch's examples → (completions
+        [R], prompt index of each [R]): rows in piece order, candidate-major within a piece, generated in calls of
+        at most max_rows rows."""
+        cand = np.concatenate([np.repeat(np.arange(p.cands.start, p.cands.stop), p.prompts.stop - p.prompts.start)
+                               for p in share])  # [R] candidate of each row
+        prompt = np.concatenate([np.tile(np.arange(p.prompts.start, p.prompts.stop), p.cands.stop - p.cands.start)
+                                 for p in share])  # [R] prompt of each row
+        texts = []
+        for start in range(0, len(cand), self.max_rows):
+            c, q = cand[start: start + self.max_rows], prompt[start: start + self.max_rows]  # this call's rows
+            cs, ps = np.unique(c), np.unique(q)  # its candidates and prompts, ascending
+            rows = (np.searchsorted(cs, c), np.searchsorted(ps, q))  # [r], [r]: indices among them
+            if len(c) == len(cs) * len(ps) and (rows[0] == np.arange(len(cs)).repeat(len(ps))).all() \
+                    and (rows[1] == np.tile(np.arange(len(ps)), len(cs))).all():
+                rows = None  # whole candidates on the same prompts: the grouped layout
+            texts += self.generate(X[cs], self.encode([examples[i] for i in ps]), rows)
+        return texts, prompt
+
+    def share_rewards(self, X: np.ndarray, examples: list, share: list) -> list:
+        """Alg. 1, line 11 for this rank's pieces → per piece its [candidates, prompts] float32 task rewards."""
+        texts, prompt = self.share_completions(X, examples, share)
+        r = score_rows(self.task, texts, [examples[i] for i in prompt]).astype(np.float32)  # [R]
+        bounds = np.cumsum([0] + [p.rows for p in share])
+        return [r[a:b].reshape(p.cands.stop - p.cands.start, p.prompts.stop - p.prompts.start)  # [C_i, P_i]
+                for p, a, b in zip(share, bounds[:-1], bounds[1:])]
+
     def completions(self, offsets: np.ndarray, examples: list) -> list:
-        """[C*P] completions, generated in groups of whole candidates of at most max_rows rows."""
-        enc = self.encode(examples)
-        per_call = max(1, self.max_rows // len(examples))
-        out = []
-        for start in range(0, len(offsets), per_call):
-            out += self.generate(offsets[start: start + per_call], enc)
-        return out
+        """[C*P] completions of C candidates x P prompts, candidate-major, in calls of at most max_rows rows."""
+        whole = Piece(slice(0, len(offsets)), slice(0, len(examples)), True)
+        return self.share_completions(np.asarray(offsets), examples, [whole])[0]
 
     def prompt_rewards(self, completions: list, examples: list, num_candidates: int) -> np.ndarray:
         """Task reward of [C*P] candidate-major completions → [C, P] float32 (what a record carries)."""
@@ -110,7 +137,8 @@ class PopulationEvaluator:
 
     def row_rewards(self, offsets: np.ndarray, examples: list) -> np.ndarray:
         """Generate and score: each candidate's reward on each prompt → [C, P] float32."""
-        return self.prompt_rewards(self.completions(offsets, examples), examples, len(offsets))
+        whole = Piece(slice(0, len(offsets)), slice(0, len(examples)), True)
+        return self.share_rewards(np.asarray(offsets), examples, [whole])[0]
 
     def evaluate(self, offsets: np.ndarray, examples: list) -> np.ndarray:
         """Alg. 1, line 11: reward of each candidate on the shared mini-batch → [C] float32."""

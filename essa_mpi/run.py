@@ -138,8 +138,7 @@ def step(p: Parts, cfg: Config, comm: Comm, g: int) -> dict:
     share = comm.share(popsize, B)  # at most 3 pieces: (candidates, prompts) rectangles
     idx = batch_indices(len(p.task.train), B, cfg.search.seed, g)  # [B]
     t = time.perf_counter()
-    rewards = [p.evaluator.row_rewards(X[piece.cands], [p.task.train[i] for i in idx[piece.prompts]])
-               for piece in share]  # per piece [its candidates, its prompts]; Alg. 1, line 11
+    rewards = p.evaluator.share_rewards(X, [p.task.train[i] for i in idx], share)  # per piece [C_i, P_i]; l. 11
     eval_s = time.perf_counter() - t
     stages.reached(f"generation {g + 1}", comm.rank)
     t = time.perf_counter()

@@ -260,8 +260,9 @@ class VLLMEvaluator(PopulationEvaluator):
         """Chat-templated prompts as token ids, as the HF engine tokenizes them (no padding: vLLM packs rows)."""
         return self.tok(self.texts(examples), add_special_tokens=False)["input_ids"]  # P lists of token ids
 
-    def generate(self, offsets: np.ndarray | None, enc: list) -> list:
-        """Completions for C candidates x P prompts, candidate-major ([C*P] strings); None = the base model."""
+    def generate(self, offsets: np.ndarray | None, enc: list, rows: tuple | None = None) -> list:
+        """Completions for C candidates x P prompts, candidate-major ([C*P] strings), or for ``rows`` = (candidate
+        [R], prompt [R]) index arrays ([R] strings); None = the base model."""
         from essa_mpi.export import export_adapter
 
         if offsets is None:
@@ -272,7 +273,9 @@ class VLLMEvaluator(PopulationEvaluator):
                 dirs.append(os.path.join(self.engine.scratch, f"g{self.engine.next_id}-{c}"))
                 export_adapter(self.adapter, x, dirs[-1], self.lora_alpha)  # Alg. 1, line 11.1
             try:
-                outs = self.engine.generate(enc * len(dirs), self.params, [d for d in dirs for _ in enc])
+                if rows is None:
+                    rows = (np.arange(len(dirs)).repeat(len(enc)), np.tile(np.arange(len(enc)), len(dirs)))
+                outs = self.engine.generate([enc[p] for p in rows[1]], self.params, [dirs[c] for c in rows[0]])
             finally:
                 for d in dirs:
                     shutil.rmtree(d, ignore_errors=True)

@@ -103,3 +103,20 @@ def test_finished_rows_leave_the_batch(parts, monkeypatch):
     ends = [row.index(eos) + 1 if eos in row else 8 for row in ref]
     assert out == [r[:n] for r, n in zip(ref, ends)]
     assert rows[1:] == [sum(n > step for n in ends) for step in range(1, max(ends))]
+
+
+@pytest.mark.parametrize("share_prefix, drop_finished", [(False, False), (True, True)])
+def test_pieces_of_candidates_in_one_call_equal_the_whole_population(parts, share_prefix, drop_finished):
+    """A rank's share as pieces (a candidate's tail, whole candidates, a head: shares.pieces) generated in calls of
+    5 rows, rows carrying their own candidate: the completions equal the same rows of the whole C x P call."""
+    from essa_mpi.shares import pieces
+
+    examples = parts[3].train[:4]
+    X = np.random.default_rng(2).standard_normal((4, parts[2].solution_length)) * 0.5  # [C, n]
+    whole = evaluator(parts, share_prefix, drop_finished).completions(X, examples)  # [C*P], one call
+    ev = evaluator(parts, share_prefix, drop_finished)
+    ev.max_rows = 5
+    share = pieces(3, 14, 4)  # rows 3..13: candidate 0's prompt 3, candidates 1-2, candidate 3's prompts 0-1
+    texts, prompt = ev.share_completions(X, examples, share)
+    assert texts == whole[3:14] and prompt.tolist() == [3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+    assert len(set(whole)) > 3, "completions must differ, or equal ones prove nothing"

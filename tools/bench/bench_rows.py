@@ -2,7 +2,7 @@
 
     python tools/bench/bench_rows.py --curve                      # rows-per-call curve -> tools/results/bench_rows.json
     python tools/bench/bench_rows.py --before 81f75b3 --repeats 2 # side by side, mpiexec -n 2 (same file, merged)
-    python tools/bench/bench_rows.py --split 05f223d              # popsize 6 on 4 ranks, before and now
+    python tools/bench/bench_rows.py --split 05f223d              # popsize 6 on 4, 3 on 2 ranks: before, now
 
 --curve: ``mpiexec -n 2`` runs of the embedded default (bf16, 1 thread per rank, as the default job) with
 adapter.warm_start=none, task.val_size=0, one generation of popsize 32 x 64 prompts = 1,024 rows per rank,
@@ -14,7 +14,8 @@ tree and the earlier commit's (checked out to a temp dir, imported first through
 ``mpiexec -n 2``; seconds per generation = eval_s of each generation line (evaluation only, the exchange is
 microseconds), median over generations and repeats.
 
---split: search.popsize=6 on ``mpiexec -n 4`` (2 generations of the default's 48 prompts), the earlier commit
+--split: search.popsize=6 on ``mpiexec -n 4`` and 3 on 2 (2 generations of the default's 48 prompts; 2 ranks
+on this 2-core host are each alone on a core, as ranks on their own GPUs are), the earlier commit
 (whole candidates per rank) and today's tree (rows split evenly); rows per rank counted outside the code under
 test, by the task's reward (tools/bench/count_rows.py appends each call's rows to a file per rank), and the
 wall seconds per generation (the slowest rank's eval_s).
@@ -89,24 +90,24 @@ def side_by_side(base: str, before: str, repeats: int) -> dict:
             "ratio_now_to_before": round(med["now"] / med["before"], 3)}
 
 
-def split(base: str, before: str) -> dict:
-    """popsize 6 on 4 ranks: rows per rank per generation (counted at the reward) and seconds per generation."""
+def split(base: str, before: str, popsize: int, n: int) -> dict:
+    """popsize on n ranks: rows per rank per generation (counted at the reward) and seconds per generation."""
     tree, out = checkout(base, before), {}
     try:
         for label, where in (("before", tree), ("now", REPO)):
-            prefix = os.path.join(base, f"rows-{label}")
-            got = run(where, os.path.join(base, f"split-{label}"), ["search.popsize=6", "run.generations=2",
-                                                                    "task.reward_fn=count_rows:reward"], n=4,
+            prefix = os.path.join(base, f"rows-{label}-{popsize}x{n}")
+            got = run(where, os.path.join(base, f"split-{label}-{popsize}x{n}"),
+                      [f"search.popsize={popsize}", "run.generations=2", "task.reward_fn=count_rows:reward"], n=n,
                       env={"ESSA_ROWS": prefix})
             rows = []
-            for r in range(4):
+            for r in range(n):
                 with open(f"{prefix}.{r}") as fh:
                     rows.append(sum(int(x) for x in fh.read().split()) // 2)  # per generation
             out[label] = {**got, "rows_per_rank": rows, "spread": max(rows) - min(rows)}
             print(label, out[label], flush=True)
     finally:
         subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", tree], capture_output=True)
-    return {"before_commit": before, **out}
+    return {"before_commit": before, "popsize": popsize, "ranks": n, **out}
 
 
 def main() -> int:
@@ -115,7 +116,8 @@ def main() -> int:
     ap.add_argument("--points", default="64,128,256,512,1024,auto", help="run.max_rows values of the curve")
     ap.add_argument("--before", help="an earlier commit to compare the default config's generation time with")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each tree, alternating")
-    ap.add_argument("--split", metavar="COMMIT", help="popsize 6 on 4 ranks, this commit beside today's tree")
+    ap.add_argument("--split", metavar="COMMIT", help="an uneven population, this commit beside today's tree")
+    ap.add_argument("--split-shapes", default="6x4,3x2", help="popsize x ranks of --split")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     result = json.load(open(args.out)) if os.path.isfile(args.out) else {}
@@ -126,7 +128,8 @@ def main() -> int:
         if args.before:
             result["side_by_side"] = side_by_side(base, args.before, args.repeats)
         if args.split:
-            result["split"] = split(base, args.split)
+            result["split"] = [split(base, args.split, *map(int, shape.split("x")))
+                               for shape in args.split_shapes.split(",")]
     finally:
         shutil.rmtree(base, ignore_errors=True)
     result["commit"] = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
