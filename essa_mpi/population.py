@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from essa_mpi.decode import greedy, unpadded
-from essa_mpi.shares import Piece, candidate_rewards
+from essa_mpi.shares import Piece, candidate_rewards, split_counts
 from essa_mpi.svd_lora import SVDLoRA
 from essa_mpi.tasks import Task, score_rows
 
@@ -100,15 +100,16 @@ class PopulationEvaluator:
 
     def share_completions(self, X: np.ndarray, examples: list, share: list) -> tuple:
         """This rank's pieces (shares.Piece) of the population X [popsize, n] on the batch's examples → (completions
-        [R], prompt index of each [R]): rows in piece order, candidate-major within a piece, generated in calls of
-        at most max_rows rows."""
+        [R], prompt index of each [R]): rows in piece order, candidate-major within a piece, generated in the
+        fewest calls of at most max_rows rows, near-equal (whole candidates keep the adapter's grouped path)."""
         cand = np.concatenate([np.repeat(np.arange(p.cands.start, p.cands.stop), p.prompts.stop - p.prompts.start)
                                for p in share])  # [R] candidate of each row
         prompt = np.concatenate([np.tile(np.arange(p.prompts.start, p.prompts.stop), p.cands.stop - p.cands.start)
                                  for p in share])  # [R] prompt of each row
-        texts = []
-        for start in range(0, len(cand), self.max_rows):
-            c, q = cand[start: start + self.max_rows], prompt[start: start + self.max_rows]  # this call's rows
+        texts, calls = [], -(-len(cand) // self.max_rows)
+        bounds = np.cumsum([0] + split_counts(len(cand), calls))  # near-equal calls: 384 rows at 256 → 192 + 192
+        for start, stop in zip(bounds[:-1], bounds[1:]):
+            c, q = cand[start: stop], prompt[start: stop]  # this call's rows
             cs, ps = np.unique(c), np.unique(q)  # its candidates and prompts, ascending
             rows = (np.searchsorted(cs, c), np.searchsorted(ps, q))  # [r], [r]: indices among them
             if len(c) == len(cs) * len(ps) and (rows[0] == np.arange(len(cs)).repeat(len(ps))).all() \

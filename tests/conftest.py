@@ -12,6 +12,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tiny import save_tiny  # noqa: E402
 
 
+# The test command runs 2 xdist workers, a file at a time, in this order (--dist loadfile
+# --no-loadscope-reorder): the longest files first, so no worker is left alone with one at the end. Much of
+# their time is waiting (SLURM's time-limit warning, stall deadlines, subprocess start-up), which the other
+# worker's tests fill.
+FIRST = ("test_slurm.py", "test_faults.py", "test_cli_mpi.py", "test_reliability.py", "test_vllm_engine.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
+
+
 @contextlib.contextmanager
 def tmpfs(path, options: str):
     """A tmpfs mounted at path (created) with mount options such as "size=24k" or "ro": a full disk or a
