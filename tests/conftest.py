@@ -11,7 +11,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny import save_tiny  # noqa: E402
 
-
 # The test command runs 2 xdist workers, a file at a time, in this order (--dist loadfile
 # --no-loadscope-reorder): the longest files first, so no worker is left alone with one at the end. Much of
 # their time is waiting (SLURM's time-limit warning, stall deadlines, subprocess start-up), which the other

@@ -103,7 +103,7 @@ def log_records(out) -> dict:
             {m["generation"]: m["val_reward"] for m in rows if "val_reward" in m})
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])  # each seed kills several times at random points (CI time: two)
 def test_metrics_log_after_kills_at_random_points_equals_an_uninterrupted_run(tiny_dir, tmp_path, seed,
                                                                               uninterrupted6):
     """Run, kill (SIGKILL of every process, or SIGTERM) at a random point, cut the log's last line as a crash

@@ -71,9 +71,10 @@ def main() -> int:
     for r in rows:
         b, n = r["before"], r["now"]
         gib = "CPU 24" if "smollm2" in r["job"] else r["gib"]
-        engine = n.get("engine", "").replace("model.engine=auto: ", "auto: ")
+        engine = n.get("engine", "").replace("model.engine=auto: ", "")
+        engine = "vLLM (hf where it does not import)" if engine.startswith("vllm") else engine
         print(f"| {r['job']} | {gib} | {cell(b, 'search')} → {cell(n, 'search')} | {cell(b, 'eval')} → "
-              f"{cell(n, 'eval')} | {cell(b, 'sft')} → {cell(n, 'sft')} | {engine[:40]} |")
+              f"{cell(n, 'eval')} | {cell(b, 'sft')} → {cell(n, 'sft')} | {engine} |")
     return 0
 
 
