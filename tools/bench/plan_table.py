@@ -66,7 +66,8 @@ def main() -> int:
     with open(args.out, "w") as fh:
         json.dump({"before": args.before, "rows": rows}, fh, indent=1)
     cell = lambda p, k: f"{p[k][0]} · {p[k][1]:.1f}" if k in p else "–"  # noqa: E731
-    print("| job | GPU GiB | search before → now (rows · peak GiB) | eval before → now | SFT before → now | engine now |")
+    print("| job | GPU GiB | search before → now (rows · peak GiB) | eval before → now | SFT before → now "
+          "| engine now |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         b, n = r["before"], r["now"]
