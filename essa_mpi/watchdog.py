@@ -138,6 +138,25 @@ def install_signal_handlers(describe: Callable[[], str] | None = None) -> None:
     signal.set_wakeup_fd(write, warn_on_full_buffer=False)
     threading.Thread(target=_listen, args=(read,), daemon=True, name="essa-signals").start()
     _state["listening"] = True
+    os.register_at_fork(after_in_child=_not_a_rank)
+
+
+def _not_a_rank() -> None:
+    """In a process the rank forks (a reward's multiprocessing Pool or Process, a daemon): none of the rank's
+    signal handling. The wakeup pipe is the rank's (a SIGTERM to a pool worker would stop the rank), and the
+    no-op handlers would make the worker ignore the SIGTERM that ends it (Pool.terminate waited, workers were
+    left running). Default handlers, no exit hooks, and SIGTERM when the rank dies (Linux PR_SET_PDEATHSIG), so
+    nothing of the job outlives an aborted rank."""
+    with contextlib.suppress(ValueError, OSError):
+        signal.set_wakeup_fd(-1)
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    _state.update(on_exit=[], listening=False, stop=None, describe=None)
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager

@@ -116,3 +116,39 @@ def counts_rows(completions, **_):
     with open(f"{os.environ['ESSA_ROWS']}.{_rank()}", "a") as fh:
         fh.write(f"{len(completions)}\n")
     return [sum(ch.isalnum() for ch in c) / max(len(c), 1) for c in completions]
+
+
+def _alnum(c: str) -> float:
+    return sum(ch.isalnum() for ch in c) / max(len(c), 1)
+
+
+def alnum(completions, **_):
+    """The alphanumeric fraction of each completion (the pool rewards' reference)."""
+    return [_alnum(c) for c in completions]
+
+
+_POOL = None
+
+
+def alnum_pool(completions, **_):
+    """alnum, computed by a multiprocessing.Pool(2) kept across calls (as a user caching a pool would), plus a
+    daemon Process forked and joined each call."""
+    import multiprocessing
+
+    global _POOL
+    if _POOL is None:
+        _POOL = multiprocessing.get_context("fork").Pool(2)
+    p = multiprocessing.get_context("fork").Process(target=_alnum, args=("x",), daemon=True)
+    p.start()
+    p.join()
+    return _POOL.map(_alnum, completions)
+
+
+def alnum_pool_then_raise(completions, **_):
+    """alnum_pool, then on the second call rank 1 raises: the job aborts with the pool's workers alive."""
+    global _CALLS
+    _CALLS = globals().get("_CALLS", 0) + 1
+    out = alnum_pool(completions)
+    if _CALLS == 2 and _rank() == 1:
+        raise RuntimeError("boom after the pool started")
+    return out

@@ -125,3 +125,25 @@ def test_metrics_log_after_kills_at_random_points_equals_an_uninterrupted_run(ti
     res = mpirun(2, args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert log_records(out) == log_records(ref)
+
+
+def test_a_reward_that_uses_a_multiprocessing_pool_runs_as_without_it(tiny_dir, tmp_path):
+    """The workers a reward forks exit as they would without essa_mpi (the os._exit guard is the rank's own, by
+    pid; the rank's signal handling is not inherited): the same rewards and adapter as the plain reward, exit 0,
+    no error line, no wait at exit, no process of the job left; and none left when the job aborts."""
+    runs, seconds = {}, {}
+    for fn in ("alnum", "alnum_pool"):
+        t = time.time()
+        res = mpirun(2, tiny_args(tiny_dir, tmp_path / fn) + [f"task.reward_fn=mpi_rewards:{fn}"], timeout=180)
+        seconds[fn] = time.time() - t
+        assert res.returncode == 0 and "error" not in res.stderr, res.stderr[-2000:]
+        assert ranks_gone(str(tmp_path / fn), within_s=1.0), "a pool worker outlived the job"
+        runs[fn] = history(str(tmp_path / fn))
+    assert (runs["alnum"].rewards == runs["alnum_pool"].rewards).all() and len(set(runs["alnum"].rewards.flat)) > 3
+    adapters = [(tmp_path / fn / "adapter" / "adapter_model.safetensors").read_bytes() for fn in runs]
+    assert adapters[0] == adapters[1]
+    assert seconds["alnum_pool"] < seconds["alnum"] + 15, seconds  # the old code waited ~44 s at exit
+    res = mpirun(2, tiny_args(tiny_dir, tmp_path / "abort") + ["task.reward_fn=mpi_rewards:alnum_pool_then_raise",
+                                                              "run.stall_timeout_s=20"], timeout=180)
+    assert res.returncode != 0 and "boom after the pool started" in res.stderr, res.stderr[-2000:]
+    assert ranks_gone(str(tmp_path / "abort")), "a pool worker outlived the aborted job"

@@ -104,13 +104,13 @@ def guarded(name: str):
     SIGTERM handler the reward changed is put back, with a warning (relative run paths and Ctrl-C must keep
     working). Running user rewards in a process of their own would also contain forks and daemons, but the
     reward models need the rank's own GPU and weights; this keeps them in the rank."""
-    real_exit, cwd = os._exit, os.getcwd()
+    real_exit, cwd, pid = os._exit, os.getcwd(), os.getpid()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     main = threading.current_thread()
 
     def refuse(code: int = 0):
-        if threading.current_thread() is not main:  # the watchdogs' own exits pass
-            real_exit(code)
+        if threading.current_thread() is not main or os.getpid() != pid:  # the watchdogs' own exits pass, and so
+            real_exit(code)  # does every exit of a process the reward forked (a multiprocessing worker's)
         raise _Exited(f"reward function {name} called os._exit({code}); a reward must return one float per "
                       f"completion (raise an exception for an error)")
 
