@@ -556,13 +556,11 @@ def _validate_task(t: TaskConfig) -> None:
 
 
 def _validate_engine(m: ModelConfig) -> None:
-    if m.engine != "vllm":
-        return
-    if m.precision not in ("fp32", "bf16"):
+    if not 0 < m.vllm_memory_fraction <= 1:  # engine auto may take vLLM: checked whatever the engine
+        raise ValueError(f"model.vllm_memory_fraction={m.vllm_memory_fraction} must be in (0, 1]; set e.g. 0.85.")
+    if m.engine == "vllm" and m.precision not in ("fp32", "bf16"):
         raise ValueError(f"model.engine=vllm runs model.precision=fp32 or bf16, not {m.precision}; set "
                          f"model.precision=bf16 or model.engine=hf.")
-    if not 0 < m.vllm_memory_fraction <= 1:
-        raise ValueError(f"model.vllm_memory_fraction={m.vllm_memory_fraction} must be in (0, 1]; set e.g. 0.85.")
     if m.vllm_kv_cache_gib < 0:
         raise ValueError(f"model.vllm_kv_cache_gib={m.vllm_kv_cache_gib} must be >= 0 (0 = automatic).")
 

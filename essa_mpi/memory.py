@@ -67,13 +67,37 @@ class Arch:
     tied: bool = False
 
     @classmethod
-    def from_config(cls, c: dict) -> Arch:
-        c = {**c, **(c.get("text_config") or {})}  # multimodal configs nest the language model's
-        heads = c["num_attention_heads"]
-        return cls(layers=c["num_hidden_layers"], hidden=c["hidden_size"], heads=heads,
-                   kv_heads=c.get("num_key_value_heads") or heads,
-                   head_dim=c.get("head_dim") or c["hidden_size"] // heads, intermediate=c["intermediate_size"],
-                   vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings")))
+    def from_config(cls, c: dict, source: str = "config.json") -> Arch:
+        """From a config.json mapping; ValueError naming ``source``, the key and what is wrong with it.
+
+        >>> Arch.from_config({"hidden_size": "32"}, "x.json")
+        Traceback (most recent call last):
+        ...
+        ValueError: x.json: hidden_size='32' must be a whole number (a JSON number, not a string); fix the file.
+        """
+        if not isinstance(c, dict):
+            raise ValueError(f"{source}: a model config is a JSON object of fields (hidden_size, num_hidden_layers, "
+                             f"...), not a {type(c).__name__}; give the model's config.json.")
+        text = c.get("text_config")
+        c = {**c, **(text if isinstance(text, dict) else {})}  # multimodal configs nest the language model's
+
+        def whole(key: str, default=None) -> int:
+            v = c.get(key, default)
+            if v is None:
+                raise ValueError(f"{source}: {key} is missing; give the model's own config.json.")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{source}: {key}={v!r} must be a whole number (a JSON number, not a string); fix "
+                                 f"the file.")
+            if v < 1:
+                raise ValueError(f"{source}: {key}={v} must be at least 1; fix the file.")
+            return v
+
+        hidden, heads = whole("hidden_size"), whole("num_attention_heads")
+        return cls(layers=whole("num_hidden_layers"), hidden=hidden, heads=heads,
+                   kv_heads=whole("num_key_value_heads", c.get("num_key_value_heads") or heads),
+                   head_dim=whole("head_dim", c.get("head_dim") or max(1, hidden // heads)),
+                   intermediate=whole("intermediate_size"), vocab=whole("vocab_size"),
+                   tied=bool(c.get("tie_word_embeddings")))
 
     @classmethod
     def from_facts(cls, f: dict) -> Arch | None:

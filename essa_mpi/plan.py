@@ -21,7 +21,7 @@ import os
 import sys
 
 from essa_mpi import memory
-from essa_mpi.config import load_config
+from essa_mpi.config import load_config, validate
 from essa_mpi.launch import choose_engine
 
 
@@ -40,8 +40,13 @@ def arch_of(cfg, model_config: str | None, name: str | None = None) -> memory.Ar
     elif path and not os.path.isfile(path):
         raise ValueError(f"--model-config: {path} not found; give the model's config.json.")
     if path:
-        with open(path) as fh:
-            return memory.Arch.from_config(json.load(fh))
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--model-config: {path} is not readable JSON ({exc}); give the model's config.json."
+                             ) from None
+        return memory.Arch.from_config(data, f"--model-config {path}")
 
     arch = memory.arch_for(cfg.model)
     if arch is None:
@@ -133,6 +138,17 @@ def report(cfg, args) -> tuple:
     return lines, ok
 
 
+def check_numbers(args) -> None:
+    """plan's own options: ValueError naming the option and what it must be."""
+    for name, value, low in (("--prompt-tokens", args.prompt_tokens, 1), ("--gpus-per-node", args.gpus_per_node, 0),
+                             ("--ranks-per-node", args.ranks_per_node, 0)):
+        if value < low:
+            raise ValueError(f"{name}={value} must be at least {low}.")
+    for name, value in (("--gib-per-gpu", args.gib_per_gpu), ("--ram-gib", args.ram_gib)):
+        if not value > 0:
+            raise ValueError(f"{name}={value:g} must be a positive number of GiB.")
+
+
 def main(argv: list) -> int:
     ap = argparse.ArgumentParser(prog="python -m essa_mpi plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -148,7 +164,10 @@ def main(argv: list) -> int:
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
     try:
-        lines, ok = report(load_config(args.config, args.overrides), args)
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, 1, "run")  # the very checks a run makes of these values (the files a run reads aside)
+        check_numbers(args)
+        lines, ok = report(cfg, args)
     except ValueError as exc:
         print(f"essa_mpi plan: error: {exc}", file=sys.stderr)
         return 2

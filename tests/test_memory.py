@@ -180,3 +180,42 @@ def test_plan_names_the_engine_and_why(capsys):
     assert "engine: model.engine=auto: hf (no CUDA device on this rank)" in capsys.readouterr().out
     plan_main(["--config", job, "--model-config", CONFIGS, "model.precision=int4"])
     assert "auto: hf (model.precision=int4; vLLM runs fp32 or bf16 here)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("overrides", [["run.max_rows=-1"], ["sft.micro_batch=-1"], ["run.memory_headroom=1.5"],
+                                       ["search.popsize=1"], ["adapter.fraction=1.5"], ["task.batch_size=0"],
+                                       ["task.max_new_tokens=0"], ["model.vllm_memory_fraction=0"],
+                                       ["model.engine=vllm", "model.precision=int4"]])
+def test_plan_refuses_what_a_run_refuses_with_the_same_line(overrides, capsys):
+    """plan applies config.validate, the very checks a run makes of the values (it used to print "fits")."""
+    from essa_mpi.config import validate
+
+    with pytest.raises(ValueError) as exc:
+        validate(load_config(None, overrides), 1, "run")
+    assert plan_main(["--gpus-per-node", "0", *overrides]) == 2
+    assert str(exc.value) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [(["--prompt-tokens", "0"], "--prompt-tokens=0 must be at least 1"),
+                                        (["--prompt-tokens", "-5"], "--prompt-tokens=-5 must be at least 1"),
+                                        (["--gib-per-gpu", "0"], "--gib-per-gpu=0 must be a positive number")])
+def test_plan_refuses_its_own_bad_numbers(args, says, capsys):
+    assert plan_main(["--gpus-per-node", "0", *args]) == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, says", [
+    ({"num_hidden_layers": 2}, "hidden_size is missing"),
+    ([1, 2], "a model config is a JSON object of fields"),
+    ({**json.load(open(os.path.join(CONFIGS, "Qwen--Qwen2.5-7B-Instruct.json"))), "num_attention_heads": 0},
+     "num_attention_heads=0 must be at least 1"),
+    ({**json.load(open(os.path.join(CONFIGS, "Qwen--Qwen2.5-7B-Instruct.json"))), "hidden_size": "32"},
+     "hidden_size='32' must be a whole number"),
+    ("{not json", "is not readable JSON"),
+])
+def test_plan_model_config_problems_are_one_line_naming_file_and_key(tmp_path, content, says, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    job = os.path.join(ROOT, "jobs", "gsm8k.yaml")
+    assert plan_main(["--config", job, "--model-config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(path) in err and says in err, err
