@@ -5,6 +5,8 @@ import json
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench"))
 import seed_sweep  # noqa: E402
 
@@ -133,3 +135,24 @@ def test_a_bad_rescale_is_one_clear_line(tmp_path, capsys):
         assert seed_sweep.main(["--runs", str(tmp_path), "--report", "--rescale", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"seed_sweep: --rescale '{bad}': ") and "ARM=FACTOR" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--seeds", "5-1", "--arms", "ESSA uniform"], "--seeds 5-1 is an empty range"),
+    (["--seeds", "abc", "--report"], "--seeds abc is not seeds"),
+    (["--seeds", "-1", "--report"], "--seeds -1 is not seeds"),
+    ([], "nothing to do; pass --arms"),
+    (["--report", "--name", "would_be_overwritten"], "no finished run under --runs"),
+])
+def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys, args, says):
+    """Each used to exit 0 having done nothing, trace back, or (--report --name on an empty folder) overwrite a
+    results file with an empty table."""
+    assert seed_sweep.main(["--runs", str(tmp_path), *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(os.path.join(seed_sweep.RESULTS, "would_be_overwritten.json"))
+
+
+def test_report_on_a_missing_folder_is_one_line(tmp_path, capsys):
+    assert seed_sweep.main(["--runs", str(tmp_path / "none"), "--report"]) == 2
+    assert "is not a folder of runs" in capsys.readouterr().err

@@ -87,11 +87,25 @@ def launch(args, arm: str, seed: int, sft_dir: str) -> None:
 
 
 def seeds_of(spec: str) -> list:
-    """'0-4' -> [0, 1, 2, 3, 4]; '0,2' -> [0, 2]."""
-    if "-" in spec:
-        lo, hi = map(int, spec.split("-"))
-        return list(range(lo, hi + 1))
-    return [int(s) for s in spec.split(",")]
+    """'0-4' -> [0, 1, 2, 3, 4]; '0,2' -> [0, 2]; ValueError saying what is wrong otherwise.
+
+    >>> seeds_of("0-4"), seeds_of("0,2")
+    ([0, 1, 2, 3, 4], [0, 2])
+    >>> seeds_of("5-1")
+    Traceback (most recent call last):
+    ...
+    ValueError: --seeds 5-1 is an empty range; write LOW-HIGH with LOW <= HIGH (e.g. 0-4) or a list (0,2,5)
+    """
+    fix = "write LOW-HIGH with LOW <= HIGH (e.g. 0-4) or a list (0,2,5)"
+    parts = spec.split("-") if "-" in spec.strip("-") else spec.split(",")
+    if not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"--seeds {spec} is not seeds (whole numbers from 0 up); {fix}")
+    values = [int(p) for p in parts]
+    if "-" in spec.strip("-"):
+        if len(values) != 2 or values[0] > values[1]:
+            raise ValueError(f"--seeds {spec} is an empty range; {fix}")
+        return list(range(values[0], values[1] + 1))
+    return values
 
 
 def run_summary(out: str, budget_s: float) -> dict:
@@ -270,25 +284,42 @@ def main(argv: list | None = None) -> int:
                          "from a faster machine; FACTOR from rerunning one of its runs here)")
     args = ap.parse_args(argv)
     try:
+        seeds = seeds_of(args.seeds)
+    except ValueError as e:
+        print(f"seed_sweep: {e}", file=sys.stderr)
+        return 2
+    try:
         args.rescale = [rescale_of(x) for x in args.rescale]
     except ValueError as e:
         print(f"seed_sweep: --rescale {e}: pass ARM=FACTOR with ARM one of {list(ARMS)} and FACTOR > 0 "
               "(e.g. --rescale 'ESSA uniform=1.5')", file=sys.stderr)
+        return 2
+    if not args.arms and not args.report:
+        print("seed_sweep: nothing to do; pass --arms (with --adapter) to run, or --report to summarise",
+              file=sys.stderr)
         return 2
     if args.arms:
         if not args.adapter or not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
             print(f"seed_sweep: --adapter {args.adapter} is not an adapter folder; make it with python -m essa_mpi "
                   "sft (see this file's docstring)", file=sys.stderr)
             return 2
-        for seed in seeds_of(args.seeds):  # seed-major: a sweep cut short stays balanced across arms
+        for seed in seeds:  # seed-major: a sweep cut short stays balanced across arms
             for arm in args.arms:
                 launch(args, arm, seed, args.adapter)
     if args.report:
+        if not os.path.isdir(args.runs) and not args.previous:
+            print(f"seed_sweep: --runs {args.runs} is not a folder of runs; pass the folder a sweep wrote (or "
+                  "--previous with an earlier report's JSON)", file=sys.stderr)
+            return 2
         if args.previous and not os.path.isfile(args.previous):
             print(f"seed_sweep: --previous {args.previous} is not a file; pass a JSON an earlier --report --name "
                   "wrote (tools/results/<name>.json)", file=sys.stderr)
             return 2
         summary = report(args)
+        if not summary["arms"]:
+            print(f"seed_sweep: no finished run under --runs {args.runs}; nothing to report (no file written)",
+                  file=sys.stderr)
+            return 2
         print(table(summary))
         for pair in args.test or []:
             if not any(t["arms"] == pair for t in summary["tests"]):
