@@ -53,15 +53,28 @@ def from_bench(path: str) -> dict:
     except (OSError, ValueError, AssertionError) as exc:
         raise ValueError(f"--from-bench {path}: not a readable bench_scaling.py JSON object "
                          f"({exc or 'not an object'}); give the file tools/bench/bench_scaling.py wrote.") from None
-    out = {}
-    e2e = bench.get("end_to_end", {})
-    for key in ("eta_gen", "eta_fb"):
-        if e2e.get(f"{key}_s"):
-            out[key] = e2e[f"{key}_s"]
-    if bench.get("exchange"):
-        fit = bench["exchange"][-1]["fit"]
-        out.update(latency=fit["latency_s"], peak_bw=fit["bandwidth_Bps"])
+    out, where = {}, "end_to_end"
+    try:  # a file of the right kind but the wrong shape: say which field, no traceback
+        e2e = bench.get("end_to_end") or {}
+        for key in ("eta_gen", "eta_fb"):
+            where = f"end_to_end.{key}_s"
+            if e2e.get(f"{key}_s"):
+                out[key] = positive(e2e[f"{key}_s"])
+        if bench.get("exchange"):
+            where = "exchange[-1].fit.latency_s / bandwidth_Bps"
+            fit = bench["exchange"][-1]["fit"]
+            out.update(latency=positive(fit["latency_s"]), peak_bw=positive(fit["bandwidth_Bps"]))
+    except (AttributeError, KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"--from-bench {path}: {where} is missing or not a positive number ({type(exc).__name__}: "
+                         f"{exc}); give the file tools/bench/bench_scaling.py wrote.") from None
     return out
+
+
+def positive(value) -> float:
+    """A measured number from the JSON: a positive int or float (not a string, bool or NaN)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{value!r}")
+    return float(value)
 
 
 def table(a: argparse.Namespace, gpus: list) -> list:

@@ -44,3 +44,13 @@ def test_the_seed_decides_the_row_order_and_identity_keeps_the_tasks():
     a, b = grpo_baseline.row_order(300, 0, "seed"), grpo_baseline.row_order(300, 1, "seed")
     assert sorted(a) == list(range(300)) and (a != b).any() and (a == grpo_baseline.row_order(300, 0, "seed")).all()
     assert grpo_baseline.row_order(300, 7, "identity").tolist() == list(range(300))
+
+
+def test_bad_config_input_is_one_line_before_any_training(tmp_path, capsys):
+    for args, says in ((["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
+                       (["search.popsze=3"], "did you mean 'search.popsize'"),
+                       (["task.batch_size=0"], "task.batch_size=0 must be >= 1")):
+        assert grpo_baseline.main(["--out", str(tmp_path / "out"), *args]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -61,3 +61,16 @@ def test_latency_command_rejects_arguments_that_mean_nothing(args, message):
     lines = res.stderr.splitlines()
     assert res.returncode == 2 and len(lines) == 1 and lines[0].startswith("essa_mpi: error: "), res.stderr
     assert message in lines[0] and not res.stdout, res.stderr
+
+
+@pytest.mark.parametrize("content, field", [({"end_to_end": [1, 2]}, "end_to_end"),
+                                            ({"exchange": [{"fit": {}}]}, "exchange[-1].fit"),
+                                            ({"end_to_end": {"eta_gen_s": "fast"}}, "end_to_end.eta_gen_s"),
+                                            ({"exchange": [1]}, "exchange[-1].fit")])
+def test_a_malformed_bench_file_is_one_line_naming_the_field(tmp_path, content, field):
+    from essa_mpi.latency_report import from_bench
+
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=rf"--from-bench {path}: {field.replace('[', '.').replace(']', '.')}"):
+        from_bench(str(path))

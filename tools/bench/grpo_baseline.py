@@ -34,7 +34,7 @@ import time
 import numpy as np
 import torch
 
-from essa_mpi.config import load_config
+from essa_mpi.config import load_config, validate
 from essa_mpi.memory import rows_per_call
 from essa_mpi.model import load_model
 from essa_mpi.population import PopulationEvaluator
@@ -199,6 +199,12 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
+    try:  # bad input is one line, before the heavy imports
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, 1, "run")
+    except (ValueError, OSError) as exc:
+        print(f"grpo_baseline: error: {exc}", file=sys.stderr)
+        return 2
 
     from trl import GRPOConfig, GRPOTrainer
 
@@ -210,7 +216,6 @@ def main(argv: list | None = None) -> int:
 
     from essa_mpi import sft
 
-    cfg = load_config(args.config, args.overrides)
     torch.set_num_threads(args.threads)
     task = build_task(cfg.task, cfg.search.seed)
     sft_dir = args.adapter or sft.sft_dir(cfg, task.sft)
