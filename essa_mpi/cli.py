@@ -342,7 +342,7 @@ def main(argv: list | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     if command in TOOLS:
         return importlib.import_module(TOOLS[command]).main(argv)
-    args = parser(command).parse_args(argv)
+    args = parser(command).parse_intermixed_args(argv)  # overrides may stand on both sides of an option
     early = early_config(args, command)
     bind(early)  # before anything below can start CUDA
     if from_shell:

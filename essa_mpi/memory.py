@@ -423,6 +423,9 @@ def check_memory(cfg, local_rank: int, local_size: int, prompt_tokens: int) -> N
         where = f"{dev.count} GPU(s)" if dev.kind == "cuda" else "this rank's share of the RAM"
         more = f"model.gpus_per_rank={2 * m.gpus_per_rank}, " if dev.kind == "cuda" else "fewer ranks per node, "
         rows = "run.max_rows=auto, " if cfg.run.max_rows != "auto" else ""
+        if cfg.run.memory_headroom < 0.5:  # the budget, not the model, is what is small: say so first
+            rows = (f"a run.memory_headroom above {cfg.run.memory_headroom:g} (the share it plans for; 0.9 usual), "
+                    + rows)
         raise ValueError(f"{m.name_or_path} at {m.precision} on {where}: {p.line()}: {p.reason}; use {rows}{more}"
                          f"a 4-bit precision (int4, gptq), or lower task.max_new_tokens ({new}).")
 

@@ -162,7 +162,7 @@ def main(argv: list) -> int:
     ap.add_argument("--prompt-tokens", type=int, default=512, help="the longest prompt, chat template included")
     ap.add_argument("--model-config", help="the model's config.json, or a directory of <owner>--<name>.json")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may stand on both sides of an option
     try:
         cfg = load_config(args.config, args.overrides)
         validate(cfg, 1, "run")  # the very checks a run makes of these values (the files a run reads aside)

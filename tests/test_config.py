@@ -179,3 +179,14 @@ def test_config_files_and_values_people_get_wrong(tmp_path):
         validate(load_config(None, ["model.threads=1000000"]), 1)
     with pytest.raises(ValueError, match="eval.adapters gives the label 'A' twice"):
         validate(load_config(None, ["eval.adapters=A=x,A=y"]), 1, "eval")
+
+
+def test_overrides_on_both_sides_of_an_option_are_all_taken(capsys):
+    """`x=1 --config J y=2` used to end in argparse's "unrecognized arguments"."""
+    from essa_mpi.cli import parser
+    from essa_mpi.plan import main as plan_main
+
+    args = parser("run").parse_intermixed_args(["search.popsize=8", "--config", "J.yaml", "task.batch_size=4"])
+    assert args.config == "J.yaml" and args.overrides == ["search.popsize=8", "task.batch_size=4"]
+    assert plan_main(["run.max_rows=8", "--gpus-per-node", "0", "task.max_new_tokens=4"]) == 0
+    assert "8 rows per call" in capsys.readouterr().out

@@ -219,3 +219,11 @@ def test_plan_model_config_problems_are_one_line_naming_file_and_key(tmp_path, c
     assert plan_main(["--config", job, "--model-config", str(path)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and str(path) in err and says in err, err
+
+
+def test_a_tiny_headroom_is_named_as_the_cause(qwen32_dir, monkeypatch):
+    """run.memory_headroom=0.02 used to be reported as weights that cannot fit, with no word of the headroom."""
+    monkeypatch.setattr(memory, "rank_memory", lambda *a: memory.Device("cuda", 80 * GiB))
+    cfg = load_config(None, [f"model.name_or_path={qwen32_dir}", "run.memory_headroom=0.02"])
+    with pytest.raises(ValueError, match=r"use a run.memory_headroom above 0.02 \(the share it plans for"):
+        memory.check_memory(cfg, 0, 8, prompt_tokens=300)
