@@ -113,6 +113,16 @@ def worst_for_nonfinite(rewards: np.ndarray) -> tuple:
     return r, int(bad.sum())
 
 
+def check_finite(log: MetricsLog, where: str, bad: int, total: int, what: str) -> None:
+    """A note when some rewards were NaN/inf (they count as 0 in validation, as the worst in a generation);
+    ValueError when all were: the reward function, not the search, is what to fix (the same on every rank)."""
+    if bad and bad == total:
+        raise ValueError(f"{where}: all {total} {what} were not finite (NaN or inf): the reward function returns no "
+                         f"usable number; fix it (NaN is for a row that cannot be scored)")
+    if bad:
+        log.message(f"WARNING: {where}: {bad} of {total} {what} were not finite (NaN or inf)")
+
+
 def repair(search: SeededCMA, comm: Comm, log: MetricsLog, generation: int, fingerprints: np.ndarray) -> bool:
     """When the ranks' CMA-ES fingerprints (from the exchange) differ, rank 0 broadcasts its state and every
     rank adopts it. True if a repair happened. Never in a healthy run: the check costs no extra collective."""
@@ -237,7 +247,9 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
     t0, slowest = time.time(), 0.0
     if cfg.task.val_size and cfg.task.val_base and state is None:
         stages.reached("base validation", comm.rank)
-        base = validate(p, comm, None)["val_reward"]
+        metrics = validate(p, comm, None)
+        check_finite(log, "the base model's validation", metrics["val_nonfinite"], len(p.task.val), "rewards")
+        base = metrics["val_reward"]
         log.log({"generation": 0, "val_base_reward": base})
     for g in range(start, cfg.run.generations + 1):
         if validation_due(cfg, g):  # same on every rank
@@ -246,6 +258,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
             metrics = validate(p, comm, p.search.mean, g)
             val_s = time.perf_counter() - t  # validation alone: exporting best_adapter/ is run time, not val_s
             slowest = max(slowest, val_s) if g > start else slowest
+            check_finite(log, f"validation at generation {g}", metrics["val_nonfinite"], len(p.task.val), "rewards")
             val[g] = metrics["val_reward"]
             if lead:
                 keep_best(p.adapter, p.search.mean, cfg, val, g)
@@ -259,6 +272,7 @@ def run(cfg: Config, comm: Comm, task: Task, state: checkpoint.RunState | None =
         if repaired:  # the candidates came from diverged states: evaluate this generation again
             gen = step(p, cfg, comm, g)
         updated, nonfinite = update(p, gen)
+        check_finite(log, f"generation {g + 1}", nonfinite, cfg.search.popsize, "candidates' rewards")
         slowest = max(slowest, float(gen["eval_s"].max()))
         comm.stall_timeout_s = watchdog.adapted(cfg.run.stall_timeout_s, slowest)  # the first generation measured
         hist.add(gen["records"], gen["X"])

@@ -44,3 +44,12 @@ def test_nan_rewards_count_as_worst_and_are_logged(tiny_dir, tmp_path):
     flagged = [m for m in rows if m.get("nonfinite_candidates") or m.get("val_nonfinite")]
     assert flagged, "non-finite rewards were not logged"
     assert all(m["reward_mean"] == m["reward_mean"] for m in rows if "reward_mean" in m)  # no NaN reaches CMA-ES
+
+
+def test_a_reward_that_is_never_finite_fails_in_one_line(tiny_dir, tmp_path):
+    """A reward returning NaN for every completion used to end with exit 0 and "validation 0.000", no word."""
+    res = mpirun(2, tiny_args(tiny_dir, tmp_path / "n") + ["task.reward_fn=mpi_rewards:all_nan"])
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert ("the base model's validation: all 4 rewards were not finite (NaN or inf): the reward function returns "
+            "no usable number") in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
