@@ -110,6 +110,10 @@ def _tokenizer(path: str, gguf: str | None):
 
     tok = AutoTokenizer.from_pretrained(path, **({"gguf_file": gguf} if gguf else {}))
     tok.padding_side = "left"
+    if tok.eos_token is None:  # checked here, before any weights load (the preflight reads prompts with it)
+        raise ValueError(f"the tokenizer of {os.path.join(path, gguf or '')} has no eos_token, so greedy decoding "
+                         f"cannot tell where an answer ends (and has no pad token to fall back on); set eos_token "
+                         f"(the chat template's end-of-turn token, e.g. <|im_end|>) in its tokenizer_config.json.")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
