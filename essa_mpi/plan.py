@@ -60,19 +60,40 @@ def rows_for(cfg, args, arch: memory.Arch, device: memory.Device) -> list:
     """[(part, memory.Plan, fix)] for the search, eval and the SFT warm start of this config."""
     m, t, e = cfg.model, cfg.task, cfg.eval
     want = None if cfg.run.max_rows == "auto" else cfg.run.max_rows
-    more = f"model.gpus_per_rank={2 * m.gpus_per_rank}" if device.kind == "cuda" else "fewer ranks per node"
     out = []
     for part, new in (("search", t.max_new_tokens), ("eval", e.max_new_tokens)):
         reward = memory.reward_for(cfg, args.prompt_tokens + new, lambda n: arch_of(cfg, args.model_config, n))
         p = memory.plan(arch, m.precision, args.prompt_tokens, new, device, cfg.run.memory_headroom, want,
                         reward if part == "search" else None)
-        fix = (f"{more}, a 4-bit precision, or lower {part.replace('search', 'task')}.max_new_tokens" if p.rows == 0
-               else "run.max_rows=auto")
+        fix = "run.max_rows=auto"
+        if p.rows == 0:  # only changes that fit: more GPUs per rank (within the node), a 4-bit precision
+            fix = ", ".join(first_fits(cfg, args, arch, device, prompt=args.prompt_tokens, new=new) +
+                            [f"or lower {part.replace('search', 'task')}.max_new_tokens"])
         out.append((part, p, fix))
     if cfg.adapter.path is None and cfg.adapter.warm_start == "sft":
         p = sft_plan(cfg, arch, device, device.count)
         out.append(("sft", p, "" if p.fits else sft_fix(cfg, arch, device)))
     return out
+
+
+def first_fits(cfg, args, arch: memory.Arch, device: memory.Device, prompt: int, new: int) -> list:
+    """The fixes that would make one row fit: the fewest GPUs per rank the node has that hold it, and a 4-bit
+    precision where it holds; on CPU, fewer ranks per node. Empty when nothing here fits."""
+    m, out = cfg.model, []
+    if device.kind != "cuda":
+        return ["fewer ranks per node"]
+    node = args.gpus_per_node or device.count
+    for g in (2, 4, 8, 16):
+        if device.count < g <= node and memory.plan(arch, m.precision, prompt, new, memory.Device(
+                "cuda", device.memory, g), cfg.run.memory_headroom).fits:
+            out.append(f"model.gpus_per_rank={g}")
+            break
+    if m.precision in ("fp32", "bf16", "int8"):
+        for p in ("int4", "gptq"):
+            if memory.plan(arch, p, prompt, new, device, cfg.run.memory_headroom).fits:
+                out.append(f"model.precision={p} (4-bit)")
+                break
+    return out or [f"nothing on {node} x {device.memory / memory.GiB:.0f} GiB GPUs per node: larger GPUs"]
 
 
 def sft_plan(cfg, arch: memory.Arch, device: memory.Device, gpus: int, checkpointing: bool | None = None):
@@ -115,7 +136,9 @@ def report(cfg, args) -> tuple:
     engine, why = choose_engine(m, device.kind == "cuda", lambda: None)
     if m.engine == "auto" and engine == "vllm":
         why = "model.engine=auto: vllm on these GPUs where vLLM imports on the nodes (hf rows below where it does not)"
-    lines = [f"{m.name_or_path} ({m.precision}): {where}; prompts of {args.prompt_tokens} tokens",
+    name = m.name_or_path if not (args.model_config and os.path.isfile(args.model_config)) else \
+        f"the model of {args.model_config}"
+    lines = [f"{name} ({m.precision}): {where}; prompts of {args.prompt_tokens} tokens",
              f"  engine: {why}",
              f"  weights {memory.weight_bytes(arch, m.precision) / memory.GiB:.1f} GiB in all"]
     ok = True

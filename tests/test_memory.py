@@ -227,3 +227,13 @@ def test_a_tiny_headroom_is_named_as_the_cause(qwen32_dir, monkeypatch):
     cfg = load_config(None, [f"model.name_or_path={qwen32_dir}", "run.memory_headroom=0.02"])
     with pytest.raises(ValueError, match=r"use a run.memory_headroom above 0.02 \(the share it plans for"):
         memory.check_memory(cfg, 0, 8, prompt_tokens=300)
+
+
+def test_plan_suggests_only_what_fits_and_names_the_model_planned(capsys):
+    """72B on 24 GiB GPUs: the old fix, model.gpus_per_rank=2, still could not fit (68 GiB a GPU); 8 does."""
+    cfg72 = os.path.join(CONFIGS, "Qwen--Qwen2.5-72B-Instruct.json")
+    job = os.path.join(ROOT, "jobs", "gsm8k.yaml")
+    assert plan_main(["--config", job, "--model-config", cfg72, "--gib-per-gpu", "24"]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"the model of {cfg72} (bf16)")
+    assert "fix: model.gpus_per_rank=8, or lower task.max_new_tokens" in out and "gpus_per_rank=2" not in out
