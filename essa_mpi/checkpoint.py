@@ -62,9 +62,15 @@ class CheckpointWriteError(RuntimeError):
 
 def write_failed(what: str, exc: Exception, run_dir: str) -> CheckpointWriteError:
     """The one line for a run output that could not be written (checkpoint, best_adapter/)."""
+    import errno
+
+    where = getattr(exc, "filename", None) or what
+    fix = {errno.EACCES: f"no permission to write {where}: give the run back write permission on {run_dir}",
+           errno.EPERM: f"not permitted to write {where}: give the run back write permission on {run_dir}",
+           errno.EROFS: f"the filesystem of {where} is read-only now: remount it writable",
+           }.get(getattr(exc, "errno", None), "free space (disk full or quota?)")
     return CheckpointWriteError(f"could not write {what}: {getattr(exc, 'strerror', None) or exc}; the previous "
-                                f"checkpoint (if any) is kept. Free space (disk full or quota?), then --resume "
-                                f"{run_dir}.")
+                                f"checkpoint (if any) is kept. {fix[:1].upper()}{fix[1:]}, then --resume {run_dir}.")
 
 
 @contextlib.contextmanager

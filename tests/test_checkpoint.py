@@ -162,3 +162,17 @@ print(checkpoint.load_latest({os.path.dirname(path)!r})[0].generation)
 """
     res = subprocess.run(inject + [code], capture_output=True, text=True, env=env)
     assert res.returncode == 0 and res.stdout.strip() == "1", res.stderr[-2000:]
+
+
+def test_a_write_failure_names_its_cause_not_always_a_full_disk():
+    """An output directory made read-only mid-run used to read "Free space (disk full or quota?)"."""
+    import errno
+
+    from essa_mpi.checkpoint import write_failed
+
+    said = {code: str(write_failed("r/checkpoint.h5", OSError(code, os.strerror(code), "r/checkpoint.h5.tmp"), "r"))
+            for code in (errno.EACCES, errno.EROFS, errno.ENOSPC)}
+    assert "No permission to write r/checkpoint.h5.tmp: give the run back write permission on r" in said[errno.EACCES]
+    assert "The filesystem of r/checkpoint.h5.tmp is read-only now: remount it writable" in said[errno.EROFS]
+    assert "Free space (disk full or quota?), then --resume r." in said[errno.ENOSPC]
+    assert all("Free space" not in said[c] for c in (errno.EACCES, errno.EROFS))
