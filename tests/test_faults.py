@@ -511,3 +511,20 @@ def test_side_commands_refuse_bad_arguments_with_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         comm.main(["--help"])  # was ignored: the check ran instead
     assert stop.value.code == 0 and "launch-check" in capsys.readouterr().out
+
+
+def test_a_stall_in_the_first_validation_advises_what_works(tiny_dir, tmp_path):
+    """Rank 1 hangs in the base model's validation, before any checkpoint: the line says to run the same command
+    again (a run cut before its first checkpoint starts again in its directory), never --resume."""
+    out, marker = tmp_path / "run", tmp_path / "hang"
+    marker.write_text("")
+    env = {**ENV, "ESSA_HANG": str(marker)}
+    t = time.time()
+    args = tiny_args(tiny_dir, out) + ["task.reward_fn=mpi_rewards:hangs_on_rank_1_after_marker",
+                                       "task.reward_timeout_s=0", "run.stall_timeout_s=8"]
+    res = subprocess.run(launch(2, args), env=env, capture_output=True, text=True, timeout=120)
+    record("fault", "rank 1 hung in the first validation (stall_timeout_s=8)", res.returncode, time.time() - t,
+           error_line(res.stderr), "nothing (no checkpoint yet)")
+    line = error_line(res.stderr)
+    assert res.returncode == 3 and "validation at generation 0 did not complete" in line, res.stderr[-2000:]
+    assert "no generation was checkpointed yet; run the same command again" in line and "--resume" not in line
