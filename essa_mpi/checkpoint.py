@@ -24,6 +24,7 @@ rank did, and checks the result against the stored fingerprint; the rest of the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -62,8 +63,6 @@ class CheckpointWriteError(RuntimeError):
 
 def write_failed(what: str, exc: Exception, run_dir: str) -> CheckpointWriteError:
     """The one line for a run output that could not be written (checkpoint, best_adapter/)."""
-    import errno
-
     where = getattr(exc, "filename", None) or what
     fix = {errno.EACCES: f"no permission to write {where}: give the run back write permission on {run_dir}",
            errno.EPERM: f"not permitted to write {where}: give the run back write permission on {run_dir}",

@@ -20,7 +20,7 @@ at any row count):
 What both moments hold: the runtime (CUDA context and cuBLAS workspace, or on CPU the Python process with torch
 and transformers), the rank's share of the weights, and a reward model's weights on the rank's first device
 (``Reward``: loaded at first use, kept). The reward model scores after generation, when the cache is gone: its
-own moment is its batch's forward (``reward_moment``), and the larger of the two moments decides. A rank over g
+own moment is its batch's forward (``Reward.moment``), and the larger of the two moments decides. A rank over g
 GPUs (accelerate's layer map) holds 1/g of the weights and of the KV cache on each, and a whole transient on the
 busiest. Rows per call are those that fit ``memory_headroom`` of the device: a GPU's total as
 ``torch.cuda.mem_get_info`` reports it (H100: 79.6 GiB, H200: 140.4 GiB), or on CPU the available RAM divided by
@@ -43,14 +43,14 @@ COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "int8": 2, "int4": 2, "gptq": 2}  # activ
 # int8: a fp32 scale per row; NF4: +6 % absmax, measured in memory.loaded_bytes; GPTQ: fp16 scale and packed zero
 # per 128-value group). Embeddings, norms and the head keep the compute dtype.
 LINEAR_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.53, "gptq": 0.5 + 2.5 / 128}
-RUNTIME = {"cuda": 1.0 * GiB, "cpu": 0.75 * GiB}
+RUNTIME = {"cuda": 1.0 * GiB, "cpu": 0.75 * GiB}  # CUDA context + workspace; CPU: python + torch + transformers
 # What torch.cuda.mem_get_info reports as the total of a GPU sold as 80 / 141 GB (H100 SXM / H200): ``plan``
 # takes a nominal --gib-per-gpu as these, a run reads its own devices.
 REPORTED_GIB = {80.0: 79.6, 141.0: 140.4}
 # run.max_rows=auto on CPU: at most this many rows per generate call, however many fit. Past it a call gets slower
 # per row on this CPU (the rows-per-call curve, tools/results/bench_rows.json: a decoding step's activations and
 # the KV cache it reads fall out of the caches); on a GPU, as many as fit.
-CPU_ROWS = 256  # CUDA context + workspace; CPU: python + torch + transformers
+CPU_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -119,6 +119,13 @@ class Arch:
         return self.vocab * self.hidden * (1 if self.tied else 2) + (2 * self.layers + 1) * self.hidden
 
 
+def named(model_cfg, name: str):
+    """model_cfg for another model (a reward model): ``name`` as name_or_path, no GGUF file of the policy's."""
+    import dataclasses
+
+    return dataclasses.replace(model_cfg, name_or_path=name, gguf_file=None)
+
+
 def arch_for(model_cfg) -> Arch | None:
     """The Arch of model.name_or_path from its local config.json or GGUF header; None for a hub id whose config
     is not in the local cache."""
@@ -156,9 +163,8 @@ def prefill_bytes(arch: Arch, precision: str, prompt: int, g: int = 1) -> int:
 
 def decode_bytes(arch: Arch, precision: str, tokens: int, g: int = 1) -> int:
     """One row at the last decoding step, ``tokens`` = prompt + new: the whole KV cache (1/g of it on each of g
-    GPUs), one layer's K/V expanded to
-    every query head (SDPA with a padding mask: transformers' repeat_kv), one layer's K/V copied as the cache grows
-    (torch.cat), and the logits with their scores.
+    GPUs), one layer's K/V expanded to every query head (SDPA with a padding mask: transformers' repeat_kv), one
+    layer's K/V copied as the cache grows (torch.cat), and the logits with their scores.
 
     >>> decode_bytes(QWEN25_7B, "bf16", 1536) / 2**20  # worked in tests/test_memory.py
     109.740234375
@@ -356,11 +362,7 @@ def reward_for(cfg, tokens: int, arch_of=None) -> Reward | None:
     name = cfg.task.reward_model if cfg.task.name == "reward_model" else None
     if not name:
         return None
-    if arch_of is None:
-        import dataclasses
-
-        arch_of = lambda n: arch_for(dataclasses.replace(cfg.model, name_or_path=n, gguf_file=None))  # noqa: E731
-    arch = arch_of(name)
+    arch = (arch_of or (lambda n: arch_for(named(cfg.model, n))))(name)
     return None if arch is None else Reward(arch, "bf16", REWARD_BATCH, tokens)
 
 

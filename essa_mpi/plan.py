@@ -16,6 +16,7 @@ measures them; ``plan`` loads no tokenizer). Exit 0 when every part fits, 1 when
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,10 +29,8 @@ from essa_mpi.launch import choose_engine
 def arch_of(cfg, model_config: str | None, name: str | None = None) -> memory.Arch:
     """The Arch of the policy (or of the model ``name``, e.g. the reward model) from --model-config (a file, or a
     directory holding <owner>--<name>.json) or from what memory.arch_for finds locally."""
-    import dataclasses
-
     if name is not None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name_or_path=name, gguf_file=None))
+        cfg = dataclasses.replace(cfg, model=memory.named(cfg.model, name))
         model_config = model_config if model_config and os.path.isdir(model_config) else None
     path = model_config
     if path and os.path.isdir(path):
@@ -78,7 +77,7 @@ def rows_for(cfg, args, arch: memory.Arch, device: memory.Device) -> list:
 
 def first_fits(cfg, args, arch: memory.Arch, device: memory.Device, prompt: int, new: int) -> list:
     """The fixes that would make one row fit: the fewest GPUs per rank the node has that hold it, and a 4-bit
-    precision where it holds; on CPU, fewer ranks per node. Empty when nothing here fits."""
+    precision where it holds; on CPU, fewer ranks per node; where nothing here fits, that larger GPUs are needed."""
     m, out = cfg.model, []
     if device.kind != "cuda":
         return ["fewer ranks per node"]

@@ -49,6 +49,11 @@ def fit_prompts(task: Task, tok, context: int | None, max_new_tokens: int, polic
     return f"task.long_prompts=truncate: cut {cut} prompt(s) to fit the context of {context} tokens" if cut else None
 
 
+def everything(offsets, examples: list) -> list:
+    """One share of every candidate on every prompt: a single whole piece."""
+    return [Piece(slice(0, len(offsets)), slice(0, len(examples)), True)]
+
+
 class PopulationEvaluator:
     """Turns candidate offset vectors into generations and rewards (the "problem" beside the search)."""
 
@@ -128,8 +133,7 @@ class PopulationEvaluator:
 
     def completions(self, offsets: np.ndarray, examples: list) -> list:
         """[C*P] completions of C candidates x P prompts, candidate-major, in calls of at most max_rows rows."""
-        whole = Piece(slice(0, len(offsets)), slice(0, len(examples)), True)
-        return self.share_completions(np.asarray(offsets), examples, [whole])[0]
+        return self.share_completions(np.asarray(offsets), examples, everything(offsets, examples))[0]
 
     def prompt_rewards(self, completions: list, examples: list, num_candidates: int) -> np.ndarray:
         """Task reward of [C*P] candidate-major completions → [C, P] float32 (what a record carries)."""
@@ -138,8 +142,7 @@ class PopulationEvaluator:
 
     def row_rewards(self, offsets: np.ndarray, examples: list) -> np.ndarray:
         """Generate and score: each candidate's reward on each prompt → [C, P] float32."""
-        whole = Piece(slice(0, len(offsets)), slice(0, len(examples)), True)
-        return self.share_rewards(np.asarray(offsets), examples, [whole])[0]
+        return self.share_rewards(np.asarray(offsets), examples, everything(offsets, examples))[0]
 
     def evaluate(self, offsets: np.ndarray, examples: list) -> np.ndarray:
         """Alg. 1, line 11: reward of each candidate on the shared mini-batch → [C] float32."""
