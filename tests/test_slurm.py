@@ -185,6 +185,10 @@ def deterministic(out) -> list:
 
 
 def same_run(x, y) -> None:
+    """x (a job's directory, its log at x.log) ran as y did; a failure shows the log's last lines."""
+    log = f"{x}.log"
+    tail = read(log)[-4000:] if os.path.exists(log) else f"(no log at {log})"
+    assert os.path.isfile(os.path.join(x, "adapter", "adapter_model.safetensors")), tail
     a, b = history(str(x)), history(str(y))
     assert a.generation == b.generation == GENERATIONS
     assert np.array_equal(a.seeds, b.seeds) and np.array_equal(a.rewards, b.rewards) and a.fingerprint == b.fingerprint
