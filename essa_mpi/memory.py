@@ -222,11 +222,13 @@ class Plan:
     reward: int = 0  # a reward model's weights on this device
     moment: str = "generation"  # which moment is the peak: generation, or the reward model's batch
     terms: str = ""  # a row's bytes at its larger moment, in parts (plan prints them)
+    runtime: int = 0  # what the process holds before any weight (RUNTIME)
 
     def line(self) -> str:
         rm = f" + reward model {self.reward / GiB:.1f} GiB" if self.reward else ""
         at = ", at the reward model's batch" if self.moment == "reward" else ""
-        return (f"weights {self.weights / GiB:.1f} GiB{rm} + {self.rows} rows x {self.row / GiB * 1024:.1f} MiB "
+        return (f"runtime {self.runtime / GiB:.1f} GiB + weights {self.weights / GiB:.1f} GiB{rm} + {self.rows} rows "
+                f"x {self.row / GiB * 1024:.1f} MiB "
                 f"= {self.peak / GiB:.1f} GiB{at} of {self.budget / GiB:.1f} GiB per device")
 
 
@@ -258,10 +260,11 @@ def plan(arch: Arch, precision: str, prompt: int, new: int, device: Device, head
     rows = want if want is not None else min(4096 if device.kind == "cuda" else CPU_ROWS, most)
     gen, rm = max(rows, 1) * row, reward.moment if reward else 0
     peak, moment = int(held + max(gen, rm)), ("reward" if rm > gen else "generation")
-    fields = dict(weights=weights, row=row, peak=peak, budget=budget, reward=kept, moment=moment, terms=terms)
+    fields = dict(weights=weights, row=row, peak=peak, budget=budget, reward=kept, moment=moment, terms=terms,
+                  runtime=RUNTIME[device.kind])
     if room <= 0:
-        return Plan(0, fits=False, reason="the weights alone exceed it" if not kept or room + kept <= 0 else
-                    "the weights and the reward model's exceed it", **fields)
+        return Plan(0, fits=False, reason="the runtime and the weights alone exceed it" if not kept or room + kept <= 0
+                    else "the runtime, the weights and the reward model's exceed it", **fields)
     if most < 1:
         return Plan(0, fits=False, reason="not one row fits beside the weights", **fields)
     if rm > room:
@@ -328,10 +331,11 @@ def sft_plan(arch: Arch, precision: str, tokens: int, device: Device, batch: int
     rows = want or min(batch, most)
     peak = int(RUNTIME[device.kind] + weights + max(rows, 1) * row)
     if most < 1:
-        reason = "the weights alone exceed it" if room <= 0 else "not one row fits beside the weights"
-        return Plan(0, weights, row, peak, budget, False, reason)
+        reason = "the runtime and the weights alone exceed it" if room <= 0 else "not one row fits beside the weights"
+        return Plan(0, weights, row, peak, budget, False, reason, runtime=RUNTIME[device.kind])
     return Plan(rows, weights, row, peak, budget, peak <= budget,
-                "" if peak <= budget else f"sft.micro_batch={rows} exceeds the {most} rows that fit")
+                "" if peak <= budget else f"sft.micro_batch={rows} exceeds the {most} rows that fit",
+                runtime=RUNTIME[device.kind])
 
 
 # The shipped jobs' architectures (config.json as published; the tests keep the files themselves).

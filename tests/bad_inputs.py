@@ -62,9 +62,23 @@ def make_files(root: str, tiny_dir: str) -> dict:
     write("has_files/notes.txt", "my notes\n")
     write("a_file", "not a directory\n")
     write("nogold.jsonl", "".join(json.dumps({"problem": f"{i}+1"}) + "\n" for i in range(5)))
+    f["no_eos_model"] = without_eos(tiny_dir, os.path.join(root, "no_eos_model"))
     write("long_prompt.jsonl", "".join(json.dumps({"prompt": ("word " * 400) if i == 17 else f"p{i}"}) + "\n"
                                        for i in range(40)))
     return f
+
+
+def without_eos(tiny_dir: str, out: str) -> str:
+    """The tiny model whose tokenizer has neither eos_token nor pad_token."""
+    import shutil
+
+    shutil.copytree(tiny_dir, out)
+    path = os.path.join(out, "tokenizer_config.json")
+    with open(path) as fh:
+        conf = json.load(fh)
+    with open(path, "w") as fh:
+        json.dump({**conf, "eos_token": None, "pad_token": None}, fh)
+    return out
 
 
 def foreign_adapter(out: str) -> str:
@@ -185,4 +199,7 @@ CASES = {
     "eval adapter with damaged safetensors": (lambda f: ["eval", "eval.max_new_tokens=6",
                                                               f"eval.adapters={f['root']}/garbage_adapter"],
                                               "is not a readable safetensors file"),
+    "tokenizer without eos_token": (lambda f: [f"model.name_or_path={f['no_eos_model']}"],
+                                    "has no eos_token, so greedy decoding cannot tell where an answer ends"),
+    "memory_headroom 0.02": (lambda f: ["run.memory_headroom=0.02"], "use a run.memory_headroom above 0.02"),
 }

@@ -2,7 +2,9 @@
 
 import json
 import os
+import time
 
+from fault_rows import error_line, record
 from test_cli_mpi import metrics, mpirun, tiny_args
 
 
@@ -48,7 +50,10 @@ def test_nan_rewards_count_as_worst_and_are_logged(tiny_dir, tmp_path):
 
 def test_a_reward_that_is_never_finite_fails_in_one_line(tiny_dir, tmp_path):
     """A reward returning NaN for every completion used to end with exit 0 and "validation 0.000", no word."""
+    t = time.time()
     res = mpirun(2, tiny_args(tiny_dir, tmp_path / "n") + ["task.reward_fn=mpi_rewards:all_nan"])
+    record("fault", "reward returns NaN for every completion", res.returncode, time.time() - t,
+           error_line(res.stderr), "nothing (before generation 1)")
     assert res.returncode == 1, res.stderr[-3000:]
     assert ("the base model's validation: all 4 rewards were not finite (NaN or inf): the reward function returns "
             "no usable number") in res.stderr, res.stderr[-3000:]

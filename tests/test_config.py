@@ -4,6 +4,7 @@ import os
 import re
 
 import pytest
+from fault_rows import tool
 
 from essa_mpi.config import Config, help_text, load_config
 from essa_mpi.preflight import check as validate  # the values, then the files they name
@@ -187,6 +188,7 @@ def test_overrides_on_both_sides_of_an_option_are_all_taken(capsys):
     from essa_mpi.plan import main as plan_main
 
     args = parser("run").parse_intermixed_args(["search.popsize=8", "--config", "J.yaml", "task.batch_size=4"])
+    tool("overrides on both sides of --config", 0, f"(taken: --config {args.config}, overrides {args.overrides})")
     assert args.config == "J.yaml" and args.overrides == ["search.popsize=8", "task.batch_size=4"]
     assert plan_main(["run.max_rows=8", "--gpus-per-node", "0", "task.max_new_tokens=4"]) == 0
     assert "8 rows per call" in capsys.readouterr().out

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from bad_inputs import CASES, case_args, make_files
 from conftest import tmpfs
+from fault_rows import error_line, record
 from test_cli_mpi import ENV, HERE, history, launch, metrics, mpirun, tiny_args
 
 from essa_mpi import checkpoint
@@ -25,24 +26,6 @@ from essa_mpi import checkpoint
 @pytest.fixture(scope="module")
 def files(tiny_dir, tmp_path_factory):
     return make_files(str(tmp_path_factory.mktemp("bad")), tiny_dir)
-
-
-_last = {"traceback": None}  # whether the stderr error_line() last read held a Python traceback
-
-
-def record(kind: str, name: str, code: int, seconds: float, text: str, kept: str = "") -> None:
-    """One row of tools/checks/fault_table.py's tables (only when $ESSA_FAULT_TABLE names a JSONL file); text comes from
-    error_line(stderr), which notes whether that stderr held a traceback."""
-    path = os.environ.get("ESSA_FAULT_TABLE")
-    if path:
-        with open(path, "a") as fh:
-            fh.write(json.dumps({"kind": kind, "name": name, "exit": code, "seconds": round(seconds, 2),
-                                 "message": text, "kept": kept, "traceback": _last["traceback"]}) + "\n")
-
-
-def error_line(err: str) -> str:
-    _last["traceback"] = "Traceback" in err
-    return next((line for line in err.splitlines() if line.startswith("essa_mpi:")), "(no line from essa_mpi)")
 
 
 def leftover_ranks(marker: str) -> list:

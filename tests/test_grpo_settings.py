@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from fault_rows import tool
+
 from essa_mpi.config import load_config
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools", "bench"))
@@ -50,7 +52,8 @@ def test_bad_config_input_is_one_line_before_any_training(tmp_path, capsys):
     for args, says in ((["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
                        (["search.popsze=3"], "did you mean 'search.popsize'"),
                        (["task.batch_size=0"], "task.batch_size=0 must be >= 1")):
-        assert grpo_baseline.main(["--out", str(tmp_path / "out"), *args]) == 2
+        code = grpo_baseline.main(["--out", str(tmp_path / "out"), *args])
         err = capsys.readouterr().err
-        assert says in err and len(err.strip().splitlines()) == 1, err
+        tool(f"grpo_baseline {' '.join(args)}", code, err)
+        assert code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

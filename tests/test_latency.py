@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from fault_rows import tool
 
 from essa_mpi import latency as L
 
@@ -67,10 +68,12 @@ def test_latency_command_rejects_arguments_that_mean_nothing(args, message):
                                             ({"exchange": [{"fit": {}}]}, "exchange[-1].fit"),
                                             ({"end_to_end": {"eta_gen_s": "fast"}}, "end_to_end.eta_gen_s"),
                                             ({"exchange": [1]}, "exchange[-1].fit")])
-def test_a_malformed_bench_file_is_one_line_naming_the_field(tmp_path, content, field):
-    from essa_mpi.latency_report import from_bench
+def test_a_malformed_bench_file_is_one_line_naming_the_field(tmp_path, content, field, capsys):
+    from essa_mpi.latency_report import main
 
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(content))
-    with pytest.raises(ValueError, match=rf"--from-bench {path}: {field.replace('[', '.').replace(']', '.')}"):
-        from_bench(str(path))
+    code = main(["--from-bench", str(path), "-o", ""])
+    err = capsys.readouterr().err
+    tool(f"latency --from-bench holding {json.dumps(content)}", code, err)
+    assert code == 2 and len(err.splitlines()) == 1 and f"--from-bench {path}: {field}" in err, err

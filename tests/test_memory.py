@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+from fault_rows import tool
 
 from essa_mpi import memory
 from essa_mpi.config import load_config
@@ -44,7 +45,7 @@ def test_rows_follow_the_memory_and_spread_halves_the_weights_and_cache():
     assert 0 < one.rows < big.rows and one.fits and big.fits and two.weights * 2 >= one.weights > two.weights
     assert one.peak <= one.budget < one.peak + one.row  # as many rows as fit, and not one more
     small = memory.plan(a, "bf16", 512, 1024, memory.Device("cuda", 40 * GiB))
-    assert not small.fits and small.reason == "the weights alone exceed it"
+    assert not small.fits and small.reason == "the runtime and the weights alone exceed it"
     too_many = memory.plan(a, "bf16", 512, 1024, memory.Device("cuda", 80 * GiB), want=512)
     assert not too_many.fits and "run.max_rows=512 exceeds" in too_many.reason
 
@@ -163,13 +164,13 @@ def qwen32_dir(tmp_path):
 def test_preflight_refuses_weights_that_cannot_fit_naming_numbers_and_fix(qwen32_dir, monkeypatch):
     monkeypatch.setattr(memory, "rank_memory", lambda *a: memory.Device("cuda", 48 * GiB))
     cfg = load_config(None, [f"model.name_or_path={qwen32_dir}", "task.max_new_tokens=1024"])
-    with pytest.raises(ValueError, match=r"weights 61\.0 GiB .* of 43\.2 GiB per device: the weights alone "
-                                         r"exceed it; use model.gpus_per_rank=2"):
+    with pytest.raises(ValueError, match=r"runtime 1\.0 GiB \+ weights 61\.0 GiB .* of 43\.2 GiB per device: the "
+                                         r"runtime and the weights alone exceed it; use model.gpus_per_rank=2"):
         memory.check_memory(cfg, 0, 8, prompt_tokens=300)
     monkeypatch.setattr(memory, "rank_memory", lambda *a: memory.Device("cuda", 80 * GiB))
     memory.check_memory(cfg, 0, 8, prompt_tokens=300)  # fits: no error
     rows, note = memory.rows_per_call(cfg, 0, 8, 300, 1024)
-    assert rows > 0 and note.startswith("run.max_rows=auto: weights 61.0 GiB")
+    assert rows > 0 and note.startswith("run.max_rows=auto: runtime 1.0 GiB + weights 61.0 GiB")
 
 
 def test_plan_names_the_engine_and_why(capsys):
@@ -192,15 +193,20 @@ def test_plan_refuses_what_a_run_refuses_with_the_same_line(overrides, capsys):
 
     with pytest.raises(ValueError) as exc:
         validate(load_config(None, overrides), 1, "run")
-    assert plan_main(["--gpus-per-node", "0", *overrides]) == 2
-    assert str(exc.value) in capsys.readouterr().err
+    code = plan_main(["--gpus-per-node", "0", *overrides])
+    err = capsys.readouterr().err
+    tool(f"plan {' '.join(overrides)}", code, err)
+    assert code == 2 and str(exc.value) in err
 
 
 @pytest.mark.parametrize("args, says", [(["--prompt-tokens", "0"], "--prompt-tokens=0 must be at least 1"),
                                         (["--prompt-tokens", "-5"], "--prompt-tokens=-5 must be at least 1"),
                                         (["--gib-per-gpu", "0"], "--gib-per-gpu=0 must be a positive number")])
 def test_plan_refuses_its_own_bad_numbers(args, says, capsys):
-    assert plan_main(["--gpus-per-node", "0", *args]) == 2 and says in capsys.readouterr().err
+    code = plan_main(["--gpus-per-node", "0", *args])
+    err = capsys.readouterr().err
+    tool(f"plan {' '.join(args)}", code, err)
+    assert code == 2 and says in err
 
 
 @pytest.mark.parametrize("content, says", [
@@ -216,9 +222,10 @@ def test_plan_model_config_problems_are_one_line_naming_file_and_key(tmp_path, c
     path = tmp_path / "config.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     job = os.path.join(ROOT, "jobs", "gsm8k.yaml")
-    assert plan_main(["--config", job, "--model-config", str(path)]) == 2
+    code = plan_main(["--config", job, "--model-config", str(path)])
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and str(path) in err and says in err, err
+    tool(f"plan --model-config: {says}", code, err)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and str(path) in err and says in err, err
 
 
 def test_a_tiny_headroom_is_named_as_the_cause(qwen32_dir, monkeypatch):
@@ -233,7 +240,9 @@ def test_plan_suggests_only_what_fits_and_names_the_model_planned(capsys):
     """72B on 24 GiB GPUs: the old fix, model.gpus_per_rank=2, still could not fit (68 GiB a GPU); 8 does."""
     cfg72 = os.path.join(CONFIGS, "Qwen--Qwen2.5-72B-Instruct.json")
     job = os.path.join(ROOT, "jobs", "gsm8k.yaml")
-    assert plan_main(["--config", job, "--model-config", cfg72, "--gib-per-gpu", "24"]) == 1
+    code = plan_main(["--config", job, "--model-config", cfg72, "--gib-per-gpu", "24"])
     out = capsys.readouterr().out
+    tool("plan of a 72B model on 24 GiB GPUs", code, next(x for x in out.splitlines() if "fix:" in x).strip())
+    assert code == 1
     assert out.startswith(f"the model of {cfg72} (bf16)")
     assert "fix: model.gpus_per_rank=8, or lower task.max_new_tokens" in out and "gpus_per_rank=2" not in out

@@ -6,12 +6,14 @@ import os
 import random
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
 from conftest import tmpfs
+from fault_rows import error_line, record
 from test_cli_mpi import history, metrics, mpirun, tiny_args
-from test_faults import error_line, ranks_gone, record, start, wait_for_generation
+from test_faults import ranks_gone, start, wait_for_generation
 
 from essa_mpi import checkpoint
 
@@ -50,6 +52,27 @@ def test_read_only_output_dir_is_one_line_on_every_rank(tiny_dir, tmp_path):
         lines = res.stderr.strip().splitlines()
         assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
         assert f"run.output_dir='{ro}/run' cannot be created in '{ro}' (read-only)" in lines[0]
+
+
+def test_an_output_directory_made_read_only_mid_run_is_named(tiny_dir, tmp_path):
+    """The filesystem under run.output_dir remounted read-only after generation 1 (as root, chmod would not stop
+    the writes): the line names the read-only filesystem and the path, where it used to blame a full disk; the
+    checkpoint already written stays readable."""
+    with tmpfs(tmp_path / "disk", "size=64m") as disk:
+        out = disk / "run"
+        proc = start(tiny_args(tiny_dir, out, 400) + ["run.stall_timeout_s=20"])
+        wait_for_generation(out, 1, proc)
+        t = time.time()
+        while subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode:
+            assert time.time() < t + 30 and proc.poll() is None, "could not remount read-only mid-run"
+            time.sleep(0.02)  # busy while a rank has a file open for writing
+        _, err = proc.communicate(timeout=120)
+        record("fault", "output filesystem remounted read-only mid-run", proc.returncode, time.time() - t,
+               error_line(err), "the last checkpoint")
+        assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+        assert "is read-only now: remount it writable" in error_line(err) and str(out) in error_line(err), err[-2000:]
+        assert "Free space" not in err and history(str(out)).generation >= 1
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
 
 
 def test_resume_from_the_previous_checkpoint_when_the_latest_is_gone(tmp_path, uninterrupted6):
@@ -143,7 +166,12 @@ def test_a_reward_that_uses_a_multiprocessing_pool_runs_as_without_it(tiny_dir, 
     adapters = [(tmp_path / fn / "adapter" / "adapter_model.safetensors").read_bytes() for fn in runs]
     assert adapters[0] == adapters[1]
     assert seconds["alnum_pool"] < seconds["alnum"] + 15, seconds  # the old code waited ~44 s at exit
+    record("fault", "reward on a multiprocessing.Pool(2)", 0, seconds["alnum_pool"], "(no line: a normal run)",
+           f"the plain reward's rewards and adapter; {seconds['alnum']:.1f} s without the pool; no process left")
+    t = time.time()
     res = mpirun(2, tiny_args(tiny_dir, tmp_path / "abort") + ["task.reward_fn=mpi_rewards:alnum_pool_then_raise",
                                                               "run.stall_timeout_s=20"], timeout=180)
+    record("fault", "reward on a Pool(2) raises after the pool started", res.returncode, time.time() - t,
+           error_line(res.stderr), "nothing (before generation 1); no process left")
     assert res.returncode != 0 and "boom after the pool started" in res.stderr, res.stderr[-2000:]
     assert ranks_gone(str(tmp_path / "abort")), "a pool worker outlived the aborted job"

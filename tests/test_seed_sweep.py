@@ -6,6 +6,7 @@ import os
 import sys
 
 import pytest
+from fault_rows import tool
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "bench"))
 import seed_sweep  # noqa: E402
@@ -147,12 +148,15 @@ def test_a_bad_rescale_is_one_clear_line(tmp_path, capsys):
 def test_bad_arguments_are_one_line_and_write_nothing(tmp_path, capsys, args, says):
     """Each used to exit 0 having done nothing, trace back, or (--report --name on an empty folder) overwrite a
     results file with an empty table."""
-    assert seed_sweep.main(["--runs", str(tmp_path), *args]) == 2
+    code = seed_sweep.main(["--runs", str(tmp_path), *args])
     err = capsys.readouterr().err
-    assert says in err and len(err.splitlines()) == 1, err
+    tool(f"seed_sweep {' '.join(args) or '(no arguments)'}", code, err)
+    assert code == 2 and says in err and len(err.splitlines()) == 1, err
     assert not os.path.exists(os.path.join(seed_sweep.RESULTS, "would_be_overwritten.json"))
 
 
 def test_report_on_a_missing_folder_is_one_line(tmp_path, capsys):
-    assert seed_sweep.main(["--runs", str(tmp_path / "none"), "--report"]) == 2
-    assert "is not a folder of runs" in capsys.readouterr().err
+    code = seed_sweep.main(["--runs", str(tmp_path / "none"), "--report"])
+    err = capsys.readouterr().err
+    tool("seed_sweep --report on a missing folder", code, err)
+    assert code == 2 and "is not a folder of runs" in err

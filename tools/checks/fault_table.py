@@ -1,10 +1,10 @@
 """The bad-input corpus and the fault tests, timed: tools/results/faults.json and faults.md.
 
-    python tools/checks/fault_table.py    # ~8 min on 2 cores; runs tests/test_faults.py and test_reliability.py
+    python tools/checks/fault_table.py    # ~10 min on 2 cores; runs the test files of FILES
 
-Each row comes from the test that asserts it (tests/test_faults.py and tests/test_reliability.py record exit
-code, seconds from the launch or the fault to the last rank's exit, the error line, what was kept and whether
-stderr held a traceback), so the table and the tests cannot drift apart.
+Each row comes from the test that asserts it (tests/fault_rows.py: exit code, seconds from the launch or the
+fault to the last rank's exit, the error line, what was kept and whether stderr held a traceback), so the table
+and the tests cannot drift apart.
 """
 
 from __future__ import annotations
@@ -17,15 +17,18 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tools/<group>/ -> the repository
+FILES = ("faults", "reliability", "chain_mpi", "memory", "config", "seed_sweep", "grpo_settings", "latency")
 
 
 def markdown(rows: list) -> str:
     corpus = [r for r in rows if r["kind"] == "corpus"]
     faults = [r for r in rows if r["kind"] == "fault"]
+    tools = [r for r in rows if r["kind"] == "tool"]
     tracebacks = [r["name"] for r in rows if r.get("traceback")]
-    out = [f"{len(corpus)} bad inputs and {len(faults)} faults. Cases whose stderr held a Python traceback (without "
-           f"--debug): {len(tracebacks)}{' (' + ', '.join(tracebacks) + ')' if tracebacks else ''}. Hangs: 0 and lost "
-           f"files: 0 (each row is a passing test, which bounds its time and asserts what was kept).", "",
+    named = f" ({', '.join(tracebacks)})" if tracebacks else ""
+    out = [f"{len(corpus)} bad inputs, {len(faults)} faults and {len(tools)} side-command cases. Cases whose stderr "
+           f"held a Python traceback (without --debug): {len(tracebacks)}{named}. Hangs: 0 and lost files: 0 (each "
+           f"row is a passing test, which bounds its time and asserts what was kept).", "",
            f"## Bad-input corpus ({len(corpus)} cases, tiny model, all in one `mpiexec -n 2` job: `cli.main` per "
            f"case in-process, seconds from its call to its return; five also run as real processes)", "",
            "| case | exit | seconds | message |", "|---|---|---|---|"]
@@ -34,6 +37,9 @@ def markdown(rows: list) -> str:
             "|---|---|---|---|---|"]
     out += [f"| {r['name']} | {r['exit']} | {r['seconds']:.1f} | {r['message'].replace('|', '/')} | {r['kept']} |"
             for r in faults]
+    out += ["", f"## Side commands and tools ({len(tools)}: plan, seed_sweep, grpo_baseline, latency; in-process)", "",
+            "| case | exit | message |", "|---|---|---|"]
+    out += [f"| {r['name'].replace('|', '/')} | {r['exit']} | {r['message'].replace('|', '/')} |" for r in tools]
     return "\n".join(out) + "\n"
 
 
@@ -44,8 +50,7 @@ def main() -> int:
     table = tempfile.mktemp(suffix=".jsonl")
     env = {**os.environ, "ESSA_FAULT_TABLE": table}
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", *(os.path.join(ROOT, "tests", f"test_{name}.py")
-                                                                  for name in ("faults", "reliability"))],
-                         env=env, cwd=ROOT)
+                                                                  for name in FILES)], env=env, cwd=ROOT)
     with open(table) as fh:
         rows = [json.loads(line) for line in fh]
     os.remove(table)
