@@ -347,6 +347,7 @@ def main(argv: list | None = None) -> int:
     bind(early)  # before anything below can start CUDA
     if from_shell:
         preload(early, command)
+    if from_shell and early is not None:  # bad input (early is None) stops in prepare(): no torch needed for it
         from essa_mpi.model import import_transformers
 
         import_transformers()  # without scikit-learn: 0.8 s less per rank
