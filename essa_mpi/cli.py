@@ -347,10 +347,10 @@ def main(argv: list | None = None) -> int:
     bind(early)  # before anything below can start CUDA
     if from_shell:
         preload(early, command)
-    if from_shell and early is not None:  # bad input (early is None) stops in prepare(): no torch needed for it
-        from essa_mpi.model import import_transformers
+        if early is not None:  # bad input (early is None) stops in prepare(), before torch is needed
+            from essa_mpi.model import import_transformers
 
-        import_transformers()  # without scikit-learn: 0.8 s less per rank
+            import_transformers()  # without scikit-learn: 0.8 s less per rank
     debug = args.debug or os.environ.get("ESSA_DEBUG", "") not in ("", "0")
     # Signals from here on are read by a helper thread, so a rank blocked in MPI (a peer that was stopped while
     # starting never arrives) still ends; nothing to keep, nothing to say but the signal until the run starts.
